@@ -1,0 +1,46 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
+let package = Package(
+    name: "swift-vdpa",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "vdpad", targets: ["vdpad"]),
+        .executable(name: "vdpactl", targets: ["vdpactl"]),
+        .library(name: "VhostUserFrontend", targets: ["VhostUserFrontend"]),
+        .library(name: "VDPA", targets: ["VDPA"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
+    ],
+    targets: [
+        .target(name: "CVDPAShims"),
+        .target(name: "Platform", dependencies: ["CVDPAShims"], swiftSettings: strict),
+        .target(name: "Virtio", dependencies: [
+            "Platform", .product(name: "Atomics", package: "swift-atomics"),
+        ], swiftSettings: strict),
+        .target(name: "VhostUser", dependencies: [
+            "Platform", "Virtio", .product(name: "Logging", package: "swift-log"),
+            .product(name: "Atomics", package: "swift-atomics"),
+        ], swiftSettings: strict),
+        .target(name: "VhostUserFrontend", dependencies: ["Platform", "Virtio", "VhostUser"], swiftSettings: strict),
+        .target(name: "VDPA", dependencies: [
+            "Platform", "Virtio", "VhostUser", .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
+        .executableTarget(name: "vdpad", dependencies: [
+            "VDPA", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
+        .executableTarget(name: "vdpactl", dependencies: [
+            "VDPA", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
+        .testTarget(name: "PlatformTests", dependencies: ["Platform"], swiftSettings: strict),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VhostUser", "Platform"], swiftSettings: strict),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VhostUserFrontend", "Platform", "Virtio"], swiftSettings: strict),
+        .testTarget(name: "VDPATests", dependencies: ["VDPA", "VhostUserFrontend", "VhostUser", "Platform"], swiftSettings: strict),
+    ]
+)

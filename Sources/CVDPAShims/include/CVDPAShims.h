@@ -1,0 +1,52 @@
+// C macros and constants that Swift cannot import from Glibc. No logic lives here.
+#ifndef CVDPA_SHIMS_H
+#define CVDPA_SHIMS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/eventfd.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <errno.h>
+#include <signal.h>
+#include <pthread.h>
+#include <sys/prctl.h>
+
+static inline size_t cvdpa_cmsg_space(size_t len) { return CMSG_SPACE(len); }
+static inline size_t cvdpa_cmsg_len(size_t len) { return CMSG_LEN(len); }
+static inline struct cmsghdr *cvdpa_cmsg_firsthdr(struct msghdr *m) { return CMSG_FIRSTHDR(m); }
+static inline struct cmsghdr *cvdpa_cmsg_nxthdr(struct msghdr *m, struct cmsghdr *c) { return CMSG_NXTHDR(m, c); }
+static inline unsigned char *cvdpa_cmsg_data(struct cmsghdr *c) { return CMSG_DATA(c); }
+
+static inline int cvdpa_memfd_create(const char *name, unsigned int flags) {
+    return (int)syscall(SYS_memfd_create, name, flags);
+}
+static inline int cvdpa_accept4(int fd, int flags) {
+    return (int)syscall(SYS_accept4, fd, (void *)0, (void *)0, flags);
+}
+static inline void cvdpa_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+static inline int cvdpa_errno(void) { return errno; }
+static inline void cvdpa_set_errno(int e) { errno = e; }
+
+static const int CVDPA_MSG_CMSG_CLOEXEC = 0x40000000; /* MSG_CMSG_CLOEXEC, hidden without _GNU_SOURCE */
+static const int CVDPA_MSG_CTRUNC = MSG_CTRUNC;
+static const int CVDPA_MSG_NOSIGNAL = MSG_NOSIGNAL;
+static const int CVDPA_SCM_RIGHTS = SCM_RIGHTS;
+static const int CVDPA_EFD_CLOEXEC = EFD_CLOEXEC;
+static const int CVDPA_EFD_NONBLOCK = EFD_NONBLOCK;
+static const int CVDPA_MFD_CLOEXEC = 0x0001U;
+static const int CVDPA_MFD_ALLOW_SEALING = 0x0002U;
+static const uint32_t CVDPA_EPOLLIN = EPOLLIN;
+static const uint32_t CVDPA_EPOLLOUT = EPOLLOUT;
+static const uint32_t CVDPA_EPOLLERR = EPOLLERR;
+static const uint32_t CVDPA_EPOLLHUP = EPOLLHUP;
+static const uint32_t CVDPA_EPOLLRDHUP = EPOLLRDHUP;
+static const int CVDPA_SOCK_CLOEXEC = SOCK_CLOEXEC;
+static const int CVDPA_SOCK_STREAM = SOCK_STREAM;
+
+#endif

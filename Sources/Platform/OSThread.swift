@@ -1,0 +1,60 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CVDPAShims
+
+/// A plain pthread for loops that are not Swift tasks (port loops, DMA engines, relays).
+public final class OSThread: @unchecked Sendable {
+    // @unchecked Sendable: `handle` is written once in init before any other thread sees the object,
+    // and `join` is called at most once by the owner.
+    private var handle: pthread_t
+    private var joined = false
+
+    private final class Box {
+        let body: @Sendable () -> Void
+        let name: String
+        init(_ body: @escaping @Sendable () -> Void, _ name: String) { self.body = body; self.name = name }
+    }
+
+    /// Starts `body` on a new thread named `name` (at most 15 bytes are kept by the kernel).
+    public init(name: String, _ body: @escaping @Sendable () -> Void) throws(SystemError) {
+        let box = Unmanaged.passRetained(Box(body, name)).toOpaque()
+        var t = pthread_t()
+        let r = pthread_create(&t, nil, { arg in
+            let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+            cvdpa_set_thread_name(String(box.name.prefix(15)))
+            box.body()
+            return nil
+        }, box)
+        if r != 0 {
+            Unmanaged<Box>.fromOpaque(box).release()
+            throw SystemError("pthread_create", errno: r)
+        }
+        handle = t
+    }
+
+    /// Waits for the thread to finish. Call once.
+    public func join() {
+        guard !joined else { return }
+        joined = true
+        _ = pthread_join(handle, nil)
+    }
+}
+
+/// Blocks the given signals in the calling thread (and threads it starts afterwards).
+public func blockSignals(_ signals: [Int32]) {
+    var set = sigset_t()
+    sigemptyset(&set)
+    for s in signals { sigaddset(&set, s) }
+    _ = pthread_sigmask(SIG_BLOCK, &set, nil)
+}
+
+/// Waits for one of the given (blocked) signals and returns it.
+public func waitForSignal(_ signals: [Int32]) -> Int32 {
+    var set = sigset_t()
+    sigemptyset(&set)
+    for s in signals { sigaddset(&set, s) }
+    var sig: Int32 = 0
+    while sigwait(&set, &sig) != 0 {}
+    return sig
+}

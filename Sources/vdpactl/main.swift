@@ -1,0 +1,1 @@
+print("vdpactl: not built yet")

@@ -1,0 +1,1 @@
+print("vdpad: not built yet")
