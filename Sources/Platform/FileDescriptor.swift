@@ -41,6 +41,11 @@ public final class SharedFD: Sendable, CustomStringConvertible {
     public init(_ fd: consuming FileDescriptor) { self.fd = fd }
 
     public var raw: Int32 { fd.raw }
+
+    /// Lends the owned descriptor to `body` (which must not close it).
+    public func withFD<R: ~Copyable, E: Error>(_ body: (borrowing FileDescriptor) throws(E) -> R) throws(E) -> R {
+        try body(fd)
+    }
     public var description: String { "fd \(fd.raw)" }
 }
 
@@ -61,6 +66,12 @@ public struct ReceivedFDs: ~Copyable {
         let r = fds[index]
         fds[index] = -1
         return FileDescriptor(owning: r)
+    }
+
+    /// Takes the fd at `index` into a shared owner; nil if absent or already taken.
+    public mutating func takeShared(_ index: Int) -> SharedFD? {
+        guard let fd = take(index) else { return nil }
+        return SharedFD(fd)
     }
 
     /// Takes ownership of more fds, after those already held.

@@ -58,3 +58,22 @@ public func waitForSignal(_ signals: [Int32]) -> Int32 {
     while sigwait(&set, &sig) != 0 {}
     return sig
 }
+
+/// Turns SIGTERM/SIGINT into an eventfd that a loop can wait on. The handler only writes to the
+/// eventfd, which is async-signal-safe. SIGPIPE is ignored (sockets also use MSG_NOSIGNAL).
+public enum SignalNotifier {
+    nonisolated(unsafe) static var fd: Int32 = -1
+
+    /// Installs handlers for `signals`; returns the eventfd they signal (owned by the process).
+    public static func install(_ signals: [Int32]) throws(SystemError) -> Int32 {
+        if fd < 0 { fd = try EventFD.make().take() }
+        for s in signals {
+            signal(s) { _ in
+                var one: UInt64 = 1
+                _ = write(SignalNotifier.fd, &one, 8)
+            }
+        }
+        signal(SIGPIPE, SIG_IGN)
+        return fd
+    }
+}

@@ -118,6 +118,15 @@ public enum UnixSocket {
         }
     }
 
+    /// Sends a whole byte array (see `send(_:bytes:fds:)`).
+    public static func send(_ fd: borrowing FileDescriptor, _ data: [UInt8], fds: [Int32] = []) throws(SocketError) {
+        var result: SocketError?
+        data.withUnsafeBytes { bytes in
+            do throws(SocketError) { try send(fd, bytes: bytes, fds: fds) } catch { result = error }
+        }
+        if let result { throw result }
+    }
+
     /// Receives up to `buffer.count` bytes once (one recvmsg), taking ownership of any fds that
     /// came with them. A truncated control message closes every fd that arrived and throws.
     /// Returns 0 bytes only when the peer closed the connection.

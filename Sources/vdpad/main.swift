@@ -1,1 +1,86 @@
-print("vdpad: not built yet")
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import Logging
+import Platform
+import VDPA
+
+@main
+struct Vdpad: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vdpad",
+        abstract: "vhost-user backend daemon that hands the virtio-net data path to a vDPA device.",
+        discussion: """
+        Each --port binds one vhost-user socket: socket=PATH[,id=NAME][,client][,queues=N]
+          socket=PATH  the vhost-user socket (paths containing ',' are not supported)
+          id=NAME      port name (default vdpa0, vdpa1, ... in order)
+          client       connect to the frontend's socket (reconnecting with backoff) instead of listening
+          queues=N     queue pairs (default 1)
+        With no --port: one port vdpa0 at /run/vdpad/vdpa0.sock.
+        Status: no device serves the rings yet; ports negotiate and hold the control state only.
+        """)
+
+    @Option(name: .customLong("port"), help: "A vhost-user port (repeatable).")
+    var ports: [String] = []
+
+    @Option(help: "Control socket path.")
+    var control: String = "/run/vdpad/control.sock"
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    @Option(help: "Group (name or number) to own the sockets.")
+    var socketGroup: String?
+
+    @Option(help: "Octal mode for the sockets, e.g. 0660.")
+    var socketMode: String?
+
+    func validate() throws {
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("unknown --log-level '\(logLevel)'; use trace, debug, info, notice, warning, error or critical")
+        }
+    }
+
+    func run() throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let logger = Logger(label: "vdpad")
+
+        var specs: [PortSpec] = []
+        do {
+            let texts = ports.isEmpty ? ["socket=/run/vdpad/vdpa0.sock"] : ports
+            for (i, t) in texts.enumerated() { specs.append(try PortSpec.parse(t, defaultID: "vdpa\(i)")) }
+        } catch {
+            throw ValidationError("\(error)")
+        }
+        var ownership = SocketOwnership()
+        if let g = socketGroup {
+            if let n = UInt32(g) { ownership.group = n } else if let gr = getgrnam(g) { ownership.group = gr.pointee.gr_gid } else {
+                throw ValidationError("--socket-group: no group named '\(g)'")
+            }
+        }
+        if let m = socketMode {
+            guard let v = UInt32(m, radix: 8), v <= 0o777 else { throw ValidationError("--socket-mode: '\(m)' is not an octal mode like 0660") }
+            ownership.mode = v
+        }
+
+        let signalFD = try SignalNotifier.install([SIGTERM, SIGINT])
+        let daemon = try Daemon(specs: specs, controlPath: control, logger: logger)
+        do {
+            try daemon.start(ownership: ownership)
+        } catch {
+            logger.critical("\(error)")
+            throw ExitCode(1)
+        }
+        logger.warning("no device serves the rings yet: ports negotiate with frontends, but no packets move")
+        var pfd = pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)
+        while poll(&pfd, 1, -1) < 1 {}
+        logger.info("signal received; closing ports")
+        daemon.stop()
+    }
+}

@@ -1,0 +1,205 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import Platform
+import Synchronization
+import VhostUser
+
+/// A port binds one vhost-user socket to one device instance. Each port runs its own thread, so
+/// a frontend that misbehaves (or stalls mid-message) affects only its own port.
+public final class Port: Sendable {
+    public let spec: PortSpec
+    public let config: BackendConfig
+    private let logger: Logger
+    private let state: Mutex<PortStatus>
+    private let wake: SharedFD
+    private let thread = Mutex<OSThread?>(nil)
+
+    /// How long a frontend may take to send the rest of a message it started.
+    static let messageTimeoutSeconds = 5
+
+    public init(spec: PortSpec, logger: Logger) throws(SystemError) {
+        self.spec = spec
+        config = BackendConfig(queuePairs: spec.queuePairs)
+        var l = logger
+        l[metadataKey: "port"] = "\(spec.id)"
+        self.logger = l
+        state = Mutex(PortStatus(spec: spec, config: config))
+        wake = SharedFD(try EventFD.make())
+    }
+
+    public var status: PortStatus { state.withLock { $0 } }
+
+    /// Binds the socket (server mode) and starts the port's thread. Errors here are start-up
+    /// errors: the socket path cannot be used.
+    public func start(ownership: SocketOwnership = SocketOwnership()) throws {
+        var listener: SharedFD?
+        if !spec.client {
+            try prepareSocketPath(spec.socketPath)
+            do {
+                listener = SharedFD(try UnixSocket.listen(path: spec.socketPath))
+            } catch {
+                throw SocketPathError(message: "cannot listen on \(spec.socketPath): \(error)")
+            }
+            try applyOwnership(spec.socketPath, ownership)
+            logger.info("listening on \(spec.socketPath) (\(spec.queuePairs) queue pair(s))")
+        } else {
+            logger.info("client mode: connecting to \(spec.socketPath)")
+        }
+        let boundListener = listener
+        let t = try OSThread(name: "port-\(spec.id)") { [self] in
+            run(listener: boundListener)
+        }
+        thread.withLock { $0 = t }
+    }
+
+    /// Closes the connection and the socket, and waits for the port's thread.
+    public func stop() {
+        EventFD.signal(wake.raw)
+        let t = thread.withLock { t -> OSThread? in let x = t; t = nil; return x }
+        t?.join()
+    }
+
+    // MARK: the port loop (runs on the port's own thread)
+
+    private enum Token: UInt64 { case wake = 0, listener = 1, connection = 2 }
+
+    private func run(listener: SharedFD?) {
+        let epoll: Epoll
+        do { epoll = try Epoll(capacity: 8) } catch {
+            logger.error("port loop cannot start: \(error)")
+            return
+        }
+        do {
+            try epoll.add(wake.raw, token: Token.wake.rawValue)
+            if let listener { try epoll.add(listener.raw, token: Token.listener.rawValue) }
+        } catch {
+            logger.error("port loop cannot start: \(error)")
+            return
+        }
+        let reader = MessageReader()
+        var connection: SharedFD?
+        var session: BackendSession?
+        var backoffMillis: Int32 = 0
+        var running = true
+        var tryConnectPending = false
+
+        func attach(_ fd: consuming FileDescriptor) {
+            UnixSocket.setReceiveTimeout(fd, seconds: Self.messageTimeoutSeconds)
+            let shared = SharedFD(fd)
+            do { try epoll.add(shared.raw, events: Epoll.readable | Epoll.readHangup, token: Token.connection.rawValue) } catch {
+                logger.error("cannot watch the new connection: \(error)")
+                return
+            }
+            connection = shared
+            session = BackendSession(config: config, logger: logger)
+            state.withLock {
+                $0.connection = "connected"
+                $0.connections += 1
+                $0.lastError = nil
+            }
+            logger.info("frontend connected")
+        }
+
+        func detach(reason: String, isError: Bool) {
+            if isError { logger.error("closing connection: \(reason)") } else { logger.info("frontend disconnected") }
+            session?.close()
+            session = nil
+            if let c = connection { epoll.remove(c.raw) }
+            connection = nil
+            let role = spec.client
+            state.withLock {
+                $0.clearSession(config: config)
+                $0.connection = role ? "connecting" : "listening"
+                if isError { $0.lastError = reason }
+            }
+        }
+
+        func serveOne() {
+            guard let c = connection, let s = session else { return }
+            var fds = ReceivedFDs()
+            let message: VhostUserMessage
+            do {
+                message = try c.withFD { fd throws(MessageReader.ReadError) in try reader.read(from: fd, fds: &fds) }
+            } catch {
+                switch error {
+                case .socket(.closed(partial: 0)): detach(reason: "peer closed", isError: false)
+                default: detach(reason: "\(error)", isError: true)
+                }
+                return
+            }
+            logger.trace("\(message.request.name) \(message.payload)")
+            do {
+                let reply = try s.handle(message, fds: &fds)
+                if fds.count > 0 {
+                    logger.warning("\(message.request.name): closing \(fds.count) fd(s) the request did not use")
+                    fds.closeAll()
+                }
+                if let reply {
+                    try c.withFD { fd throws(SocketError) in try UnixSocket.send(fd, reply) }
+                }
+                state.withLock { $0.update(from: s) }
+            } catch let e as VhostUserError {
+                detach(reason: e.description, isError: true)
+            } catch {
+                detach(reason: "sending reply: \(error)", isError: true)
+            }
+        }
+
+        while running {
+            var timeout: Int32 = -1
+            if spec.client && connection == nil {
+                // Client mode: try to connect now, or after the backoff.
+                if backoffMillis == 0 || tryConnectPending {
+                    tryConnectPending = false
+                    do {
+                        let fd = try UnixSocket.connect(path: spec.socketPath)
+                        backoffMillis = 0
+                        attach(fd)
+                    } catch {
+                        backoffMillis = backoffMillis == 0 ? 100 : min(backoffMillis * 2, 5000)
+                        state.withLock { $0.lastError = "connect: \(error)" }
+                        logger.debug("connect failed (\(error)); retrying in \(backoffMillis) ms")
+                    }
+                }
+                if connection == nil { timeout = backoffMillis }
+            }
+            do {
+                let n = try epoll.wait(timeoutMillis: timeout) { ev in
+                    switch Token(rawValue: ev.token) {
+                    case .wake:
+                        running = false
+                    case .listener:
+                        guard let listener else { return }
+                        let fd: FileDescriptor
+                        do { fd = try listener.withFD { l throws(SystemError) in try UnixSocket.accept(l) } } catch {
+                            logger.warning("accept: \(error)")
+                            return
+                        }
+                        if connection != nil {
+                            // One frontend at a time: refuse the newcomer, leave the first alone.
+                            logger.warning("refused a second frontend: the port already has one connected")
+                            state.withLock { $0.rejectedConnections += 1 }
+                            _ = consume fd
+                        } else {
+                            attach(fd)
+                        }
+                    case .connection:
+                        serveOne()
+                    case nil:
+                        break
+                    }
+                }
+                if n == 0 && spec.client && connection == nil { tryConnectPending = true }
+            } catch {
+                logger.error("epoll: \(error)")
+                running = false
+            }
+        }
+        if connection != nil { detach(reason: "daemon stopping", isError: false) }
+        if listener != nil { unlink(spec.socketPath) }
+        state.withLock { $0.connection = "closed" }
+        logger.info("port closed")
+    }
+}

@@ -1,0 +1,113 @@
+import Virtio
+import VhostUser
+
+/// The JSON the control socket answers to `status` (documented in docs/CONTROL.md).
+/// Later versions add keys; none is renamed.
+public struct DaemonStatus: Codable, Sendable, Equatable {
+    public var ok: Bool
+    public var ports: [PortStatus]
+}
+
+public struct FeatureStatus: Codable, Sendable, Equatable {
+    public var offered: String
+    public var acked: String
+    public var ackedNames: String
+}
+
+public struct RegionStatus: Codable, Sendable, Equatable {
+    public var guestPhysAddr: String
+    public var size: String
+    public var userAddr: String
+    public var mmapOffset: String
+}
+
+public struct QueueStatus: Codable, Sendable, Equatable {
+    public var index: Int
+    public var enabled: Bool
+    public var started: Bool
+    public var ringSize: Int
+    /// "none" while no device serves the port; "direct" or "relay" once one does.
+    public var mode: String
+    public var kick: String
+    public var call: Bool
+    public var base: Int
+    public var logging: Bool
+}
+
+public struct LogStatus: Codable, Sendable, Equatable {
+    public var logAll: Bool
+    public var sizeBytes: Int
+    public var outOfRangeMarks: UInt64
+}
+
+public struct PortStatus: Codable, Sendable, Equatable {
+    public var id: String
+    public var socket: String
+    public var role: String
+    /// "listening", "connected", "connecting" (client mode, retrying) or "closed".
+    public var connection: String
+    public var device: String
+    public var features: FeatureStatus
+    public var protocolFeatures: FeatureStatus
+    public var memoryRegions: [RegionStatus]
+    public var queues: [QueueStatus]
+    public var log: LogStatus?
+    public var deviceStatus: Int
+    public var mtu: Int?
+    public var connections: Int
+    public var rejectedConnections: Int
+    public var lastError: String?
+}
+
+func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+
+extension PortStatus {
+    static let noDevice = "none: no device serves the rings yet (the software vDPA NIC is not implemented); no data path"
+
+    init(spec: PortSpec, config: BackendConfig) {
+        id = spec.id
+        socket = spec.socketPath
+        role = spec.client ? "client" : "server"
+        connection = spec.client ? "connecting" : "listening"
+        device = Self.noDevice
+        features = FeatureStatus(offered: hex(config.virtioFeatures), acked: hex(0), ackedNames: "")
+        protocolFeatures = FeatureStatus(offered: hex(config.protocolFeatures), acked: hex(0), ackedNames: "")
+        memoryRegions = []
+        queues = (0..<config.ringCount).map {
+            QueueStatus(index: $0, enabled: false, started: false, ringSize: 0, mode: "none", kick: "none", call: false, base: 0, logging: false)
+        }
+        log = nil
+        deviceStatus = 0
+        mtu = nil
+        connections = 0
+        rejectedConnections = 0
+        lastError = nil
+    }
+
+    /// Refreshes the session-derived fields from a live session.
+    mutating func update(from s: BackendSession) {
+        features.acked = hex(s.ackedFeatures)
+        features.ackedNames = describeFeatures(s.ackedFeatures)
+        protocolFeatures.acked = hex(s.ackedProtocolFeatures)
+        protocolFeatures.ackedNames = VhostUserProtocolFeature.describe(s.ackedProtocolFeatures)
+        memoryRegions = s.memory.current().regions.map {
+            RegionStatus(guestPhysAddr: hex($0.guestPhysAddr), size: hex($0.size), userAddr: hex($0.userAddr),
+                         mmapOffset: hex($0.description.mmapOffset))
+        }
+        queues = s.vrings.enumerated().map { i, v in
+            QueueStatus(index: i, enabled: v.enabled, started: v.started, ringSize: Int(v.size), mode: "none",
+                        kick: v.kick != nil ? "eventfd" : (v.kickPolling ? "polling" : "none"),
+                        call: v.call != nil, base: Int(v.base), logging: v.logging)
+        }
+        log = s.log.map { LogStatus(logAll: s.logAllEnabled, sizeBytes: $0.byteCount, outOfRangeMarks: $0.outOfRangeMarks) }
+        deviceStatus = Int(s.status)
+        mtu = s.mtu.map { Int($0) }
+    }
+
+    /// Clears the session-derived fields after a disconnect.
+    mutating func clearSession(config: BackendConfig) {
+        let keep = (connections, rejectedConnections, lastError, connection)
+        self = PortStatus(spec: PortSpec(id: id, socketPath: socket, client: role == "client", queuePairs: config.queuePairs), config: config)
+        (connections, rejectedConnections, lastError, connection) = keep
+    }
+}
