@@ -1,4 +1,3 @@
-import Virtio
 
 /// vhost-user front-end requests (QEMU docs/interop/vhost-user.rst, "Front-end message types").
 public enum VhostUserRequest: UInt32, Sendable, CaseIterable {
