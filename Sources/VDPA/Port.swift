@@ -136,10 +136,11 @@ public final class Port: Sendable {
                     logger.warning("\(message.request.name): closing \(fds.count) fd(s) the request did not use")
                     fds.closeAll()
                 }
+                // Status first: once the frontend has its reply, status must already show the change.
+                state.withLock { $0.update(from: s) }
                 if let reply {
                     try c.withFD { fd throws(SocketError) in try UnixSocket.send(fd, reply) }
                 }
-                state.withLock { $0.update(from: s) }
             } catch let e as VhostUserError {
                 detach(reason: e.description, isError: true)
             } catch {

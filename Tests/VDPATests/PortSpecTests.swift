@@ -1,0 +1,51 @@
+import Foundation
+import Platform
+import XCTest
+@testable import VDPA
+
+final class PortSpecTests: XCTestCase {
+    func testParse() throws {
+        XCTAssertEqual(try PortSpec.parse("socket=/a/b.sock", defaultID: "vdpa3"),
+                       PortSpec(id: "vdpa3", socketPath: "/a/b.sock", client: false, queuePairs: 1))
+        XCTAssertEqual(try PortSpec.parse("socket=/x,id=net0,client,queues=4", defaultID: "vdpa0"),
+                       PortSpec(id: "net0", socketPath: "/x", client: true, queuePairs: 4))
+    }
+
+    func testErrors() {
+        for bad in ["", "id=x", "socket=", "socket=/x,queues=0", "socket=/x,queues=65", "socket=/x,queues=two",
+                    "socket=/x,bogus=1", "socket=/a,b", "socket=/x,id=a b", "socket=/x,,client"] {
+            XCTAssertThrowsError(try PortSpec.parse(bad, defaultID: "vdpa0"), bad)
+        }
+        do {
+            _ = try PortSpec.parse("socket=/tmp/a,b.sock", defaultID: "vdpa0")
+            XCTFail("comma in path accepted")
+        } catch {
+            XCTAssertTrue("\(error)".contains("','"), "\(error)")
+        }
+    }
+
+    func testStaleSocketReplacedLiveOneRefused() throws {
+        let dir = "/tmp/vdpa-spec-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/sub/p.sock"
+        try prepareSocketPath(path)  // creates the directories
+        do {
+            let live = try Platform.UnixSocket.listen(path: path)
+            XCTAssertThrowsError(try prepareSocketPath(path)) { XCTAssertTrue("\($0)".contains("in use")) }
+            _ = consume live
+        }
+        // The listener is gone; the file is a stale socket now.
+        XCTAssertTrue(FileManager.default.fileExists(atPath: path))
+        XCTAssertNoThrow(try prepareSocketPath(path))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path))
+        FileManager.default.createFile(atPath: path, contents: Data("x".utf8))
+        XCTAssertThrowsError(try prepareSocketPath(path)) { XCTAssertTrue("\($0)".contains("not a socket")) }
+    }
+
+    func testDuplicatePortsRejected() {
+        XCTAssertThrowsError(try Daemon(specs: [PortSpec(id: "a", socketPath: "/tmp/1"), PortSpec(id: "a", socketPath: "/tmp/2")],
+                                        controlPath: nil, logger: .init(label: "t")))
+        XCTAssertThrowsError(try Daemon(specs: [PortSpec(id: "a", socketPath: "/tmp/1"), PortSpec(id: "b", socketPath: "/tmp/1")],
+                                        controlPath: nil, logger: .init(label: "t")))
+    }
+}
