@@ -31,8 +31,11 @@ let package = Package(
         .target(name: "VDPA", dependencies: [
             "Platform", "Virtio", "VhostUser", .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
+        .target(name: "SoftNIC", dependencies: [
+            "Platform", "Virtio", "VhostUser", "VDPA", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
         .executableTarget(name: "vdpad", dependencies: [
-            "VDPA", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "VDPA", "SoftNIC", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpactl", dependencies: [
@@ -42,5 +45,6 @@ let package = Package(
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VhostUser", "Platform"], swiftSettings: strict),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VhostUserFrontend", "Platform", "Virtio"], swiftSettings: strict),
         .testTarget(name: "VDPATests", dependencies: ["VDPA", "VhostUserFrontend", "VhostUser", "Platform"], swiftSettings: strict),
+        .testTarget(name: "SoftNICTests", dependencies: ["SoftNIC", "VDPA", "VhostUserFrontend", "VhostUser", "Virtio", "Platform"], swiftSettings: strict),
     ]
 )

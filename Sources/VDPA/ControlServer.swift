@@ -80,13 +80,14 @@ public final class ControlServer: Sendable {
                     return
                 }
                 let raw = Int32(ev.token - 2)
-                guard var (client, pending) = clients[raw] else { return }
+                guard let (client, oldPending) = clients[raw] else { return }
                 let n = read(raw, buffer.baseAddress, buffer.count)
                 if n <= 0 {
                     epoll.remove(raw)
                     clients[raw] = nil
                     return
                 }
+                var pending = oldPending
                 pending.append(contentsOf: buffer[0..<n])
                 while let nl = pending.firstIndex(of: 0x0A) {
                     let line = Array(pending[..<nl])

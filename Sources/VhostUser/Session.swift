@@ -65,6 +65,8 @@ public protocol VhostUserDeviceHooks: AnyObject {
     /// Ring `index` must stop now; return the index the device will resume from (split: last avail idx).
     func vringStopping(_ session: BackendSession, index: Int) -> UInt32?
     func vringEnableChanged(_ session: BackendSession, index: Int, enabled: Bool)
+    /// The call eventfd of a running ring changed.
+    func vringCallChanged(_ session: BackendSession, index: Int)
     func featuresChanged(_ session: BackendSession)
     func logChanged(_ session: BackendSession)
     /// SEND_RARP for `mac`; false if the device cannot send it.
@@ -221,7 +223,9 @@ public final class BackendSession {
         case (.addMemReg, .memoryRegion(let d)):
             let current = memory.current().regions
             if current.contains(where: { $0.description.guestPhysAddr == d.guestPhysAddr && $0.size == d.size && $0.userAddr == d.userAddr }) {
-                // QEMU 7.2 sends the same region once per queue pair: an exact duplicate is accepted.
+                // QEMU 7.2 sends the same region once per queue pair: an exact duplicate is accepted
+                // (its fd is closed: the region is already mapped).
+                _ = fds.take(0)
                 return .done
             }
             guard current.count < config.maxMemSlots else {
@@ -336,6 +340,7 @@ public final class BackendSession {
         case (.setVringCall, .vringFile(let index, let hasFD)):
             let i = try ringIndex(request, index)
             vrings[i].call = hasFD ? fds.takeShared(0) : nil
+            if vrings[i].started { hooks?.vringCallChanged(self, index: i) }
             return .done
 
         case (.setVringErr, .vringFile(let index, let hasFD)):

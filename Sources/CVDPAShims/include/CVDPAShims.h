@@ -16,6 +16,11 @@
 #include <signal.h>
 #include <pthread.h>
 #include <sys/prctl.h>
+#include <sys/ioctl.h>
+#include <net/if.h>
+#include <linux/if_tun.h>
+#include <string.h>
+#include <time.h>
 
 static inline size_t cvdpa_cmsg_space(size_t len) { return CMSG_SPACE(len); }
 static inline size_t cvdpa_cmsg_len(size_t len) { return CMSG_LEN(len); }
@@ -30,6 +35,27 @@ static inline int cvdpa_accept4(int fd, int flags) {
     return (int)syscall(SYS_accept4, fd, (void *)0, (void *)0, flags);
 }
 static inline void cvdpa_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+/* Attaches `fd` (an open /dev/net/tun) to TAP interface `name` (IFF_TAP|IFF_NO_PI); the kernel's
+   chosen name is copied to `out` (IFNAMSIZ bytes). Returns ioctl's result. */
+static inline int cvdpa_tap_attach(int fd, const char *name, char *out) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    int r = ioctl(fd, TUNSETIFF, &ifr);
+    if (r == 0) memcpy(out, ifr.ifr_name, IFNAMSIZ);
+    return r;
+}
+static inline uint64_t cvdpa_monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+static inline uint64_t cvdpa_thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 static inline int cvdpa_errno(void) { return errno; }
 static inline void cvdpa_set_errno(int e) { errno = e; }
 

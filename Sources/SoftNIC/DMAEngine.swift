@@ -1,0 +1,536 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CVDPAShims
+import Dispatch
+import Logging
+import Platform
+import Synchronization
+import VDPA
+import VhostUser
+import Virtio
+
+/// The SoftNIC's DMA engine: one thread that serves the guest's split rings directly through the
+/// IOMMU, like a vDPA NIC's hardware queues. It polls while there is work and sleeps on the
+/// doorbells (the guest's kick eventfds) when idle, with notifications re-enabled first.
+/// Everything but the mailbox is confined to the engine's thread.
+final class DMAEngine: @unchecked Sendable {
+    // @unchecked Sendable: the mailbox is a Mutex, `pending` an atomic and `wake` an immutable
+    // fd; every other field is touched only on the engine thread (or before it starts).
+    let logger: Logger
+    let link: LinkSpec
+    let portID: String
+    let rings: [EngineRing]
+    private let mailbox = Mutex<[(@Sendable (DMAEngine) -> Void, DispatchSemaphore)]>([])
+    private let pending = Atomic<Bool>(false)
+    let wake: SharedFD
+    private var thread: OSThread?
+    private var stopping = false
+
+    // Device state (engine thread).
+    var iommu = IOMMUTable.empty
+    var view = IOMMUTable.empty.view
+    var eventIdx = false
+    var mergeable = false
+    var indirect = false
+    var headerLength = 12
+    var active: [EngineRing] = []
+
+    // Link state.
+    let macOwn: UInt64
+    let macGuest: UInt64
+    var tap: SharedFD?
+    var wireIn: FrameRing?
+    var wireOut: FrameRing?
+    var sourceSequence: UInt64 = 0
+    var sourceEpoch: UInt64 = 0
+    var sourceStartNs: UInt64 = 0
+    var sourceSent: UInt64 = 0
+    var sourceNextRing = 0
+    var rxRoundRobin = 0
+    /// Frames received from the link that could not be delivered (no RX ring running).
+    let linkDrops = Atomic<UInt64>(0)
+
+    // Device buffers (preallocated once).
+    let frameBuffer: UnsafeMutableRawPointer
+    static let frameBufferSize = 65536
+    let sourceTemplate: UnsafeMutableRawPointer
+    let epoll: Epoll
+
+    static let batch = 256
+    static let wakeToken: UInt64 = 0
+    static let tapToken: UInt64 = 1
+    static let wireToken: UInt64 = 2
+    static let kickTokenBase: UInt64 = 16
+
+    init(portID: String, link: LinkSpec, ringCount: Int, macOwn: UInt64, macGuest: UInt64, stats: [QueueStats], logger: Logger) throws {
+        self.portID = portID
+        self.link = link
+        self.logger = logger
+        self.macOwn = macOwn
+        self.macGuest = macGuest
+        rings = (0..<ringCount).map { EngineRing(index: $0, stats: stats[$0]) }
+        wake = SharedFD(try EventFD.make())
+        epoll = try Epoll(capacity: 64)
+        frameBuffer = .allocate(byteCount: Self.frameBufferSize, alignment: 64)
+        sourceTemplate = .allocate(byteCount: LinkSpec.maxFrame, alignment: 64)
+        try epoll.add(wake.raw, token: Self.wakeToken)
+        switch link {
+        case .tap(let name):
+            let fd = try Tap.open(name: name ?? "vdpa-\(portID)".prefixString(15))
+            tap = fd.fd
+            logger.info("tap link on interface \(fd.name)")
+            try epoll.add(fd.fd.raw, token: Self.tapToken)
+        case .wire(let peer):
+            let inbound = try WireHub.shared.inbound(for: portID)
+            wireIn = inbound
+            wireOut = try WireHub.shared.inbound(for: peer)
+            try epoll.add(inbound.wake.raw, token: Self.wireToken)
+        case .source(let size, _):
+            Frames.writeSource(to: sourceTemplate, size: size, dst: macGuest, src: macOwn, sequence: 0)
+        default:
+            break
+        }
+    }
+
+    deinit {
+        frameBuffer.deallocate()
+        sourceTemplate.deallocate()
+    }
+
+    func start() throws {
+        thread = try OSThread(name: "dma-\(portID)") { [self] in run() }
+    }
+
+    /// Runs `body` on the engine thread and waits for it: control operations are applied between
+    /// batches, never in the middle of one.
+    func perform(_ body: @escaping @Sendable (DMAEngine) -> Void) {
+        let done = DispatchSemaphore(value: 0)
+        mailbox.withLock { $0.append((body, done)) }
+        pending.store(true, ordering: .releasing)
+        EventFD.signal(wake.raw)
+        done.wait()
+    }
+
+    func stop() {
+        perform { $0.stopping = true }
+        thread?.join()
+        thread = nil
+    }
+
+    private func drainMailbox() {
+        pending.store(false, ordering: .relaxed)
+        let work = mailbox.withLock { m -> [(@Sendable (DMAEngine) -> Void, DispatchSemaphore)] in
+            let w = m
+            m.removeAll()
+            return w
+        }
+        for (body, done) in work {
+            body(self)
+            done.signal()
+        }
+    }
+
+    // MARK: control operations (engine thread)
+
+    func rebuildActive() {
+        active = rings.filter(\.running)
+    }
+
+    func fault(_ ring: EngineRing, _ text: String) {
+        ring.failure = text
+        ring.stats.fault(text)
+        logger.error("queue \(ring.index) stopped by a device fault: \(text)")
+        rebuildActive()
+    }
+
+    /// Translates a ring's areas through the current IOMMU; a miss is a device fault.
+    func translate(_ ring: EngineRing) {
+        guard let c = ring.config else { ring.queue = nil; return }
+        do {
+            ring.queue = try SplitQueue(size: c.size, descriptorTableGPA: c.descGPA, availGPA: c.availGPA, usedGPA: c.usedGPA, memory: view)
+        } catch {
+            ring.queue = nil
+            fault(ring, "ring areas do not translate through the IOMMU: \(error)")
+        }
+    }
+
+    func setMemory(_ table: GuestMemoryTable) {
+        iommu = IOMMUTable(memory: table)
+        view = iommu.view
+        for r in rings where r.config != nil && r.failure == nil { translate(r) }
+        rebuildActive()
+    }
+
+    func startRing(_ c: VDPARingConfig) {
+        let r = rings[c.index]
+        stopRingLocal(r)
+        r.config = c
+        r.failure = nil
+        r.errorReset()
+        r.walker = DescriptorChainWalker(capacity: c.size, indirectAllowed: indirect)
+        r.lastAvail = c.base
+        r.usedIdx = c.base
+        r.publishedUsed = c.base
+        r.availCache = c.base
+        r.enabled = c.enabled
+        r.kick = c.kick
+        r.call = c.call
+        r.callFD = c.call?.raw ?? -1
+        if let k = c.kick { try? epoll.add(k.raw, token: Self.kickTokenBase + UInt64(c.index)) }
+        translate(r)
+        r.queue?.disableNotifications(eventIdx: eventIdx)
+        r.notificationsEnabled = false
+        rebuildActive()
+    }
+
+    func stopRingLocal(_ r: EngineRing) {
+        flush(r)
+        if let k = r.kick { epoll.remove(k.raw) }
+        r.kick = nil
+        r.call = nil
+        r.callFD = -1
+        r.config = nil
+        r.queue = nil
+        rebuildActive()
+    }
+
+    // MARK: the loop
+
+    private func run() {
+        var idle = 0
+        while !stopping {
+            if pending.load(ordering: .acquiring) { drainMailbox(); continue }
+            var work = 0
+            for r in active {
+                if r.isRX {
+                    if case .source = link { continue }
+                } else {
+                    work &+= serviceTX(r)
+                }
+            }
+            work &+= serviceLinkInbound()
+            for r in active where r.isRX && r.usedIdx != r.publishedUsed { flush(r) }
+            if work > 0 {
+                idle = 0
+                continue
+            }
+            idle &+= 1
+            if idle < 64 { continue }
+            if idle < 128 { sched_yield(); continue }
+            sleep()
+            idle = 0
+        }
+        for r in rings where r.config != nil { stopRingLocal(r) }
+    }
+
+    /// Re-enables notifications, re-checks for work that raced in, then waits for a doorbell,
+    /// a link event, a control operation or the source's next frame.
+    private func sleep() {
+        var timeout: Int32 = -1
+        var raced = false
+        for r in active {
+            guard let q = r.queue else { continue }
+            // RX rings only need doorbells when the device waits for buffers.
+            if r.isRX && !waitsForRXBuffers { continue }
+            if q.enableNotifications(eventIdx: eventIdx, lastAvailIndex: r.lastAvail) { raced = true }
+            r.notificationsEnabled = true
+        }
+        if case .source(_, let rate) = link, rate > 0, hasRunningRX {
+            timeout = 1
+        }
+        if !raced {
+            _ = try? epoll.wait(timeoutMillis: timeout) { ev in
+                if ev.token >= Self.kickTokenBase {
+                    let i = Int(ev.token - Self.kickTokenBase)
+                    if i < rings.count, let k = rings[i].kick {
+                        if EventFD.drain(k.raw) > 0 { rings[i].stats.doorbells.wrappingAdd(1, ordering: .relaxed) }
+                    }
+                } else if ev.token == Self.wireToken, let w = wireIn {
+                    EventFD.drain(w.wake.raw)
+                } else if ev.token == Self.wakeToken {
+                    EventFD.drain(wake.raw)
+                }
+            }
+        }
+        for r in active where r.notificationsEnabled {
+            r.queue?.disableNotifications(eventIdx: eventIdx)
+            r.notificationsEnabled = false
+        }
+    }
+
+    var hasRunningRX: Bool { active.contains { $0.isRX } }
+
+    var waitsForRXBuffers: Bool {
+        switch link {
+        case .source: return true
+        case .wire: return !(wireIn?.isEmpty ?? true)
+        default: return false
+        }
+    }
+
+    // MARK: TX (guest → link)
+
+    /// Serves up to one batch of TX chains: gathers each frame into the device buffer, hands it to
+    /// the link, completes the chain. Returns the number of chains.
+    func serviceTX(_ r: EngineRing) -> Int {
+        guard let q = r.queue else { return 0 }
+        let avail = q.loadAvailIndex()
+        let pending = avail &- r.lastAvail
+        if pending == 0 { return 0 }
+        if pending > q.size {
+            fault(r, "avail index jumped from \(r.lastAvail) to \(avail), more than the ring size \(q.size)")
+            return 0
+        }
+        let n = min(Int(pending), Self.batch)
+        let oldUsed = r.usedIdx
+        var packets: UInt64 = 0
+        var bytes: UInt64 = 0
+        var done = 0
+        while done < n {
+            let head = q.availHead(at: r.lastAvail)
+            let length: Int
+            do {
+                let chain = try r.walker.walk(head: head, queue: q, memory: view)
+                length = gather(chain)
+            } catch {
+                fault(r, "TX chain at avail index \(r.lastAvail) (head \(head)): \(error)")
+                break
+            }
+            if length < 0 {
+                r.stats.drop(.frameTooLarge)
+            } else if length < 14 {
+                r.stats.drop(.runt)
+            } else {
+                transmit(frameBuffer, length: length, from: r)
+                packets &+= 1
+                bytes &+= UInt64(length)
+            }
+            q.writeUsedElement(at: r.usedIdx, id: UInt32(head), length: 0)
+            r.usedIdx &+= 1
+            r.lastAvail &+= 1
+            done &+= 1
+        }
+        if r.usedIdx != oldUsed { flush(r) }
+        r.stats.add(packets: packets, bytes: bytes)
+        if case .wire = link, done > 0, let out = wireOut { EventFD.signal(out.wake.raw) }
+        // Loopback frames went to the paired RX ring: publish them with this batch.
+        if case .loopback = link, r.index >= 1 { flush(rings[r.index - 1]) }
+        return done
+    }
+
+    /// Copies the chain's readable bytes after the virtio-net header into the device buffer.
+    /// Returns the frame length, or -1 when it does not fit.
+    @inline(__always)
+    func gather(_ chain: DescriptorChain) -> Int {
+        var skip = headerLength
+        var out = 0
+        for seg in chain where !seg.isWritable {
+            var src = UnsafeRawPointer(seg.host)
+            var len = Int(seg.length)
+            if skip > 0 {
+                let s = min(skip, len)
+                skip -= s
+                src += s
+                len -= s
+            }
+            if len == 0 { continue }
+            if out + len > LinkSpec.maxFrame { return -1 }
+            (frameBuffer + out).copyMemory(from: src, byteCount: len)
+            out += len
+        }
+        return out
+    }
+
+    func transmit(_ frame: UnsafeMutableRawPointer, length: Int, from r: EngineRing) {
+        switch link {
+        case .sink, .source:
+            break  // consumed and counted
+        case .loopback:
+            let rx = rings[r.index - 1]
+            if !rx.running || !deliver(UnsafeRawPointer(frame), length: length, to: rx) {
+                if !rx.running { rx.stats.drop(.noBuffer) }
+            }
+        case .tap:
+            guard let t = tap else { return }
+            if write(t.raw, frame, length) != length { r.stats.drop(.linkError) }
+        case .wire:
+            if !(wireOut?.push(frame, length: length) ?? false) { r.stats.drop(.linkError) }
+        }
+    }
+
+    // MARK: RX (link → guest)
+
+    /// Writes one frame (virtio-net header + bytes) into the guest's RX buffers, merging buffers
+    /// when MRG_RXBUF was negotiated. Used entries are written but published by `flush`.
+    /// Returns false (and counts a drop) when the ring has no room; nothing is consumed then.
+    @discardableResult
+    func deliver(_ frame: UnsafeRawPointer, length: Int, to r: EngineRing, countDrop: Bool = true) -> Bool {
+        guard let q = r.queue else { r.stats.drop(.noBuffer); return false }
+        let needed = headerLength + length
+        var idx = r.lastAvail
+        var used = r.usedIdx
+        var written = 0
+        var buffers: UInt16 = 0
+        var numBuffersAt: UnsafeMutableRawPointer?
+        while written < needed {
+            if idx == r.availCache {
+                let a = q.loadAvailIndex()
+                if a &- r.lastAvail > q.size {
+                    fault(r, "avail index jumped from \(r.lastAvail) to \(a), more than the ring size \(q.size)")
+                    return false
+                }
+                r.availCache = a
+                if idx == a {
+                    if countDrop { r.stats.drop(.noBuffer) }
+                    return false
+                }
+            }
+            let head = q.availHead(at: idx)
+            var chainWritten = 0
+            do {
+                let chain = try r.walker.walk(head: head, queue: q, memory: view)
+                for seg in chain where seg.isWritable {
+                    var dst = seg.host
+                    var room = Int(seg.length)
+                    if buffers == 0 && chainWritten == 0 {
+                        // The header goes whole into the first writable buffer.
+                        guard room >= headerLength else {
+                            r.stats.drop(.bufferTooSmall)
+                            return false
+                        }
+                        dst.initializeMemory(as: UInt8.self, repeating: 0, count: headerLength)
+                        numBuffersAt = dst + 10
+                        dst += headerLength
+                        room -= headerLength
+                        chainWritten = headerLength
+                        written = headerLength
+                    }
+                    let n = min(room, needed - written)
+                    if n > 0 {
+                        dst.copyMemory(from: frame + (written - headerLength), byteCount: n)
+                        written += n
+                        chainWritten += n
+                    }
+                    if written == needed { break }
+                }
+            } catch {
+                fault(r, "RX chain at avail index \(idx) (head \(head)): \(error)")
+                return false
+            }
+            if chainWritten == 0 || (!mergeable && written < needed) {
+                r.stats.drop(.bufferTooSmall)
+                return false
+            }
+            q.writeUsedElement(at: used, id: UInt32(head), length: UInt32(chainWritten))
+            used &+= 1
+            idx &+= 1
+            buffers &+= 1
+        }
+        if mergeable, let p = numBuffersAt { p.storeBytes(of: buffers.littleEndian, as: UInt16.self) }
+        r.lastAvail = idx
+        r.usedIdx = used
+        r.stats.add(packets: 1, bytes: UInt64(length))
+        return true
+    }
+
+    /// Publishes written used entries and raises the interrupt if the driver wants one.
+    @inline(__always)
+    func flush(_ r: EngineRing) {
+        guard let q = r.queue, r.usedIdx != r.publishedUsed else { return }
+        let old = r.publishedUsed
+        q.publishUsedIndex(r.usedIdx)
+        r.publishedUsed = r.usedIdx
+        if r.callFD >= 0 && q.needsInterrupt(oldUsed: old, newUsed: r.usedIdx, eventIdx: eventIdx) {
+            EventFD.signal(r.callFD)
+            r.stats.interrupts.wrappingAdd(1, ordering: .relaxed)
+        }
+    }
+
+    /// Pulls frames from the link (source generator, tap, wire) into the RX rings.
+    func serviceLinkInbound() -> Int {
+        switch link {
+        case .source(let size, let rate):
+            return serviceSource(size: size, rate: rate)
+        case .tap:
+            guard let t = tap else { return 0 }
+            var n = 0
+            while n < Self.batch {
+                let got = read(t.raw, frameBuffer, Self.frameBufferSize)
+                if got <= 0 { break }
+                n += 1
+                if got > LinkSpec.maxFrame { continue }
+                guard let rx = nextRX() else { _ = linkDrops.wrappingAdd(1, ordering: .relaxed); continue }
+                deliver(UnsafeRawPointer(frameBuffer), length: got, to: rx)
+            }
+            return n
+        case .wire:
+            guard let w = wireIn else { return 0 }
+            var n = 0
+            while n < Self.batch, let (p, len) = w.peek() {
+                guard let rx = nextRX() else {
+                    w.pop()
+                    _ = linkDrops.wrappingAdd(1, ordering: .relaxed)
+                    n += 1
+                    continue
+                }
+                if !deliver(p, length: len, to: rx) {
+                    // No buffer: keep the frame until the guest posts more (the ring holds 4096).
+                    break
+                }
+                w.pop()
+                n += 1
+            }
+            return n
+        default:
+            return 0
+        }
+    }
+
+    /// The next running RX ring, round-robin.
+    func nextRX() -> EngineRing? {
+        let count = rings.count / 2
+        for _ in 0..<count {
+            let r = rings[2 * (rxRoundRobin % count)]
+            rxRoundRobin &+= 1
+            if r.running { return r }
+        }
+        return nil
+    }
+
+    func serviceSource(size: Int, rate: UInt64) -> Int {
+        var budget = Self.batch
+        if rate > 0 {
+            let now = cvdpa_monotonic_ns()
+            if sourceStartNs == 0 { sourceStartNs = now }
+            let due = UInt64(Double(now &- sourceStartNs) * Double(rate) / 1e9)
+            if due <= sourceSent { return 0 }
+            budget = Int(min(due - sourceSent, UInt64(Self.batch)))
+        }
+        var n = 0
+        while n < budget {
+            guard let rx = nextRX() else { return n }
+            let seq = (sourceEpoch << 48) | (sourceSequence & 0xFFFF_FFFF_FFFF)
+            sourceTemplate.storeBytes(of: seq.bigEndian, toByteOffset: 14, as: UInt64.self)
+            if deliver(UnsafeRawPointer(sourceTemplate), length: size, to: rx, countDrop: rate > 0) {
+                sourceSequence &+= 1
+            } else if rate == 0 {
+                // As fast as the guest posts buffers: wait for more instead of dropping.
+                return n
+            } else {
+                sourceSequence &+= 1  // the frame existed and was lost: the gap shows it
+            }
+            sourceSent &+= 1
+            n += 1
+        }
+        return n
+    }
+}
+
+extension EngineRing {
+    func errorReset() { stats.errorText.withLock { $0 = nil } }
+}
+
+extension String {
+    func prefixString(_ n: Int) -> String { String(prefix(n)) }
+}

@@ -1,0 +1,35 @@
+import Platform
+import VDPA
+import Virtio
+
+/// One ring as the DMA engine sees it. Confined to the engine's thread.
+final class EngineRing {
+    let index: Int
+    let isRX: Bool
+    let stats: QueueStats
+    var config: VDPARingConfig?
+    var enabled = false
+    var failure: String?
+    var queue: SplitQueue?
+    var walker: DescriptorChainWalker
+    var lastAvail: UInt16 = 0
+    /// Used index written so far (entries may be unpublished).
+    var usedIdx: UInt16 = 0
+    /// Used index last published to the guest.
+    var publishedUsed: UInt16 = 0
+    /// avail.idx as last loaded (RX fills several frames per load).
+    var availCache: UInt16 = 0
+    var kick: SharedFD?
+    var call: SharedFD?
+    var callFD: Int32 = -1
+    var notificationsEnabled = true
+
+    init(index: Int, stats: QueueStats) {
+        self.index = index
+        isRX = index % 2 == 0
+        self.stats = stats
+        walker = DescriptorChainWalker(capacity: 1, indirectAllowed: false)
+    }
+
+    var running: Bool { queue != nil && enabled && failure == nil }
+}

@@ -1,0 +1,139 @@
+import Logging
+import Platform
+import Synchronization
+import VDPA
+import VhostUser
+import Virtio
+
+/// The software vDPA NIC: a virtio-net device whose DMA engine serves the guest's split rings
+/// directly through its IOMMU, takes doorbells from the guest's kick eventfds and raises the
+/// guest's interrupts on its call eventfds. Like the hardware it stands for, it cannot log
+/// dirty pages.
+public final class SoftNIC: VDPADevice, @unchecked Sendable {
+    // @unchecked Sendable: immutable configuration plus the engine, whose state is confined to
+    // its own thread and reached only through `perform`.
+    public let queuePairs: Int
+    public let link: LinkSpec
+    public let mac: UInt64
+    public let guestMAC: UInt64?
+    private let engine: DMAEngine
+    private let stats: [QueueStats]
+
+    /// The virtio-net features the device implements.
+    public static let deviceFeatures: UInt64 =
+        VirtioFeature.version1 | VirtioNetFeature.mrgRxbuf | VirtioNetFeature.mq | VirtioNetFeature.mtu
+        | VirtioFeature.ringEventIdx | VirtioFeature.ringIndirectDesc | VirtioNetFeature.guestAnnounce
+
+    public var virtioFeatures: UInt64 { Self.deviceFeatures }
+    public var summary: String {
+        "softnic link=\(link) mac=\(Frames.format(mac))" + (guestMAC.map { " guest-mac=\(Frames.format($0))" } ?? "")
+    }
+
+    public init(portID: String, queuePairs: Int, link: LinkSpec, guestMAC: [UInt8]?, logger: Logger) throws {
+        self.queuePairs = queuePairs
+        self.link = link
+        // A locally administered MAC derived from the port id (stable across restarts).
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in portID.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        mac = (0x02 << 40) | (h & 0xff_ffff_ffff)
+        self.guestMAC = guestMAC.map(Frames.pack)
+        stats = (0..<(queuePairs * 2)).map { QueueStats(index: $0) }
+        engine = try DMAEngine(portID: portID, link: link, ringCount: queuePairs * 2, macOwn: mac,
+                               macGuest: self.guestMAC ?? Frames.broadcast, stats: stats, logger: logger)
+        engine.sourceEpoch = UInt64(UInt16.random(in: 0...UInt16.max))
+        try engine.start()
+    }
+
+    public func setFeatures(_ features: UInt64) {
+        engine.perform { e in
+            e.eventIdx = features & VirtioFeature.ringEventIdx != 0
+            e.mergeable = features & VirtioNetFeature.mrgRxbuf != 0
+            e.indirect = features & VirtioFeature.ringIndirectDesc != 0
+            e.headerLength = VirtioNetHeader.size(features: features)
+        }
+    }
+
+    public func setMemoryTable(_ table: GuestMemoryTable) {
+        engine.perform { $0.setMemory(table) }
+    }
+
+    public func startRing(_ config: VDPARingConfig) {
+        engine.perform { e in
+            if config.index % 2 == 0, case .source = e.link {
+                // Each start of the generator gets a new epoch: numbers never repeat.
+                e.sourceEpoch = (e.sourceEpoch &+ 1) & 0xFFFF
+                e.sourceSequence = 0
+                e.sourceStartNs = 0
+                e.sourceSent = 0
+            }
+            e.startRing(config)
+        }
+    }
+
+    public func setRingEnabled(_ index: Int, _ enabled: Bool) {
+        engine.perform { e in
+            e.rings[index].enabled = enabled
+            e.rebuildActive()
+        }
+    }
+
+    public func setRingCall(_ index: Int, _ call: SharedFD?) {
+        engine.perform { e in
+            let r = e.rings[index]
+            r.call = call
+            r.callFD = call?.raw ?? -1
+        }
+    }
+
+    public func stopRing(_ index: Int) -> UInt16 {
+        let result = Mutex<UInt16>(0)
+        engine.perform { e in
+            let r = e.rings[index]
+            let at = r.lastAvail
+            e.stopRingLocal(r)
+            result.withLock { $0 = at }
+        }
+        return result.withLock { $0 }
+    }
+
+    public func sendRARP(mac: [UInt8]) -> Bool {
+        let frame = Frames.rarp(mac: mac)
+        let sent = Mutex(false)
+        engine.perform { e in
+            frame.withUnsafeBytes { raw in
+                e.frameBuffer.copyMemory(from: raw.baseAddress!, byteCount: raw.count)
+            }
+            switch e.link {
+            case .tap, .wire:
+                // Transmit as if the guest had sent it on ring 1.
+                e.transmit(e.frameBuffer, length: frame.count, from: e.rings[1])
+                if case .wire = e.link, let out = e.wireOut { EventFD.signal(out.wake.raw) }
+                sent.withLock { $0 = true }
+            case .loopback:
+                if let rx = e.nextRX(), e.deliver(UnsafeRawPointer(e.frameBuffer), length: frame.count, to: rx) {
+                    e.flush(rx)
+                    sent.withLock { $0 = true }
+                }
+            case .sink, .source:
+                sent.withLock { $0 = true }  // consumed by the link, like any frame sent there
+            }
+        }
+        return sent.withLock { $0 }
+    }
+
+    public func counters() -> [QueueCounters] { stats.map(\.snapshot) }
+
+    public func mode(ofRing index: Int) -> String { "direct" }
+
+    public func reset() {
+        engine.perform { e in
+            for r in e.rings where r.config != nil { e.stopRingLocal(r) }
+            for r in e.rings { r.enabled = false; r.failure = nil }
+            e.setMemory(.empty)
+        }
+    }
+
+    public func close() {
+        engine.stop()
+    }
+}

@@ -1,0 +1,76 @@
+import Platform
+import VhostUser
+
+/// Where one ring lives and how it signals: what the framework hands a vDPA device when the
+/// frontend has configured the ring (after DPDK's rte_vdpa_dev_ops, in this project's terms).
+public struct VDPARingConfig: Sendable {
+    public var index: Int
+    public var size: UInt16
+    public var descGPA: UInt64
+    public var availGPA: UInt64
+    public var usedGPA: UInt64
+    /// Next avail index the device reads; the used index starts equal to it.
+    public var base: UInt16
+    /// The guest's kick eventfd: the device's doorbell. nil = the frontend asked the device to poll.
+    public var kick: SharedFD?
+    /// The guest's call eventfd: the device's interrupt. nil = no interrupts.
+    public var call: SharedFD?
+    public var enabled: Bool
+
+    public init(index: Int, size: UInt16, descGPA: UInt64, availGPA: UInt64, usedGPA: UInt64, base: UInt16,
+                kick: SharedFD?, call: SharedFD?, enabled: Bool) {
+        self.index = index; self.size = size; self.descGPA = descGPA; self.availGPA = availGPA
+        self.usedGPA = usedGPA; self.base = base; self.kick = kick; self.call = call; self.enabled = enabled
+    }
+}
+
+/// Per-queue counters a device reports.
+public struct QueueCounters: Codable, Sendable, Equatable {
+    public var index: Int
+    public var packets: UInt64
+    public var bytes: UInt64
+    public var drops: [String: UInt64]
+    public var faults: UInt64
+    public var error: String?
+    public var interrupts: UInt64
+    public var doorbells: UInt64
+
+    public init(index: Int, packets: UInt64 = 0, bytes: UInt64 = 0, drops: [String: UInt64] = [:], faults: UInt64 = 0,
+                error: String? = nil, interrupts: UInt64 = 0, doorbells: UInt64 = 0) {
+        self.index = index; self.packets = packets; self.bytes = bytes; self.drops = drops
+        self.faults = faults; self.error = error; self.interrupts = interrupts; self.doorbells = doorbells
+    }
+}
+
+/// The vDPA device operations the framework drives. Every call comes from the port's thread and
+/// returns once the device has applied it (the device's DMA engine runs on its own threads).
+public protocol VDPADevice: AnyObject, Sendable {
+    /// A one-line description for status output, e.g. "softnic link=loopback".
+    var summary: String { get }
+    var queuePairs: Int { get }
+    /// Virtio features the device offers (the port adds vhost-user's own bits).
+    var virtioFeatures: UInt64 { get }
+    /// Negotiated virtio features.
+    func setFeatures(_ features: UInt64)
+    /// Programs the device's IOMMU from the frontend's memory table (IOVA = guest-physical).
+    func setMemoryTable(_ table: GuestMemoryTable)
+    /// The ring is configured and its doorbell is set: the device may serve it while enabled.
+    func startRing(_ config: VDPARingConfig)
+    /// Enables or disables a started ring (SET_VRING_ENABLE); a disabled ring keeps its position.
+    func setRingEnabled(_ index: Int, _ enabled: Bool)
+    /// Replaces a ring's interrupt eventfd while it runs.
+    func setRingCall(_ index: Int, _ call: SharedFD?)
+    /// Stops a ring: the device completes what it took, touches the ring no more, and returns
+    /// the next avail index (GET_VRING_BASE's answer).
+    func stopRing(_ index: Int) -> UInt16
+    /// SEND_RARP: announce `mac` on the device's link. False if it cannot.
+    func sendRARP(mac: [UInt8]) -> Bool
+    /// Per-queue counters.
+    func counters() -> [QueueCounters]
+    /// Per-queue data-path mode ("direct" or "relay").
+    func mode(ofRing index: Int) -> String
+    /// The frontend went away or reset the device: stop every ring, forget the memory table.
+    func reset()
+    /// The port is closing for good: stop the device's threads.
+    func close()
+}

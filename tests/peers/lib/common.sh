@@ -1,0 +1,317 @@
+# shellcheck shell=bash disable=SC2034
+# Shared helpers for the peer tests (source it; bash only).
+#
+# A test calls peer_init NAME LIMIT_SECONDS first. Then every process it starts with
+# spawn is stopped (by PID) when the test ends, its temp dir under /tmp, its /dev/shm
+# files and its DPDK runtime dirs are removed, and a watchdog fails the test after
+# LIMIT_SECONDS. End with pass; fail REASON prints "FAIL NAME: REASON", the tails of the
+# logs, and exits 1.
+#
+# Environment:
+#   VDPAD, VDPACTL   the binaries (default: $(swift build --show-bin-path)/vdpad, vdpactl)
+#   VDPA_CACHE       guest kernel and initramfs cache (see scripts/install-deps)
+#   VDPA_KEEP_TMP=1  keep the temp dir (its path is printed)
+#   VDPA_VERBOSE=1   print progress lines ("... name: step") to stderr
+#   VDPA_LOG_LEVEL   vdpad --log-level (default debug)
+
+PEERS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO_ROOT=$(cd "$PEERS_DIR/../.." && pwd)
+GUEST_DIR=$REPO_ROOT/scripts/guest
+CHECK_STATUS=$PEERS_DIR/lib/check-status.py
+
+declare -A PIDS=()
+declare -a SHM_FILES=() DPDK_PREFIXES=()
+TEST_NAME=unnamed
+TMP=
+WATCHDOG_PID=
+FINISHED=0
+
+log() { [[ ${VDPA_VERBOSE:-0} == 1 ]] && echo "... $TEST_NAME: $*" >&2; return 0; }
+
+peer_init() {
+    TEST_NAME=$1
+    PEER_LIMIT=${2:-120}
+    TMP=$(mktemp -d "/tmp/vdpa-peer-$TEST_NAME.XXXXXX")
+    trap peer_cleanup EXIT
+    trap 'fail "interrupted"' INT TERM
+    trap 'fail "timed out after ${PEER_LIMIT}s (test watchdog)"' USR1
+    local self=$$
+    (
+        trap - EXIT INT USR1
+        trap 'kill "$sp" 2>/dev/null; exit 0' TERM
+        sleep "$PEER_LIMIT" & sp=$!
+        wait "$sp" && kill -USR1 "$self" 2>/dev/null
+    ) &
+    WATCHDOG_PID=$!
+    log "temp dir $TMP"
+}
+
+# shm_file NAME: set SHM to a unique /dev/shm path for this test (removed at the end).
+# (Not a function printing it: $(...) would lose the record.)
+SHM=
+shm_file() {
+    SHM=/dev/shm/vdpa-peer-$TEST_NAME-$$-$1
+    SHM_FILES+=("$SHM")
+}
+
+# spawn NAME CMD...: start CMD in the background, output to $TMP/NAME.log.
+spawn() {
+    local name=$1; shift
+    log "start $name: $*"
+    "$@" </dev/null >"$TMP/$name.log" 2>&1 &
+    PIDS[$name]=$!
+}
+
+alive() { [[ -n ${PIDS[$1]:-} ]] && kill -0 "${PIDS[$1]}" 2>/dev/null; }
+
+# stop NAME [SIGNAL] [SECONDS]: signal it (default TERM), wait, then KILL. Returns the
+# process's exit status (or 137 after KILL).
+stop() {
+    local name=$1 sig=${2:-TERM} secs=${3:-10} pid=${PIDS[$1]:-} i rc=0
+    [[ -n $pid ]] || return 0
+    log "stop $name ($sig)"
+    kill "-$sig" "$pid" 2>/dev/null || true
+    for ((i = 0; i < secs * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "... $TEST_NAME: $name did not stop on $sig within ${secs}s, killing" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    unset "PIDS[$name]"
+    return $rc
+}
+
+peer_cleanup() {
+    local rc=$? name
+    trap - EXIT INT TERM USR1
+    [[ -n $WATCHDOG_PID ]] && kill "$WATCHDOG_PID" 2>/dev/null
+    for name in "${!PIDS[@]}"; do kill -TERM "${PIDS[$name]}" 2>/dev/null || true; done
+    local i
+    for ((i = 0; i < 50; i++)); do
+        local any=0
+        for name in "${!PIDS[@]}"; do kill -0 "${PIDS[$name]}" 2>/dev/null && any=1; done
+        ((any)) || break
+        sleep 0.1
+    done
+    for name in "${!PIDS[@]}"; do kill -KILL "${PIDS[$name]}" 2>/dev/null || true; done
+    wait 2>/dev/null
+    local f
+    for f in "${SHM_FILES[@]}"; do rm -f "$f"; done
+    for f in "${DPDK_PREFIXES[@]}"; do rm -rf "/var/run/dpdk/$f"; done
+    if [[ -n $TMP ]]; then
+        if [[ ${VDPA_KEEP_TMP:-0} == 1 ]]; then echo "... $TEST_NAME: kept $TMP" >&2
+        else rm -rf "$TMP"; fi
+    fi
+    if [[ $FINISHED == 0 ]]; then
+        echo "FAIL $TEST_NAME: test script ended early (status $rc)"
+        rc=1
+    fi
+    exit $rc
+}
+
+# Print the last lines of every log in $TMP to stderr (for a failure).
+dump_logs() {
+    local f
+    for f in "$TMP"/*.log; do
+        [[ -s $f ]] || continue
+        echo "----- $TEST_NAME: tail of ${f##*/} -----" >&2
+        # testpmd's stats screens are long and repetitive: drop escape sequences and them.
+        tail -n 400 "$f" | sed 's/\x1b\[[0-9;]*[A-Za-z]//g' |
+            grep -v -e '^ *$' -e 'RX-\|TX-\|Rx-pps\|Tx-pps\|Rx-bps\|Tx-bps\|####\|Throughput\|statistics for port' |
+            tail -n 25 >&2
+    done
+}
+
+fail() {
+    FINISHED=1
+    echo "FAIL $TEST_NAME: $*"
+    dump_logs
+    exit 1
+}
+
+pass() {
+    FINISHED=1
+    echo "PASS $TEST_NAME${1:+ ($1)}"
+    exit 0
+}
+
+# wait_until SECONDS DESCRIPTION CMD...: poll CMD every 0.1 s.
+wait_until() {
+    local secs=$1 what=$2; shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@"; do
+        ((SECONDS < deadline)) || fail "timed out after ${secs}s waiting for $what"
+        sleep 0.1
+    done
+}
+
+# wait_for_socket PATH SECONDS [PROCESS]: the socket exists (fail early if PROCESS died).
+wait_for_socket() {
+    local path=$1 secs=$2 proc=${3:-} deadline=$((SECONDS + $2))
+    until [[ -S $path ]]; do
+        if [[ -n $proc ]] && ! alive "$proc"; then fail "$proc exited before creating $path"; fi
+        ((SECONDS < deadline)) || fail "timed out after ${secs}s waiting for socket $path"
+        sleep 0.1
+    done
+}
+
+# wait_for_log FILE REGEX SECONDS [PROCESS]: a line of FILE matches (grep -E).
+wait_for_log() {
+    local file=$1 re=$2 secs=$3 proc=${4:-} deadline=$((SECONDS + $3))
+    until grep -qaE "$re" "$file" 2>/dev/null; do
+        if [[ -n $proc ]] && ! alive "$proc"; then fail "$proc exited before '$re' appeared in ${file##*/}"; fi
+        ((SECONDS < deadline)) || fail "timed out after ${secs}s waiting for '$re' in ${file##*/}"
+        sleep 0.1
+    done
+}
+
+# --- vdpad ---------------------------------------------------------------------------------
+resolve_bins() {
+    if [[ -z ${VDPAD:-} || -z ${VDPACTL:-} ]]; then
+        local bin
+        bin=$(cd "$REPO_ROOT" && timeout 600 swift build --show-bin-path 2>/dev/null) ||
+            fail "swift build --show-bin-path failed (set VDPAD and VDPACTL)"
+        VDPAD=${VDPAD:-$bin/vdpad}
+        VDPACTL=${VDPACTL:-$bin/vdpactl}
+    fi
+    [[ -x $VDPAD ]] || fail "vdpad not built: no executable at $VDPAD (swift build)"
+    [[ -x $VDPACTL ]] || fail "vdpactl not built: no executable at $VDPACTL (swift build)"
+}
+
+CONTROL=
+# start_vdpad ARGS...: vdpad with a control socket in $TMP; waits for the control socket.
+start_vdpad() {
+    resolve_bins
+    CONTROL=$TMP/control.sock
+    spawn vdpad "$VDPAD" --control "$CONTROL" --log-level "${VDPA_LOG_LEVEL:-debug}" "$@"
+    wait_for_socket "$CONTROL" 20 vdpad
+}
+
+# vdpa_status: the JSON of `vdpactl status --json` on stdout (non-zero if vdpactl failed).
+vdpa_status() {
+    timeout 5 "$VDPACTL" --control "$CONTROL" status --json
+}
+
+# wait_status SECONDS CHECK-STATUS-ARGS...: poll vdpactl status until check-status.py
+# accepts it. STATUS_SUMMARY holds its summary afterwards. Fails the test on timeout with
+# the last reason, or at once if vdpad died.
+STATUS_SUMMARY=
+wait_status() {
+    local secs=$1; shift
+    local deadline=$((SECONDS + secs)) json reason
+    while :; do
+        if json=$(vdpa_status 2>"$TMP/vdpactl.err"); then
+            if reason=$(printf '%s' "$json" | python3 "$CHECK_STATUS" "$@" 2>&1); then
+                STATUS_SUMMARY=$reason
+                log "status ok: $reason"
+                return 0
+            fi
+        else
+            reason="vdpactl status failed: $(head -c 300 "$TMP/vdpactl.err")"
+        fi
+        alive vdpad || fail "vdpad exited; last status check: $reason"
+        if ((SECONDS >= deadline)); then
+            printf '%s\n' "$json" > "$TMP/last-status.log"
+            fail "status not as expected after ${secs}s: $reason"
+        fi
+        sleep 0.2
+    done
+}
+
+# --- DPDK testpmd --------------------------------------------------------------------------
+TESTPMD=${TESTPMD:-dpdk-testpmd}
+
+# start_testpmd_frontend NAME SOCKET [QUEUES]: testpmd with a virtio-user port (a vhost-user
+# frontend) connecting to SOCKET. Main lcore 1, so a DPDK backend on main lcore 0 does not
+# share its forwarding core.
+start_testpmd_frontend() {
+    local name=$1 sock=$2 queues=${3:-1} prefix=vu-$$-$1
+    DPDK_PREFIXES+=("$prefix")
+    spawn "$name" "$TESTPMD" -l 0-1 --main-lcore 1 --no-huge -m 1024 --no-pci \
+        --file-prefix="$prefix" --vdev "net_virtio_user0,path=$sock,queues=$queues" -- \
+        --no-mlockall --forward-mode=io -a --total-num-mbufs=16384 --stats-period 1
+}
+
+# start_testpmd_vhost NAME SOCKET [client]: testpmd with a vhost-user backend port (DPDK's
+# vhost PMD), frames looped back to the frontend (io forwarding, loop topology).
+start_testpmd_vhost() {
+    local name=$1 sock=$2 client=${3:+,client=1} prefix=vh-$$-$1
+    DPDK_PREFIXES+=("$prefix")
+    spawn "$name" "$TESTPMD" -l 0-1 --main-lcore 0 --no-huge -m 1024 --no-pci \
+        --file-prefix="$prefix" --vdev "net_vhost0,iface=$sock,queues=1$client" -- \
+        --no-mlockall --forward-mode=io --port-topology=loop -a --total-num-mbufs=16384 \
+        --stats-period 1
+}
+
+# --- QEMU ----------------------------------------------------------------------------------
+# start_qemu NAME RUN-QEMU-ARGS...: the guest, with its serial log $TMP/NAME.serial.log, HMP
+# monitor $TMP/NAME.mon, command channel $TMP/NAME.cmd and RAM in a unique /dev/shm file.
+# QEMU's own stderr goes to $TMP/NAME.log.
+start_qemu() {
+    local name=$1; shift
+    shm_file "$name"
+    spawn "$name" "$GUEST_DIR/run-qemu" --name "$name" --shm "$SHM" \
+        --serial-log "$TMP/$name.serial.log" --monitor "$TMP/$name.mon" \
+        --cmd-sock "$TMP/$name.cmd" "$@"
+}
+
+# wait_guest NAME SECONDS: the guest's eth0 is up (marker on its console).
+wait_guest() {
+    wait_for_log "$TMP/$1.serial.log" '^VDPA-GUEST: eth0 up' "$2" "$1"
+    log "$1: $(grep -a '^VDPA-GUEST: eth0 up' "$TMP/$1.serial.log")"
+}
+
+# monitor NAME COMMAND: send an HMP command to QEMU's monitor, print the reply.
+monitor() {
+    timeout 10 python3 - "$TMP/$1.mon" "$2" <<'EOF'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(2)
+def read_prompt():
+    buf = b""
+    while not buf.endswith(b"(qemu) "):
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+read_prompt()
+s.sendall(sys.argv[2].encode() + b"\n")
+out = read_prompt().decode(errors="replace")
+lines = [l for l in out.replace("\r", "").split("\n") if "(qemu)" not in l and "\x1b" not in l]
+print("\n".join(lines).strip())
+EOF
+}
+
+# stop_qemu NAME: "quit" on the monitor (QEMU stops the vhost-user device properly), then
+# wait; stop() signals it if it does not exit.
+stop_qemu() {
+    alive "$1" || return 0
+    monitor "$1" quit >/dev/null 2>&1 || true
+    stop "$1" TERM 10 || true
+}
+
+# guest_exec NAME COMMAND: run a shell command in the guest (scripts/guest/guest-exec).
+guest_exec() {
+    local name=$1; shift
+    "$GUEST_DIR/guest-exec" --timeout 20 --serial-log "$TMP/$name.serial.log" "$TMP/$name.cmd" "$@"
+}
+
+# Guest files are there? (scripts/install-deps makes them.)
+require_guest() {
+    local cache=${VDPA_CACHE:-${HOME:-/root}/.cache/swift-vdpa}
+    [[ -r $cache/guest/vmlinuz && -r $cache/guest/initramfs.cpio.gz ]] ||
+        fail "no guest kernel/initramfs in $cache/guest: run scripts/install-deps"
+    command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 missing: run scripts/install-deps"
+}
+
+require_testpmd() {
+    command -v "$TESTPMD" >/dev/null || fail "$TESTPMD missing: run scripts/install-deps"
+}
