@@ -63,7 +63,7 @@ final class DMAEngine: @unchecked Sendable {
     static let wireToken: UInt64 = 2
     static let kickTokenBase: UInt64 = 16
 
-    init(portID: String, link: LinkSpec, ringCount: Int, macOwn: UInt64, macGuest: UInt64, stats: [QueueStats], logger: Logger) throws {
+    init(portID: String, link: LinkSpec, ringCount: Int, macOwn: UInt64, macGuest: UInt64, stats: [QueueCounterSet], logger: Logger) throws {
         self.portID = portID
         self.link = link
         self.logger = logger

@@ -6,7 +6,7 @@ import Virtio
 final class EngineRing {
     let index: Int
     let isRX: Bool
-    let stats: QueueStats
+    let stats: QueueCounterSet
     var config: VDPARingConfig?
     var enabled = false
     var failure: String?
@@ -24,7 +24,7 @@ final class EngineRing {
     var callFD: Int32 = -1
     var notificationsEnabled = true
 
-    init(index: Int, stats: QueueStats) {
+    init(index: Int, stats: QueueCounterSet) {
         self.index = index
         isRX = index % 2 == 0
         self.stats = stats

@@ -17,7 +17,7 @@ public enum DropReason: Int, CaseIterable, Sendable {
 
 /// One queue's counters. The DMA engine adds to them once per batch (relaxed: they are
 /// statistics, read by the control thread without ordering needs).
-public final class QueueStats: Sendable {
+public final class QueueCounterSet: Sendable {
     public let index: Int
     let packets = Atomic<UInt64>(0)
     let bytes = Atomic<UInt64>(0)

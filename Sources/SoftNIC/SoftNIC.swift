@@ -17,7 +17,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     public let mac: UInt64
     public let guestMAC: UInt64?
     private let engine: DMAEngine
-    private let stats: [QueueStats]
+    private let stats: [QueueCounterSet]
 
     /// The virtio-net features the device implements.
     public static let deviceFeatures: UInt64 =
@@ -37,7 +37,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         for b in portID.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
         mac = (0x02 << 40) | (h & 0xff_ffff_ffff)
         self.guestMAC = guestMAC.map(Frames.pack)
-        stats = (0..<(queuePairs * 2)).map { QueueStats(index: $0) }
+        stats = (0..<(queuePairs * 2)).map { QueueCounterSet(index: $0) }
         engine = try DMAEngine(portID: portID, link: link, ringCount: queuePairs * 2, macOwn: mac,
                                macGuest: self.guestMAC ?? Frames.broadcast, stats: stats, logger: logger)
         engine.sourceEpoch = UInt64(UInt16.random(in: 0...UInt16.max))

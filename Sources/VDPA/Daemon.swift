@@ -10,7 +10,10 @@ public final class Daemon: Sendable {
     private let control = Mutex<ControlServer?>(nil)
     private let logger: Logger
 
-    public init(specs: [PortSpec], controlPath: String?, logger: Logger) throws {
+    public typealias DeviceFactory = (PortSpec) throws -> (any VDPADevice)?
+
+    /// `makeDevice` creates each port's device (nil: a port with no device, control path only).
+    public init(specs: [PortSpec], controlPath: String?, logger: Logger, makeDevice: DeviceFactory = { _ in nil }) throws {
         var seenIDs = Set<String>()
         var seenPaths = Set<String>()
         for s in specs {
@@ -19,7 +22,14 @@ public final class Daemon: Sendable {
                 throw PortSpec.ParseError(message: "two ports use the socket \(s.socketPath)")
             }
         }
-        ports = try specs.map { try Port(spec: $0, logger: logger) }
+        var made: [Port] = []
+        do {
+            for s in specs { made.append(try Port(spec: s, device: try makeDevice(s), logger: logger)) }
+        } catch {
+            for p in made { p.device?.close() }
+            throw error
+        }
+        ports = made
         self.controlPath = controlPath
         self.logger = logger
     }
@@ -57,12 +67,27 @@ public final class Daemon: Sendable {
         DaemonStatus(ok: true, ports: ports.map(\.status))
     }
 
+    public func stats() -> DaemonStats {
+        DaemonStats(ok: true, ports: ports.map { p in
+            let st = p.status
+            let counters = p.device?.counters() ?? []
+            return PortStats(id: p.spec.id, device: st.device, queues: counters.map { c in
+                QueueStats(index: c.index, direction: c.index % 2 == 0 ? "rx" : "tx",
+                           mode: st.queues.indices.contains(c.index) && st.queues[c.index].started ? st.queues[c.index].mode : "stopped",
+                           packets: c.packets, bytes: c.bytes, drops: c.drops, faults: c.faults, error: c.error,
+                           interrupts: c.interrupts, doorbells: c.doorbells)
+            })
+        })
+    }
+
     func handleControl(_ req: ControlRequest) -> Data {
         switch req.command {
         case "status":
             return ControlServer.encode(status())
+        case "stats":
+            return ControlServer.encode(stats())
         default:
-            return ControlServer.encode(ControlErrorReply(ok: false, error: "unknown command '\(req.command)'; known: status"))
+            return ControlServer.encode(ControlErrorReply(ok: false, error: "unknown command '\(req.command)'; known: status, stats"))
         }
     }
 }

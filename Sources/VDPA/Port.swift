@@ -5,12 +5,14 @@ import Logging
 import Platform
 import Synchronization
 import VhostUser
+import Virtio
 
 /// A port binds one vhost-user socket to one device instance. Each port runs its own thread, so
 /// a frontend that misbehaves (or stalls mid-message) affects only its own port.
 public final class Port: Sendable {
     public let spec: PortSpec
     public let config: BackendConfig
+    public let device: (any VDPADevice)?
     private let logger: Logger
     private let state: Mutex<PortStatus>
     private let wake: SharedFD
@@ -19,13 +21,21 @@ public final class Port: Sendable {
     /// How long a frontend may take to send the rest of a message it started.
     static let messageTimeoutSeconds = 5
 
-    public init(spec: PortSpec, logger: Logger) throws(SystemError) {
+    public init(spec: PortSpec, device: (any VDPADevice)?, logger: Logger) throws(SystemError) {
         self.spec = spec
-        config = BackendConfig(queuePairs: spec.queuePairs)
+        self.device = device
+        if let device {
+            config = BackendConfig(queuePairs: spec.queuePairs,
+                                   virtioFeatures: device.virtioFeatures | VirtioFeature.vhostLogAll | VirtioFeature.vhostUserProtocolFeatures)
+        } else {
+            config = BackendConfig(queuePairs: spec.queuePairs)
+        }
         var l = logger
         l[metadataKey: "port"] = "\(spec.id)"
         self.logger = l
-        state = Mutex(PortStatus(spec: spec, config: config))
+        var initial = PortStatus(spec: spec, config: config)
+        if let device { initial.device = device.summary }
+        state = Mutex(initial)
         wake = SharedFD(try EventFD.make())
     }
 
@@ -79,6 +89,7 @@ public final class Port: Sendable {
             return
         }
         let reader = MessageReader()
+        let binding = device.map { DeviceBinding(device: $0, logger: logger) }
         var connection: SharedFD?
         var session: BackendSession?
         var backoffMillis: Int32 = 0
@@ -94,6 +105,7 @@ public final class Port: Sendable {
             }
             connection = shared
             session = BackendSession(config: config, logger: logger)
+            session?.hooks = binding
             state.withLock {
                 $0.connection = "connected"
                 $0.connections += 1
@@ -137,7 +149,11 @@ public final class Port: Sendable {
                     fds.closeAll()
                 }
                 // Status first: once the frontend has its reply, status must already show the change.
-                state.withLock { $0.update(from: s) }
+                let dev = device
+                state.withLock {
+                    $0.update(from: s)
+                    if let dev { for i in $0.queues.indices where $0.queues[i].started { $0.queues[i].mode = dev.mode(ofRing: i) } }
+                }
                 if let reply {
                     try c.withFD { fd throws(SocketError) in try UnixSocket.send(fd, reply) }
                 }
@@ -200,6 +216,7 @@ public final class Port: Sendable {
         }
         if connection != nil { detach(reason: "daemon stopping", isError: false) }
         if listener != nil { unlink(spec.socketPath) }
+        device?.close()
         state.withLock { $0.connection = "closed" }
         logger.info("port closed")
     }

@@ -1,17 +1,23 @@
-/// One `--port` option: `socket=PATH[,id=NAME][,client][,queues=N]`.
+/// One `--port` option: `socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client]`.
 public struct PortSpec: Equatable, Sendable {
     public var id: String
     public var socketPath: String
     public var client: Bool
     public var queuePairs: Int
+    /// The host link, as given to `link=` (the device parses it).
+    public var link: String
+    /// The guest's MAC (`mac=`), used as the destination of generated frames.
+    public var mac: [UInt8]?
 
     public static let maxQueuePairs = 64
 
-    public init(id: String, socketPath: String, client: Bool = false, queuePairs: Int = 1) {
+    public init(id: String, socketPath: String, client: Bool = false, queuePairs: Int = 1, link: String = "loopback", mac: [UInt8]? = nil) {
         self.id = id
         self.socketPath = socketPath
         self.client = client
         self.queuePairs = queuePairs
+        self.link = link
+        self.mac = mac
     }
 
     public struct ParseError: Error, CustomStringConvertible, Equatable {
@@ -26,6 +32,8 @@ public struct PortSpec: Equatable, Sendable {
         var socket: String?
         var client = false
         var queues = 1
+        var link = "loopback"
+        var mac: [UInt8]?
         for item in text.split(separator: ",", omittingEmptySubsequences: false) {
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             let key = String(parts[0])
@@ -38,6 +46,15 @@ public struct PortSpec: Equatable, Sendable {
                     throw ParseError(message: "--port \(text): id '\(v)' must be 1-64 letters, digits, '-', '_' or '.'")
                 }
                 id = v
+            case ("link", let v?) where !v.isEmpty:
+                link = v
+            case ("mac", let v?):
+                let parts = v.split(separator: ":", omittingEmptySubsequences: false)
+                let bytes = parts.compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
+                guard parts.count == 6, bytes.count == 6, bytes[0] & 1 == 0 else {
+                    throw ParseError(message: "--port \(text): mac=\(v) must be a unicast MAC like 52:54:00:12:34:56")
+                }
+                mac = bytes
             case ("client", nil):
                 client = true
             case ("queues", let v?):
@@ -51,10 +68,10 @@ public struct PortSpec: Equatable, Sendable {
                 if socket != nil && value == nil {
                     throw ParseError(message: "--port \(text): unknown option '\(key)' (socket paths containing ',' are not supported)")
                 }
-                throw ParseError(message: "--port \(text): unknown or malformed option '\(item)'; expected socket=PATH[,id=NAME][,client][,queues=N]")
+                throw ParseError(message: "--port \(text): unknown or malformed option '\(item)'; expected socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client]")
             }
         }
         guard let socket else { throw ParseError(message: "--port \(text): socket=PATH is required") }
-        return PortSpec(id: id ?? defaultID, socketPath: socket, client: client, queuePairs: queues)
+        return PortSpec(id: id ?? defaultID, socketPath: socket, client: client, queuePairs: queues, link: link, mac: mac)
     }
 }

@@ -106,8 +106,36 @@ extension PortStatus {
 
     /// Clears the session-derived fields after a disconnect.
     mutating func clearSession(config: BackendConfig) {
-        let keep = (connections, rejectedConnections, lastError, connection)
+        let keep = (connections, rejectedConnections, lastError, connection, device)
         self = PortStatus(spec: PortSpec(id: id, socketPath: socket, client: role == "client", queuePairs: config.queuePairs), config: config)
-        (connections, rejectedConnections, lastError, connection) = keep
+        features.offered = hex(config.virtioFeatures)
+        (connections, rejectedConnections, lastError, connection, device) = keep
     }
+}
+
+/// The JSON the control socket answers to `stats` (docs/CONTROL.md).
+public struct DaemonStats: Codable, Sendable, Equatable {
+    public var ok: Bool
+    public var ports: [PortStats]
+}
+
+public struct PortStats: Codable, Sendable, Equatable {
+    public var id: String
+    public var device: String
+    public var queues: [QueueStats]
+}
+
+public struct QueueStats: Codable, Sendable, Equatable {
+    public var index: Int
+    /// "rx" (device to guest, even rings) or "tx" (guest to device, odd rings).
+    public var direction: String
+    /// "direct" or "relay" while the ring runs, "stopped" otherwise.
+    public var mode: String
+    public var packets: UInt64
+    public var bytes: UInt64
+    public var drops: [String: UInt64]
+    public var faults: UInt64
+    public var error: String?
+    public var interrupts: UInt64
+    public var doorbells: UInt64
 }

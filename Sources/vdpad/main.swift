@@ -4,6 +4,7 @@ import Glibc
 import ArgumentParser
 import Logging
 import Platform
+import SoftNIC
 import VDPA
 
 @main
@@ -12,13 +13,17 @@ struct Vdpad: ParsableCommand {
         commandName: "vdpad",
         abstract: "vhost-user backend daemon that hands the virtio-net data path to a vDPA device.",
         discussion: """
-        Each --port binds one vhost-user socket: socket=PATH[,id=NAME][,client][,queues=N]
+        Each --port binds one vhost-user socket to one software vDPA NIC:
+          socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client]
           socket=PATH  the vhost-user socket (paths containing ',' are not supported)
           id=NAME      port name (default vdpa0, vdpa1, ... in order)
-          client       connect to the frontend's socket (reconnecting with backoff) instead of listening
+          link=LINK    loopback (default) | sink | source[:size=BYTES][:rate=PPS] | tap[:ifname=IF] | wire:ID
           queues=N     queue pairs (default 1)
-        With no --port: one port vdpa0 at /run/vdpad/vdpa0.sock.
-        Status: no device serves the rings yet; ports negotiate and hold the control state only.
+          mac=MAC      the guest's MAC: destination of frames the source link generates
+          client       connect to the frontend's socket (reconnecting with backoff) instead of listening
+        With no --port: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
+        Not implemented yet: the migration relay. Dirty logging (LOG_ALL) is accepted but the
+        device's writes are not logged; the daemon says so loudly when a frontend turns it on.
         """)
 
     @Option(name: .customLong("port"), help: "A vhost-user port (repeatable).")
@@ -70,14 +75,25 @@ struct Vdpad: ParsableCommand {
         }
 
         let signalFD = try SignalNotifier.install([SIGTERM, SIGINT])
-        let daemon = try Daemon(specs: specs, controlPath: control, logger: logger)
+        for s in specs {
+            do { _ = try LinkSpec.parse(s.link) } catch { throw ValidationError("--port \(s.id): \(error)") }
+        }
+        let daemon: Daemon
+        do {
+            daemon = try Daemon(specs: specs, controlPath: control, logger: logger) { spec in
+                try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac,
+                            logger: logger)
+            }
+        } catch {
+            logger.critical("cannot create the ports' devices: \(error)")
+            throw ExitCode(1)
+        }
         do {
             try daemon.start(ownership: ownership)
         } catch {
             logger.critical("\(error)")
             throw ExitCode(1)
         }
-        logger.warning("no device serves the rings yet: ports negotiate with frontends, but no packets move")
         var pfd = pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)
         while poll(&pfd, 1, -1) < 1 {}
         logger.info("signal received; closing ports")
