@@ -37,6 +37,8 @@ final class DMAEngine: @unchecked Sendable {
     var active: [EngineRing] = []
 
     // Link state.
+    enum LinkKind { case consume, loopback, tap, wire }
+    let linkKind: LinkKind
     let macOwn: UInt64
     let macGuest: UInt64
     var tap: SharedFD?
@@ -58,6 +60,8 @@ final class DMAEngine: @unchecked Sendable {
     let epoll: Epoll
 
     static let batch = 256
+    /// How long the engine keeps polling after its last work before it sleeps.
+    static let pollNanos: UInt64 = 200_000
     static let wakeToken: UInt64 = 0
     static let tapToken: UInt64 = 1
     static let wireToken: UInt64 = 2
@@ -69,6 +73,12 @@ final class DMAEngine: @unchecked Sendable {
         self.logger = logger
         self.macOwn = macOwn
         self.macGuest = macGuest
+        switch link {
+        case .sink, .source: linkKind = .consume
+        case .loopback: linkKind = .loopback
+        case .tap: linkKind = .tap
+        case .wire: linkKind = .wire
+        }
         rings = (0..<ringCount).map { EngineRing(index: $0, stats: stats[$0]) }
         wake = SharedFD(try EventFD.make())
         epoll = try Epoll(capacity: 64)
@@ -199,6 +209,7 @@ final class DMAEngine: @unchecked Sendable {
 
     private func run() {
         var idle = 0
+        var idleSince: UInt64 = 0
         while !stopping {
             if pending.load(ordering: .acquiring) { drainMailbox(); continue }
             var work = 0
@@ -215,9 +226,11 @@ final class DMAEngine: @unchecked Sendable {
                 idle = 0
                 continue
             }
+            // Poll on for a while after the last work, as hardware queues would keep up with a
+            // busy driver; only a longer lull re-enables notifications and sleeps on the doorbells.
+            if idle == 0 { idleSince = cvdpa_monotonic_ns() }
             idle &+= 1
-            if idle < 64 { continue }
-            if idle < 128 { sched_yield(); continue }
+            if idle & 63 != 0 || cvdpa_monotonic_ns() &- idleSince < Self.pollNanos { continue }
             sleep()
             idle = 0
         }
@@ -275,47 +288,58 @@ final class DMAEngine: @unchecked Sendable {
     /// the link, completes the chain. Returns the number of chains.
     func serviceTX(_ r: EngineRing) -> Int {
         guard let q = r.queue else { return 0 }
+        // Ring state in locals for the loop: class property accesses cost exclusivity checks.
+        var lastAvail = r.lastAvail
+        var usedIdx = r.usedIdx
         let avail = q.loadAvailIndex()
-        let pending = avail &- r.lastAvail
+        let pending = avail &- lastAvail
         if pending == 0 { return 0 }
         if pending > q.size {
-            fault(r, "avail index jumped from \(r.lastAvail) to \(avail), more than the ring size \(q.size)")
+            fault(r, "avail index jumped from \(lastAvail) to \(avail), more than the ring size \(q.size)")
             return 0
         }
         let n = min(Int(pending), Self.batch)
-        let oldUsed = r.usedIdx
+        let kind = linkKind
         var packets: UInt64 = 0
         var bytes: UInt64 = 0
+        var runts: UInt64 = 0
+        var tooLarge: UInt64 = 0
         var done = 0
+        var faultText: String?
         while done < n {
-            let head = q.availHead(at: r.lastAvail)
+            let head = q.availHead(at: lastAvail)
             let length: Int
             do {
                 let chain = try r.walker.walk(head: head, queue: q, memory: view)
                 length = gather(chain)
             } catch {
-                fault(r, "TX chain at avail index \(r.lastAvail) (head \(head)): \(error)")
+                faultText = "TX chain at avail index \(lastAvail) (head \(head)): \(error)"
                 break
             }
             if length < 0 {
-                r.stats.drop(.frameTooLarge)
+                tooLarge &+= 1
             } else if length < 14 {
-                r.stats.drop(.runt)
+                runts &+= 1
             } else {
-                transmit(frameBuffer, length: length, from: r)
+                if kind != .consume { transmit(frameBuffer, length: length, from: r) }
                 packets &+= 1
                 bytes &+= UInt64(length)
             }
-            q.writeUsedElement(at: r.usedIdx, id: UInt32(head), length: 0)
-            r.usedIdx &+= 1
-            r.lastAvail &+= 1
+            q.writeUsedElement(at: usedIdx, id: UInt32(head), length: 0)
+            usedIdx &+= 1
+            lastAvail &+= 1
             done &+= 1
         }
-        if r.usedIdx != oldUsed { flush(r) }
+        r.lastAvail = lastAvail
+        r.usedIdx = usedIdx
+        flush(r)
         r.stats.add(packets: packets, bytes: bytes)
-        if case .wire = link, done > 0, let out = wireOut { EventFD.signal(out.wake.raw) }
+        if runts > 0 { r.stats.drop(.runt, runts) }
+        if tooLarge > 0 { r.stats.drop(.frameTooLarge, tooLarge) }
+        if kind == .wire, done > 0, let out = wireOut { EventFD.signal(out.wake.raw) }
         // Loopback frames went to the paired RX ring: publish them with this batch.
-        if case .loopback = link, r.index >= 1 { flush(rings[r.index - 1]) }
+        if kind == .loopback { flush(rings[r.index - 1]) }
+        if let faultText { fault(r, faultText) }
         return done
     }
 
@@ -343,13 +367,15 @@ final class DMAEngine: @unchecked Sendable {
     }
 
     func transmit(_ frame: UnsafeMutableRawPointer, length: Int, from r: EngineRing) {
-        switch link {
-        case .sink, .source:
-            break  // consumed and counted
+        switch linkKind {
+        case .consume:
+            break  // sink and source consume TX frames; they are counted by the caller
         case .loopback:
             let rx = rings[r.index - 1]
-            if !rx.running || !deliver(UnsafeRawPointer(frame), length: length, to: rx) {
-                if !rx.running { rx.stats.drop(.noBuffer) }
+            if rx.running {
+                deliver(UnsafeRawPointer(frame), length: length, to: rx)
+            } else {
+                rx.stats.drop(.noBuffer)
             }
         case .tap:
             guard let t = tap else { return }
@@ -367,23 +393,28 @@ final class DMAEngine: @unchecked Sendable {
     @discardableResult
     func deliver(_ frame: UnsafeRawPointer, length: Int, to r: EngineRing, countDrop: Bool = true) -> Bool {
         guard let q = r.queue else { r.stats.drop(.noBuffer); return false }
-        let needed = headerLength + length
-        var idx = r.lastAvail
+        let hdr = headerLength
+        let needed = hdr + length
+        let start = r.lastAvail
+        var availCache = r.availCache
+        var idx = start
         var used = r.usedIdx
         var written = 0
         var buffers: UInt16 = 0
         var numBuffersAt: UnsafeMutableRawPointer?
+        var problem: DropReason?
+        var faultText: String?
         while written < needed {
-            if idx == r.availCache {
+            if idx == availCache {
                 let a = q.loadAvailIndex()
-                if a &- r.lastAvail > q.size {
-                    fault(r, "avail index jumped from \(r.lastAvail) to \(a), more than the ring size \(q.size)")
-                    return false
+                if a &- start > q.size {
+                    faultText = "avail index jumped from \(start) to \(a), more than the ring size \(q.size)"
+                    break
                 }
-                r.availCache = a
+                availCache = a
                 if idx == a {
-                    if countDrop { r.stats.drop(.noBuffer) }
-                    return false
+                    problem = .noBuffer
+                    break
                 }
             }
             let head = q.availHead(at: idx)
@@ -395,48 +426,61 @@ final class DMAEngine: @unchecked Sendable {
                     var room = Int(seg.length)
                     if buffers == 0 && chainWritten == 0 {
                         // The header goes whole into the first writable buffer.
-                        guard room >= headerLength else {
-                            r.stats.drop(.bufferTooSmall)
-                            return false
-                        }
-                        dst.initializeMemory(as: UInt8.self, repeating: 0, count: headerLength)
+                        guard room >= hdr else { break }
+                        dst.initializeMemory(as: UInt8.self, repeating: 0, count: hdr)
                         numBuffersAt = dst + 10
-                        dst += headerLength
-                        room -= headerLength
-                        chainWritten = headerLength
-                        written = headerLength
+                        dst += hdr
+                        room -= hdr
+                        chainWritten = hdr
+                        written = hdr
                     }
                     let n = min(room, needed - written)
                     if n > 0 {
-                        dst.copyMemory(from: frame + (written - headerLength), byteCount: n)
+                        dst.copyMemory(from: frame + (written - hdr), byteCount: n)
                         written += n
                         chainWritten += n
                     }
                     if written == needed { break }
                 }
             } catch {
-                fault(r, "RX chain at avail index \(idx) (head \(head)): \(error)")
-                return false
+                faultText = "RX chain at avail index \(idx) (head \(head)): \(error)"
+                break
             }
             if chainWritten == 0 || (!mergeable && written < needed) {
-                r.stats.drop(.bufferTooSmall)
-                return false
+                problem = .bufferTooSmall
+                break
             }
             q.writeUsedElement(at: used, id: UInt32(head), length: UInt32(chainWritten))
             used &+= 1
             idx &+= 1
             buffers &+= 1
         }
+        r.availCache = availCache
+        if let faultText {
+            fault(r, faultText)
+            return false
+        }
+        if let problem {
+            // Nothing is consumed: the used entries written past usedIdx are not published.
+            if problem != .noBuffer || countDrop { r.stats.drop(problem) }
+            return false
+        }
         if mergeable, let p = numBuffersAt { p.storeBytes(of: buffers.littleEndian, as: UInt16.self) }
         r.lastAvail = idx
         r.usedIdx = used
-        r.stats.add(packets: 1, bytes: UInt64(length))
+        r.pendingPackets &+= 1
+        r.pendingBytes &+= UInt64(length)
         return true
     }
 
     /// Publishes written used entries and raises the interrupt if the driver wants one.
     @inline(__always)
     func flush(_ r: EngineRing) {
+        if r.pendingPackets > 0 {
+            r.stats.add(packets: r.pendingPackets, bytes: r.pendingBytes)
+            r.pendingPackets = 0
+            r.pendingBytes = 0
+        }
         guard let q = r.queue, r.usedIdx != r.publishedUsed else { return }
         let old = r.publishedUsed
         q.publishUsedIndex(r.usedIdx)

@@ -23,6 +23,9 @@ final class EngineRing {
     var call: SharedFD?
     var callFD: Int32 = -1
     var notificationsEnabled = true
+    /// RX counts not yet added to `stats` (added once per batch, in flush).
+    var pendingPackets: UInt64 = 0
+    var pendingBytes: UInt64 = 0
 
     init(index: Int, stats: QueueCounterSet) {
         self.index = index
