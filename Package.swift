@@ -28,8 +28,11 @@ let package = Package(
             .product(name: "Atomics", package: "swift-atomics"),
         ], swiftSettings: strict),
         .target(name: "VhostUserFrontend", dependencies: ["Platform", "Virtio", "VhostUser"], swiftSettings: strict),
+        .target(name: "Relay", dependencies: [
+            "Platform", "Virtio", "VhostUser", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
         .target(name: "VDPA", dependencies: [
-            "Platform", "Virtio", "VhostUser", .product(name: "Logging", package: "swift-log"),
+            "Platform", "Virtio", "VhostUser", "Relay", .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "SoftNIC", dependencies: [
             "Platform", "Virtio", "VhostUser", "VDPA", "CVDPAShims", .product(name: "Logging", package: "swift-log"),

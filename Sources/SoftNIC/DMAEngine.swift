@@ -165,8 +165,12 @@ final class DMAEngine: @unchecked Sendable {
         }
     }
 
+    var memoryTable = GuestMemoryTable.empty
+    var extraMappings: [UInt64: IOVAMapping] = [:]
+
     func setMemory(_ table: GuestMemoryTable) {
-        iommu = IOMMUTable(memory: table)
+        memoryTable = table
+        iommu = IOMMUTable(memory: table, extra: extraMappings.values.map { ($0.iova, $0.size, $0.host, $0.owner) })
         view = iommu.view
         for r in rings where r.config != nil && r.failure == nil { translate(r) }
         rebuildActive()
@@ -194,6 +198,35 @@ final class DMAEngine: @unchecked Sendable {
         rebuildActive()
     }
 
+    /// Suspends a ring between batches: what it wrote is published, it is served no more, and
+    /// its position is kept. Returns its used index.
+    func suspend(_ r: EngineRing) -> UInt16 {
+        flush(r)
+        r.suspended = true
+        rebuildActive()
+        return r.usedIdx
+    }
+
+    /// Points a suspended ring's used ring at `usedGPA` (an IOVA) and its interrupt at `call`.
+    func redirect(_ r: EngineRing, usedGPA: UInt64, call: SharedFD?, interruptEveryBatch: Bool) {
+        guard r.config != nil else { return }
+        r.config!.usedGPA = usedGPA
+        r.call = call
+        r.callFD = call?.raw ?? -1
+        r.interruptEveryBatch = interruptEveryBatch
+        translate(r)
+        // The new used ring carries the device's index from now on: seed it before resuming.
+        r.queue?.publishUsedIndex(r.usedIdx)
+        // The device's notification state lives in the used ring: write it into the new one.
+        r.queue?.disableNotifications(eventIdx: eventIdx)
+        r.notificationsEnabled = false
+    }
+
+    func resume(_ r: EngineRing) {
+        r.suspended = false
+        rebuildActive()
+    }
+
     func stopRingLocal(_ r: EngineRing) {
         flush(r)
         if let k = r.kick { epoll.remove(k.raw) }
@@ -202,6 +235,8 @@ final class DMAEngine: @unchecked Sendable {
         r.callFD = -1
         r.config = nil
         r.queue = nil
+        r.suspended = false
+        r.interruptEveryBatch = false
         rebuildActive()
     }
 
@@ -252,6 +287,8 @@ final class DMAEngine: @unchecked Sendable {
         if case .source(_, let rate) = link, rate > 0, hasRunningRX {
             timeout = 1
         }
+        // A ring the frontend asked us to poll (SET_VRING_KICK without an fd) has no doorbell.
+        if active.contains(where: { $0.kick == nil }) { timeout = 1 }
         if !raced {
             _ = try? epoll.wait(timeoutMillis: timeout) { ev in
                 if ev.token >= Self.kickTokenBase {
@@ -485,7 +522,7 @@ final class DMAEngine: @unchecked Sendable {
         let old = r.publishedUsed
         q.publishUsedIndex(r.usedIdx)
         r.publishedUsed = r.usedIdx
-        if r.callFD >= 0 && q.needsInterrupt(oldUsed: old, newUsed: r.usedIdx, eventIdx: eventIdx) {
+        if r.callFD >= 0 && (r.interruptEveryBatch || q.needsInterrupt(oldUsed: old, newUsed: r.usedIdx, eventIdx: eventIdx)) {
             EventFD.signal(r.callFD)
             r.stats.interrupts.wrappingAdd(1, ordering: .relaxed)
         }

@@ -8,7 +8,13 @@ final class EngineRing {
     let isRX: Bool
     let stats: QueueCounterSet
     var config: VDPARingConfig?
+    /// The ring's used ring in guest memory (where `redirect` returns it).
+    var guestUsedGPA: UInt64 = 0
     var enabled = false
+    /// Suspended by the framework (for a used-ring switch): not served, position kept.
+    var suspended = false
+    /// Raise the interrupt on every published batch (set while a relay consumes the interrupts).
+    var interruptEveryBatch = false
     var failure: String?
     var queue: SplitQueue?
     var walker: DescriptorChainWalker
@@ -34,5 +40,5 @@ final class EngineRing {
         walker = DescriptorChainWalker(capacity: 1, indirectAllowed: false)
     }
 
-    var running: Bool { queue != nil && enabled && failure == nil }
+    var running: Bool { queue != nil && enabled && !suspended && failure == nil }
 }

@@ -58,7 +58,9 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     }
 
     public func startRing(_ config: VDPARingConfig) {
+        modes.withLock { $0[config.index] = nil }
         engine.perform { e in
+            e.rings[config.index].guestUsedGPA = config.usedGPA
             if config.index % 2 == 0, case .source = e.link {
                 // Each start of the generator gets a new epoch: numbers never repeat.
                 e.sourceEpoch = (e.sourceEpoch &+ 1) & 0xFFFF
@@ -72,6 +74,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
 
     public func setRingEnabled(_ index: Int, _ enabled: Bool) {
         engine.perform { e in
+            if !enabled { e.flush(e.rings[index]) }
             e.rings[index].enabled = enabled
             e.rebuildActive()
         }
@@ -91,6 +94,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
             let r = e.rings[index]
             let at = r.lastAvail
             e.stopRingLocal(r)
+            e.rings[index].guestUsedGPA = 0
             result.withLock { $0 = at }
         }
         return result.withLock { $0 }
@@ -123,7 +127,41 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
 
     public func counters() -> [QueueCounters] { stats.map(\.snapshot) }
 
-    public func mode(ofRing index: Int) -> String { "direct" }
+    private let modes = Mutex<[Int: String]>([:])
+    public func mode(ofRing index: Int) -> String { modes.withLock { $0[index] } ?? "direct" }
+
+    public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?, interruptEveryBatch: Bool) -> UInt16 {
+        let result = Mutex<UInt16>(0)
+        engine.perform { e in
+            let r = e.rings[index]
+            let at = e.suspend(r)
+            if let mapping {
+                e.extraMappings[mapping.iova] = mapping
+                e.setMemory(e.memoryTable)
+            }
+            let target = usedIOVA ?? r.guestUsedGPA
+            e.redirect(r, usedGPA: target, call: call, interruptEveryBatch: interruptEveryBatch)
+            e.resume(r)
+            result.withLock { $0 = at }
+        }
+        modes.withLock { $0[index] = usedIOVA == nil ? "direct" : "relay" }
+        return result.withLock { $0 }
+    }
+
+    public func suspendRing(_ index: Int) -> UInt16 {
+        let result = Mutex<UInt16>(0)
+        engine.perform { e in
+            let at = e.suspend(e.rings[index])
+            result.withLock { $0 = at }
+        }
+        return result.withLock { $0 }
+    }
+
+    public func unmapIOVA(_ iova: UInt64) {
+        engine.perform { e in
+            if e.extraMappings.removeValue(forKey: iova) != nil { e.setMemory(e.memoryTable) }
+        }
+    }
 
     public func reset() {
         engine.perform { e in

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Platform
+import Relay
 import Synchronization
 
 /// The daemon: its ports and the control socket.
@@ -13,7 +14,8 @@ public final class Daemon: Sendable {
     public typealias DeviceFactory = (PortSpec) throws -> (any VDPADevice)?
 
     /// `makeDevice` creates each port's device (nil: a port with no device, control path only).
-    public init(specs: [PortSpec], controlPath: String?, logger: Logger, makeDevice: DeviceFactory = { _ in nil }) throws {
+    public init(specs: [PortSpec], controlPath: String?, logger: Logger, options: PortOptions = PortOptions(),
+                makeDevice: DeviceFactory = { _ in nil }) throws {
         var seenIDs = Set<String>()
         var seenPaths = Set<String>()
         for s in specs {
@@ -24,7 +26,7 @@ public final class Daemon: Sendable {
         }
         var made: [Port] = []
         do {
-            for s in specs { made.append(try Port(spec: s, device: try makeDevice(s), logger: logger)) }
+            for s in specs { made.append(try Port(spec: s, device: try makeDevice(s), options: options, logger: logger)) }
         } catch {
             for p in made { p.device?.close() }
             throw error
@@ -71,11 +73,24 @@ public final class Daemon: Sendable {
         DaemonStats(ok: true, ports: ports.map { p in
             let st = p.status
             let counters = p.device?.counters() ?? []
+            let mig = p.migration.snapshot
+            let relay = p.migration.relay.withLock { $0 }
+            let busy = relay?.busyNanos.load(ordering: .relaxed) ?? 0
+            let moved = relay?.busyElements.load(ordering: .relaxed) ?? 0
             return PortStats(id: p.spec.id, device: st.device, queues: counters.map { c in
-                QueueStats(index: c.index, direction: c.index % 2 == 0 ? "rx" : "tx",
-                           mode: st.queues.indices.contains(c.index) && st.queues[c.index].started ? st.queues[c.index].mode : "stopped",
+                let m = mig[c.index]
+                let running = st.queues.indices.contains(c.index) && st.queues[c.index].started
+                return QueueStats(index: c.index, direction: c.index % 2 == 0 ? "rx" : "tx",
+                           mode: running ? (p.device?.mode(ofRing: c.index) ?? "none") : "stopped",
                            packets: c.packets, bytes: c.bytes, drops: c.drops, faults: c.faults, error: c.error,
-                           interrupts: c.interrupts, doorbells: c.doorbells)
+                           interrupts: c.interrupts, doorbells: c.doorbells,
+                           relayed: m?.counters?.relayed.load(ordering: .relaxed) ?? 0,
+                           pagesMarked: m?.counters?.pagesMarked.load(ordering: .relaxed) ?? 0,
+                           switchovers: m?.switchovers ?? 0, lastSwitchoverGapMicros: m?.lastSwitchoverGapMicros ?? 0)
+            }, relay: relay.map { r in
+                RelayStats(loop: r.mode.rawValue, cpuMillis: r.cpuNanos.load(ordering: .relaxed) / 1_000_000,
+                           busyNanos: busy, busyElements: moved,
+                           busyNanosPerElement: moved > 0 ? Double(busy) / Double(moved) : 0)
             })
         })
     }

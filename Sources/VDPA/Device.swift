@@ -24,6 +24,18 @@ public struct VDPARingConfig: Sendable {
     }
 }
 
+/// A range of daemon memory mapped into a device's IOMMU (the relay's mediated rings).
+public struct IOVAMapping: @unchecked Sendable {
+    // @unchecked Sendable: `host` stays valid while `owner` is alive; the mapping holds `owner`.
+    public var iova: UInt64
+    public var size: UInt64
+    public var host: UnsafeMutableRawPointer
+    public var owner: AnyObject
+    public init(iova: UInt64, size: UInt64, host: UnsafeMutableRawPointer, owner: AnyObject) {
+        self.iova = iova; self.size = size; self.host = host; self.owner = owner
+    }
+}
+
 /// Per-queue counters a device reports.
 public struct QueueCounters: Codable, Sendable, Equatable {
     public var index: Int
@@ -63,6 +75,19 @@ public protocol VDPADevice: AnyObject, Sendable {
     /// Stops a ring: the device completes what it took, touches the ring no more, and returns
     /// the next avail index (GET_VRING_BASE's answer).
     func stopRing(_ index: Int) -> UInt16
+    // MARK: what the relay needs (no reset: suspend, move the used ring, resume)
+
+    /// Suspends ring `index` between batches (what it completed is published where its used ring
+    /// currently is), maps `mapping` in the IOMMU, points the ring's used ring at `usedIOVA` and
+    /// its interrupts at `call` (raised for every completed batch when `interruptEveryBatch`),
+    /// and resumes it. Returns the used index at the switch. `usedIOVA` nil = back to the ring's
+    /// own used ring in guest memory. Never resets the device.
+    func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?, interruptEveryBatch: Bool) -> UInt16
+    /// Suspends ring `index` (completed work published) and returns its used index.
+    func suspendRing(_ index: Int) -> UInt16
+    /// Removes an IOMMU mapping made by `redirectUsedRing`.
+    func unmapIOVA(_ iova: UInt64)
+
     /// SEND_RARP: announce `mac` on the device's link. False if it cannot.
     func sendRARP(mac: [UInt8]) -> Bool
     /// Per-queue counters.

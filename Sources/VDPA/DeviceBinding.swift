@@ -1,35 +1,103 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CVDPAShims
 import Logging
 import Platform
+import Relay
+import Synchronization
 import VhostUser
+import Virtio
 
-/// Drives a vDPA device from a vhost-user session's events. Lives on the port's thread; every
-/// hook finishes (the device has applied the change) before the message is answered.
+/// Per-ring migration figures the port reports (stats JSON).
+public struct RingMigrationStats: Sendable, Equatable {
+    public var switchovers = 0
+    public var lastSwitchoverGapMicros: UInt64 = 0
+    public var counters: RelayCounters?
+    public static func == (a: Self, b: Self) -> Bool {
+        a.switchovers == b.switchovers && a.lastSwitchoverGapMicros == b.lastSwitchoverGapMicros && a.counters === b.counters
+    }
+}
+
+/// The per-ring migration figures, shared between the port thread and the control thread.
+public final class MigrationStatsTable: Sendable {
+    let table = Mutex<[Int: RingMigrationStats]>([:])
+    /// The port's relay thread, once one exists (for its CPU figures).
+    public let relay = Mutex<RelayEngine?>(nil)
+    public init() {}
+    public func withLock<R>(_ body: (inout [Int: RingMigrationStats]) -> R) -> R { table.withLock { body(&$0) } }
+    public var snapshot: [Int: RingMigrationStats] { table.withLock { $0 } }
+}
+
+/// Drives a vDPA device from a vhost-user session's events, and switches rings between the
+/// direct path and the relay when dirty logging starts and stops. Lives on the port's thread;
+/// every hook finishes (the device and relay have applied the change) before the message that
+/// caused it is answered.
 final class DeviceBinding: VhostUserDeviceHooks {
     let device: any VDPADevice
     let logger: Logger
+    let relayMode: RelayLoopMode
+    let portID: String
+    let migration: MigrationStatsTable
+    let testSwitches: TestSwitches
     private var started: Set<Int> = []
+    private(set) var relay: RelayEngine?
+    private var relayed: [Int: MediatedUsedRing] = [:]
 
-    init(device: any VDPADevice, logger: Logger) {
+    init(device: any VDPADevice, portID: String, relayMode: RelayLoopMode, migration: MigrationStatsTable,
+         testSwitches: TestSwitches, logger: Logger) {
         self.device = device
+        self.portID = portID
+        self.relayMode = relayMode
+        self.migration = migration
+        self.testSwitches = testSwitches
         self.logger = logger
     }
 
+    deinit { relay?.stop() }
+
     func memoryTableChanged(_ session: BackendSession) {
         device.setMemoryTable(session.memory.current())
+        relay?.setMemory(session.memory.current())
+    }
+
+    func ringConfig(_ session: BackendSession, _ index: Int, enabled: Bool) -> VDPARingConfig {
+        let v = session.vrings[index]
+        return VDPARingConfig(index: index, size: UInt16(truncatingIfNeeded: v.size), descGPA: v.descGPA, availGPA: v.availGPA,
+                              usedGPA: v.usedGPA, base: UInt16(truncatingIfNeeded: v.base), kick: v.kick, call: v.call,
+                              enabled: enabled)
     }
 
     func vringStarted(_ session: BackendSession, index: Int) {
-        let v = session.vrings[index]
         device.setMemoryTable(session.memory.current())
-        device.startRing(VDPARingConfig(index: index, size: UInt16(truncatingIfNeeded: v.size), descGPA: v.descGPA, availGPA: v.availGPA,
-                                        usedGPA: v.usedGPA, base: UInt16(truncatingIfNeeded: v.base), kick: v.kick, call: v.call,
-                                        enabled: v.enabled))
-        started.insert(index)
+        if session.logAllEnabled && index % 2 == 0 && session.log != nil {
+            // A ring started while logging is on starts in relay mode: it is held disabled until
+            // its used ring points at the mediated ring, so no completion escapes the relay.
+            device.startRing(ringConfig(session, index, enabled: false))
+            started.insert(index)
+            switchToRelay(session, index)
+            device.setRingEnabled(index, session.vrings[index].enabled)
+        } else {
+            device.startRing(ringConfig(session, index, enabled: session.vrings[index].enabled))
+            started.insert(index)
+        }
     }
 
     func vringStopping(_ session: BackendSession, index: Int) -> UInt32? {
         guard started.remove(index) != nil else { return nil }
-        return UInt32(device.stopRing(index))
+        let base = device.stopRing(index)
+        if let mediated = relayed.removeValue(forKey: index) {
+            // The device completed what it took into the mediated ring: relay the rest, mark the
+            // whole used ring, and stop touching this ring.
+            relay?.detach(index)
+            device.unmapIOVA(MediatedUsedRing.iova(forRing: index))
+            _ = mediated
+        } else if session.logAllEnabled, let log = session.log {
+            // A ring kept direct while logging (TX: the device only writes its used ring there):
+            // its whole used ring is marked now, so the final log is complete.
+            log.mark(gpa: usedLogGPA(session, index), length: UInt64(6 + 8 * Int(session.vrings[index].size)))
+        }
+        return UInt32(base)
     }
 
     func vringEnableChanged(_ session: BackendSession, index: Int, enabled: Bool) {
@@ -37,21 +105,34 @@ final class DeviceBinding: VhostUserDeviceHooks {
     }
 
     func vringCallChanged(_ session: BackendSession, index: Int) {
-        if started.contains(index) { device.setRingCall(index, session.vrings[index].call) }
+        guard started.contains(index) else { return }
+        if relayed[index] != nil {
+            relay?.setGuestCall(index, session.vrings[index].call)
+        } else {
+            device.setRingCall(index, session.vrings[index].call)
+        }
     }
 
     func featuresChanged(_ session: BackendSession) {
         device.setFeatures(session.ackedFeatures)
         for i in started { device.setRingEnabled(i, session.vrings[i].enabled) }
         if session.logAllEnabled {
-            logger.error("""
-                dirty logging (VHOST_F_LOG_ALL) is on, but the migration relay is NOT IMPLEMENTED yet: \
-                the device's writes to guest memory are not logged, so a live migration now can lose data
-                """)
+            guard session.log != nil else {
+                logger.error("LOG_ALL set before SET_LOG_BASE: no log to mark; rings stay direct")
+                return
+            }
+            for i in started.sorted() where i % 2 == 0 && relayed[i] == nil { switchToRelay(session, i) }
+        } else {
+            for i in relayed.keys.sorted() { switchToDirect(session, i) }
         }
     }
 
-    func logChanged(_ session: BackendSession) {}
+    func logChanged(_ session: BackendSession) {
+        // A new log (QEMU resizes it when memory grows, then frees the old one right after our
+        // reply) takes over all marking before this returns.
+        relay?.setLog(session.log)
+        for i in relayed.keys { relay?.setUsedLogAddress(i, usedLogGPA(session, i)) }
+    }
 
     func sendRARP(_ session: BackendSession, mac: [UInt8]) -> Bool {
         device.sendRARP(mac: mac)
@@ -60,7 +141,97 @@ final class DeviceBinding: VhostUserDeviceHooks {
     func statusChanged(_ session: BackendSession) {}
 
     func reset(_ session: BackendSession) {
+        for i in relayed.keys {
+            relay?.detach(i)
+            device.unmapIOVA(MediatedUsedRing.iova(forRing: i))
+        }
+        relayed.removeAll()
         started.removeAll()
         device.reset()
+    }
+
+    // MARK: switchover
+
+    func usedLogGPA(_ session: BackendSession, _ i: Int) -> UInt64 {
+        let v = session.vrings[i]
+        if let a = v.address, a.flags & VringAddress.logFlag != 0 { return a.logGuestAddr }
+        return v.usedGPA
+    }
+
+    /// Direct → relay, without a reset: suspend the ring, point its used ring at a mediated ring
+    /// in the reserved IOVA range and its interrupt at the relay, resume; then the relay takes
+    /// over from the index the device had reached.
+    func switchToRelay(_ session: BackendSession, _ i: Int) {
+        let v = session.vrings[i]
+        let t0 = cvdpa_monotonic_ns()
+        do {
+            if relay == nil {
+                relay = try RelayEngine(mode: relayMode, name: portID, logger: logger)
+                let r = relay
+                migration.relay.withLock { $0 = r }
+                relay?.setTestSwitches(skipBufferMarking: testSwitches.skipBufferMarking, journal: testSwitches.journal)
+            }
+            guard let relay else { return }
+            relay.setLog(session.log)
+            relay.setMemory(session.memory.current())
+            let size = UInt16(truncatingIfNeeded: v.size)
+            let mediated = try MediatedUsedRing(size: size)
+            if let table = session.memory.current().hostPointer(gpa: v.usedGPA, length: UInt64(6 + 8 * Int(size))) {
+                // Seed the device's notification state (flags, avail_event) from the guest's ring.
+                mediated.base.copyMemory(from: table, byteCount: 6 + 8 * Int(size))
+            }
+            let deviceCall = SharedFD(try EventFD.make())
+            let counters = RelayCounters()
+            let iova = MediatedUsedRing.iova(forRing: i)
+            let at = device.redirectUsedRing(i, usedIOVA: iova,
+                                             mapping: IOVAMapping(iova: iova, size: UInt64(mediated.byteCount), host: mediated.base, owner: mediated),
+                                             call: deviceCall, interruptEveryBatch: true)
+            let features = session.ackedFeatures
+            relay.attach(RelayRingConfig(index: i, size: size, descGPA: v.descGPA, availGPA: v.availGPA, usedGPA: v.usedGPA,
+                                         usedLogGPA: usedLogGPA(session, i), deviceWritesBuffers: true,
+                                         eventIdx: features & VirtioFeature.ringEventIdx != 0,
+                                         indirect: features & VirtioFeature.ringIndirectDesc != 0, guestCall: v.call),
+                         mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
+            relayed[i] = mediated
+            let gap = (cvdpa_monotonic_ns() - t0) / 1000
+            migration.withLock {
+                var m = $0[i] ?? RingMigrationStats()
+                m.switchovers += 1
+                m.lastSwitchoverGapMicros = gap
+                m.counters = counters
+                $0[i] = m
+            }
+            logger.info("ring \(i): switched to the relay (\(relayMode.rawValue) loop) at used index \(at) in \(gap) µs")
+        } catch {
+            logger.error("ring \(i): cannot switch to the relay: \(error); the device's writes to this ring are NOT logged")
+        }
+    }
+
+    /// Relay → direct: suspend, relay what remains, point the used ring back at the guest's, resume.
+    func switchToDirect(_ session: BackendSession, _ i: Int) {
+        guard relayed.removeValue(forKey: i) != nil else { return }
+        let t0 = cvdpa_monotonic_ns()
+        _ = device.suspendRing(i)
+        relay?.detach(i)
+        let at = device.redirectUsedRing(i, usedIOVA: nil, mapping: nil, call: session.vrings[i].call, interruptEveryBatch: false)
+        device.unmapIOVA(MediatedUsedRing.iova(forRing: i))
+        let gap = (cvdpa_monotonic_ns() - t0) / 1000
+        migration.withLock {
+            var m = $0[i] ?? RingMigrationStats()
+            m.switchovers += 1
+            m.lastSwitchoverGapMicros = gap
+            $0[i] = m
+        }
+        logger.info("ring \(i): back on the direct path at used index \(at) in \(gap) µs")
+    }
+}
+
+/// Test-only switches, from VDPAD_TEST_* environment variables (docs/TESTING.md).
+public struct TestSwitches: Sendable {
+    public var skipBufferMarking = false
+    public var journal: (any RelayJournal)?
+    public init(skipBufferMarking: Bool = false, journal: (any RelayJournal)? = nil) {
+        self.skipBufferMarking = skipBufferMarking
+        self.journal = journal
     }
 }

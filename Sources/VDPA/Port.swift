@@ -3,9 +3,20 @@ import Glibc
 #endif
 import Logging
 import Platform
+import Relay
 import Synchronization
 import VhostUser
 import Virtio
+
+/// Daemon-wide settings every port uses.
+public struct PortOptions: Sendable {
+    public var relayLoop: RelayLoopMode
+    public var testSwitches: TestSwitches
+    public init(relayLoop: RelayLoopMode = .hybrid, testSwitches: TestSwitches = TestSwitches()) {
+        self.relayLoop = relayLoop
+        self.testSwitches = testSwitches
+    }
+}
 
 /// A port binds one vhost-user socket to one device instance. Each port runs its own thread, so
 /// a frontend that misbehaves (or stalls mid-message) affects only its own port.
@@ -13,6 +24,8 @@ public final class Port: Sendable {
     public let spec: PortSpec
     public let config: BackendConfig
     public let device: (any VDPADevice)?
+    public let options: PortOptions
+    public let migration = MigrationStatsTable()
     private let logger: Logger
     private let state: Mutex<PortStatus>
     private let wake: SharedFD
@@ -21,9 +34,10 @@ public final class Port: Sendable {
     /// How long a frontend may take to send the rest of a message it started.
     static let messageTimeoutSeconds = 5
 
-    public init(spec: PortSpec, device: (any VDPADevice)?, logger: Logger) throws(SystemError) {
+    public init(spec: PortSpec, device: (any VDPADevice)?, options: PortOptions = PortOptions(), logger: Logger) throws(SystemError) {
         self.spec = spec
         self.device = device
+        self.options = options
         if let device {
             config = BackendConfig(queuePairs: spec.queuePairs,
                                    virtioFeatures: device.virtioFeatures | VirtioFeature.vhostLogAll | VirtioFeature.vhostUserProtocolFeatures)
@@ -89,7 +103,10 @@ public final class Port: Sendable {
             return
         }
         let reader = MessageReader()
-        let binding = device.map { DeviceBinding(device: $0, logger: logger) }
+        let binding = device.map {
+            DeviceBinding(device: $0, portID: spec.id, relayMode: options.relayLoop, migration: migration,
+                          testSwitches: options.testSwitches, logger: logger)
+        }
         var connection: SharedFD?
         var session: BackendSession?
         var backoffMillis: Int32 = 0

@@ -55,6 +55,10 @@ public struct PortSpec: Equatable, Sendable {
                     throw ParseError(message: "--port \(text): mac=\(v) must be a unicast MAC like 52:54:00:12:34:56")
                 }
                 mac = bytes
+            case ("relay", "used"):
+                break
+            case ("relay", "avail+used"):
+                throw ParseError(message: "--port \(text): relay=avail+used (the avail relay that checks chains before the device sees them) is not implemented yet; use relay=used (the default)")
             case ("client", nil):
                 client = true
             case ("queues", let v?):

@@ -123,6 +123,19 @@ public struct PortStats: Codable, Sendable, Equatable {
     public var id: String
     public var device: String
     public var queues: [QueueStats]
+    /// The port's relay thread, once a migration has started one.
+    public var relay: RelayStats?
+}
+
+public struct RelayStats: Codable, Sendable, Equatable {
+    /// "event", "poll" or "hybrid".
+    public var loop: String
+    /// The relay thread's CPU time so far.
+    public var cpuMillis: UInt64
+    /// CPU time spent in relay polls that found work, the elements they moved, and the ratio.
+    public var busyNanos: UInt64
+    public var busyElements: UInt64
+    public var busyNanosPerElement: Double
 }
 
 public struct QueueStats: Codable, Sendable, Equatable {
@@ -138,4 +151,11 @@ public struct QueueStats: Codable, Sendable, Equatable {
     public var error: String?
     public var interrupts: UInt64
     public var doorbells: UInt64
+    /// Used elements the relay copied to the guest for this ring.
+    public var relayed: UInt64
+    /// Page marks the relay made for buffers this ring's device wrote.
+    public var pagesMarked: UInt64
+    /// Direct ↔ relay switches of this ring, and how long the last one held the ring.
+    public var switchovers: Int
+    public var lastSwitchoverGapMicros: UInt64
 }

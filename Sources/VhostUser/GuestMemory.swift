@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Platform
 import Synchronization
+import Virtio
 
 /// One region of guest memory the frontend shared with us: its fd, where it sits in
 /// guest-physical and frontend-virtual space, and our mapping of it.
@@ -53,12 +54,24 @@ public final class MemoryRegion: @unchecked Sendable {
 
 /// An immutable snapshot of the memory table. Data-path threads hold one and
 /// translate through it; a new table replaces it as a whole.
-public final class GuestMemoryTable: Sendable {
+public final class GuestMemoryTable: @unchecked Sendable {
+    // @unchecked Sendable: immutable after init; `flat` is written only in init and freed in deinit.
     public let regions: [MemoryRegion]
+    private let flat: UnsafeMutableBufferPointer<GuestMemoryView.Region>
 
     public init(regions: [MemoryRegion]) {
         self.regions = regions.sorted { $0.guestPhysAddr < $1.guestPhysAddr }
+        flat = .allocate(capacity: max(regions.count, 1))
+        for (i, r) in self.regions.enumerated() {
+            flat[i] = GuestMemoryView.Region(gpa: r.guestPhysAddr, size: r.size, host: UInt(bitPattern: r.host))
+        }
     }
+
+    deinit { flat.deallocate() }
+
+    /// A plain-value view for data-path threads: translation without reference counting.
+    /// Valid while this table is alive (the thread holds the table).
+    public var view: GuestMemoryView { GuestMemoryView(base: UnsafePointer(flat.baseAddress!), count: regions.count) }
 
     public static let empty = GuestMemoryTable(regions: [])
 
@@ -96,6 +109,37 @@ public final class GuestMemoryTable: Sendable {
         return hostPointer(gpa: gpa, length: length)
     }
 }
+
+/// See `GuestMemoryTable.view`.
+public struct GuestMemoryView: GuestMemoryAccess {
+    public struct Region {
+        public var gpa: UInt64
+        public var size: UInt64
+        public var host: UInt
+    }
+    // Safety: points into a live GuestMemoryTable's region buffer; holders keep the table alive.
+    @usableFromInline let base: UnsafePointer<Region>
+    @usableFromInline let count: Int
+
+    @inlinable @inline(__always)
+    public func hostPointer(gpa: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
+        var i = 0
+        while i < count {
+            let r = base[i]
+            if gpa >= r.gpa {
+                let off = gpa &- r.gpa
+                if off < r.size || (off == r.size && length == 0) {
+                    guard length <= r.size &- off else { return nil }
+                    return UnsafeMutableRawPointer(bitPattern: r.host &+ UInt(off))
+                }
+            }
+            i &+= 1
+        }
+        return nil
+    }
+}
+
+extension GuestMemoryTable: GuestMemoryAccess {}
 
 /// The current memory table, replaced atomically. Readers on data-path threads check the
 /// generation (one relaxed-cost atomic load per batch) and reload the table only when it moved.

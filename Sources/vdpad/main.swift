@@ -2,8 +2,10 @@
 import Glibc
 #endif
 import ArgumentParser
+import Foundation
 import Logging
 import Platform
+import Relay
 import SoftNIC
 import VDPA
 
@@ -22,8 +24,9 @@ struct Vdpad: ParsableCommand {
           mac=MAC      the guest's MAC: destination of frames the source link generates
           client       connect to the frontend's socket (reconnecting with backoff) instead of listening
         With no --port: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
-        Not implemented yet: the migration relay. Dirty logging (LOG_ALL) is accepted but the
-        device's writes are not logged; the daemon says so loudly when a frontend turns it on.
+        While the frontend logs dirty pages (VHOST_F_LOG_ALL, live migration) each RX ring runs
+        through a relay that marks every page the device writes (--relay-loop picks its loop).
+        Not implemented: relay=avail+used (the optional avail relay).
         """)
 
     @Option(name: .customLong("port"), help: "A vhost-user port (repeatable).")
@@ -35,6 +38,9 @@ struct Vdpad: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    @Option(help: "How the migration relay waits for completions: event, poll or hybrid.")
+    var relayLoop: String = "hybrid"
+
     @Option(help: "Group (name or number) to own the sockets.")
     var socketGroup: String?
 
@@ -42,6 +48,9 @@ struct Vdpad: ParsableCommand {
     var socketMode: String?
 
     func validate() throws {
+        guard RelayLoopMode(rawValue: relayLoop) != nil else {
+            throw ValidationError("unknown --relay-loop '\(relayLoop)'; use event, poll or hybrid")
+        }
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("unknown --log-level '\(logLevel)'; use trace, debug, info, notice, warning, error or critical")
         }
@@ -74,13 +83,24 @@ struct Vdpad: ParsableCommand {
             ownership.mode = v
         }
 
+        var switches = TestSwitches()
+        let env = ProcessInfo.processInfo.environment
+        if env["VDPAD_TEST_SKIP_BUFFER_MARKING"] == "1" {
+            switches.skipBufferMarking = true
+            logger.critical("TEST SWITCH VDPAD_TEST_SKIP_BUFFER_MARKING=1: the relay does NOT mark the buffers the device writes; migrations WILL lose data. For tests only.")
+        }
+        if let path = env["VDPAD_TEST_JOURNAL"], !path.isEmpty {
+            do { switches.journal = try JournalFile(path: path) } catch { throw ValidationError("\(error)") }
+            logger.warning("TEST SWITCH VDPAD_TEST_JOURNAL=\(path): every device write the relay exposes is journaled (slow). For tests only.")
+        }
+        let options = PortOptions(relayLoop: RelayLoopMode(rawValue: relayLoop) ?? .hybrid, testSwitches: switches)
         let signalFD = try SignalNotifier.install([SIGTERM, SIGINT])
         for s in specs {
             do { _ = try LinkSpec.parse(s.link) } catch { throw ValidationError("--port \(s.id): \(error)") }
         }
         let daemon: Daemon
         do {
-            daemon = try Daemon(specs: specs, controlPath: control, logger: logger) { spec in
+            daemon = try Daemon(specs: specs, controlPath: control, logger: logger, options: options) { spec in
                 try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac,
                             logger: logger)
             }

@@ -1,0 +1,27 @@
+import Platform
+import Virtio
+
+/// A used ring the daemon owns, that the device completes into while a migration runs.
+/// It lives in anonymous daemon memory, mapped in the device's IOMMU in a reserved IOVA range
+/// above guest RAM.
+public final class MediatedUsedRing: @unchecked Sendable {
+    // @unchecked Sendable: the mapping is immutable and released once in deinit; its words are
+    // read and written only through RingWord's atomic operations or by one thread (the relay).
+    public let size: UInt16
+    public let byteCount: Int
+    private let mapping: MemoryMapping
+    public var base: UnsafeMutableRawPointer { mapping.base }
+
+    /// Reserved IOVA range for mediated rings: far above any guest RAM (2^46 = 64 TiB).
+    public static let iovaBase: UInt64 = 1 << 46
+    public static let iovaStride: UInt64 = 1 << 20
+
+    public static func iova(forRing index: Int) -> UInt64 { iovaBase + UInt64(index) * iovaStride }
+
+    public init(size: UInt16) throws(SystemError) {
+        self.size = size
+        let bytes = SplitRingLayout(queueSize: size).map { $0.usedRingBytes } ?? 4096
+        byteCount = (bytes + 4095) & ~4095
+        mapping = try MemoryMapping(anonymous: byteCount)
+    }
+}

@@ -1,0 +1,299 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CVDPAShims
+import Dispatch
+import Logging
+import Platform
+import Synchronization
+import VhostUser
+import Virtio
+
+/// How the relay thread waits for completions.
+public enum RelayLoopMode: String, Sendable, CaseIterable {
+    /// epoll on the device's interrupt eventfds.
+    case event
+    /// a dedicated busy-polling thread.
+    case poll
+    /// polls while there is traffic, sleeps on epoll after an idle threshold.
+    case hybrid
+}
+
+/// Test-only: a journal of what the relay exposed to the guest (VDPAD_TEST_JOURNAL).
+public protocol RelayJournal: AnyObject, Sendable {
+    /// A device write of `length` bytes at `gpa`, its bytes' checksum, and whether it was marked.
+    func record(ring: Int, gpa: UInt64, length: UInt32, checksum: UInt64, marked: Bool, publishIndex: UInt16)
+}
+
+/// The relay: copies completions from mediated used rings to the guest's used rings, marking in
+/// the dirty log every byte the device wrote and every used-ring word it exposes, before it
+/// publishes the used index. One thread serves all relayed rings of a port.
+public final class RelayEngine: @unchecked Sendable {
+    // @unchecked Sendable: the mailbox is a Mutex, `pending` an atomic, `wake` immutable; the rest
+    // is confined to the relay thread.
+    public let mode: RelayLoopMode
+    let logger: Logger
+    private let mailbox = Mutex<[(@Sendable (RelayEngine) -> Void, DispatchSemaphore)]>([])
+    private let pending = Atomic<Bool>(false)
+    private let wake: SharedFD
+    private let epoll: Epoll
+    private var thread: OSThread?
+    private var stopping = false
+
+    var queues: [Int: RelayQueue] = [:]
+    var active: [RelayQueue] = []
+    var log: DirtyLog?
+    var memory = GuestMemoryTable.empty
+    var view = GuestMemoryTable.empty.view
+    /// Test-only: skip marking the buffers the device wrote (VDPAD_TEST_SKIP_BUFFER_MARKING).
+    var skipBufferMarking = false
+    var journal: (any RelayJournal)?
+
+    /// CPU time the relay thread spent in polls that found work, and how many elements they moved.
+    public let busyNanos = Atomic<UInt64>(0)
+    public let busyElements = Atomic<UInt64>(0)
+    public let cpuNanos = Atomic<UInt64>(0)
+
+    static let hybridIdleNanos: UInt64 = 50_000
+
+    public init(mode: RelayLoopMode, name: String, logger: Logger) throws {
+        self.mode = mode
+        self.logger = logger
+        wake = SharedFD(try EventFD.make())
+        epoll = try Epoll(capacity: 64)
+        try epoll.add(wake.raw, token: UInt64.max)
+        let t = try OSThread(name: "relay-\(name)") { [self] in run() }
+        thread = t
+    }
+
+    /// Runs `body` on the relay thread between relay steps and waits for it.
+    public func perform(_ body: @escaping @Sendable (RelayEngine) -> Void) {
+        let done = DispatchSemaphore(value: 0)
+        mailbox.withLock { $0.append((body, done)) }
+        pending.store(true, ordering: .releasing)
+        EventFD.signal(wake.raw)
+        done.wait()
+    }
+
+    public func stop() {
+        perform { $0.stopping = true }
+        thread?.join()
+        thread = nil
+    }
+
+    private func drain() {
+        pending.store(false, ordering: .relaxed)
+        let work = mailbox.withLock { m in let w = m; m.removeAll(); return w }
+        for (body, done) in work { body(self); done.signal() }
+    }
+
+    // MARK: operations (called through perform)
+
+    public func setLog(_ newLog: DirtyLog?) {
+        perform { $0.log = newLog }
+    }
+
+    public func setMemory(_ table: GuestMemoryTable) {
+        perform { e in
+            e.memory = table
+            e.view = table.view
+            for q in e.queues.values { e.translate(q) }
+        }
+    }
+
+    public func setTestSwitches(skipBufferMarking: Bool, journal: (any RelayJournal)?) {
+        perform { e in
+            e.skipBufferMarking = skipBufferMarking
+            e.journal = journal
+        }
+    }
+
+    /// Starts relaying ring `config.index` from `mediated`, whose next entry is `startIndex`; the
+    /// device signals `deviceCall` when it completes into it.
+    public func attach(_ config: RelayRingConfig, mediated: MediatedUsedRing, startIndex: UInt16, deviceCall: SharedFD,
+                       counters: RelayCounters) {
+        perform { e in
+            let q = RelayQueue(config: config, mediated: mediated, deviceCall: deviceCall, startIndex: startIndex, counters: counters)
+            e.translate(q)
+            e.queues[config.index] = q
+            try? e.epoll.add(deviceCall.raw, token: UInt64(config.index))
+            e.active = Array(e.queues.values)
+        }
+    }
+
+    /// Relays whatever the device completed up to now (the device is suspended or stopped by the
+    /// caller), marks the whole guest used ring, and stops relaying the ring.
+    public func detach(_ index: Int) {
+        perform { e in
+            guard let q = e.queues.removeValue(forKey: index) else { return }
+            _ = e.step(q)
+            e.markWholeUsedRing(q.config)
+            e.epoll.remove(q.deviceCall.raw)
+            e.active = Array(e.queues.values)
+        }
+    }
+
+    public func setGuestCall(_ index: Int, _ call: SharedFD?) {
+        perform { e in
+            guard let q = e.queues[index] else { return }
+            q.config.guestCall = call
+            q.guestCallFD = call?.raw ?? -1
+        }
+    }
+
+    public func setUsedLogAddress(_ index: Int, _ gpa: UInt64) {
+        perform { e in e.queues[index]?.config.usedLogGPA = gpa }
+    }
+
+    /// Marks a whole used ring (flags, entries, idx, avail_event) in the current log.
+    public func markUsedRing(logGPA: UInt64, size: UInt16) {
+        perform { e in
+            guard let log = e.log else { return }
+            log.mark(gpa: logGPA, length: UInt64(6 + 8 * Int(size)))
+        }
+    }
+
+    var isRelaying: Bool { !queues.isEmpty }
+
+    func markWholeUsedRing(_ c: RelayRingConfig) {
+        log?.mark(gpa: c.usedLogGPA, length: UInt64(6 + 8 * Int(c.size)))
+    }
+
+    func translate(_ q: RelayQueue) {
+        let c = q.config
+        q.guest = try? SplitQueue(size: c.size, descriptorTableGPA: c.descGPA, availGPA: c.availGPA, usedGPA: c.usedGPA, memory: view)
+        if q.guest == nil {
+            logger.error("relay: ring \(c.index) does not translate through the memory table; it is not relayed")
+            q.counters.errors.wrappingAdd(1, ordering: .relaxed)
+        }
+    }
+
+    // MARK: the relay step
+
+    /// Copies new completions of one ring to the guest. Returns how many it moved.
+    @inline(__always)
+    func step(_ q: RelayQueue) -> Int {
+        guard let g = q.guest else { return 0 }
+        let deviceIndex = q.reader.loadIndex()
+        let flags = q.reader.loadFlags()
+        let availEvent = q.reader.loadAvailEvent()
+        let old = q.lastRelayed
+        let n = deviceIndex &- old
+        let notifyChanged = flags != q.lastFlags || availEvent != q.lastAvailEvent
+        if n == 0 && !notifyChanged { return 0 }
+        let c = q.config
+        guard let log else { return 0 }
+        var batch = DirtyLog.Batch(log: log)
+        var marks: UInt64 = 0
+        var i = old
+        while i != deviceIndex {
+            let (id, length) = q.reader.element(at: i)
+            g.writeUsedElement(at: i, id: id, length: length)
+            if c.deviceWritesBuffers && length > 0 && id < UInt32(c.size) {
+                marks &+= markWritten(q, head: UInt16(id), length: length, batch: &batch, publishIndex: deviceIndex)
+            }
+            batch.mark(gpa: c.usedLogGPA &+ 4 &+ 8 &* UInt64(i & (c.size &- 1)), length: 8)
+            i &+= 1
+        }
+        if notifyChanged {
+            // The device's notification state lives in the used ring: carry it to the guest's.
+            g.storeUsedFlags(flags)
+            g.storeAvailEvent(availEvent)
+            batch.mark(gpa: c.usedLogGPA, length: 2)
+            batch.mark(gpa: c.usedLogGPA &+ 4 &+ 8 &* UInt64(c.size), length: 2)
+            q.lastFlags = flags
+            q.lastAvailEvent = availEvent
+        }
+        if n > 0 {
+            batch.mark(gpa: c.usedLogGPA &+ 2, length: 2)
+        }
+        // Every mark is in the log before the index that exposes the entries is published:
+        // flush does the ORs, and the release store below orders them first.
+        batch.flush()
+        if n > 0 {
+            g.publishUsedIndex(deviceIndex)
+            q.lastRelayed = deviceIndex
+            if q.guestCallFD >= 0 && g.needsInterrupt(oldUsed: old, newUsed: deviceIndex, eventIdx: c.eventIdx) {
+                EventFD.signal(q.guestCallFD)
+                q.counters.interrupts.wrappingAdd(1, ordering: .relaxed)
+            }
+            q.counters.relayed.wrappingAdd(UInt64(n), ordering: .relaxed)
+            q.counters.pagesMarked.wrappingAdd(marks, ordering: .relaxed)
+        }
+        return Int(n)
+    }
+
+    /// Marks the first `length` bytes of the chain's writable buffers (walking indirect tables).
+    /// Returns the number of page marks made.
+    @inline(__always)
+    func markWritten(_ q: RelayQueue, head: UInt16, length: UInt32, batch: inout DirtyLog.Batch, publishIndex: UInt16) -> UInt64 {
+        guard let g = q.guest else { return 0 }
+        let chain: DescriptorChain
+        do { chain = try q.walker.walk(head: head, queue: g, memory: view) } catch {
+            // The device completed it, so the chain was valid then; the guest changed it since.
+            q.counters.errors.wrappingAdd(1, ordering: .relaxed)
+            return 0
+        }
+        var remaining = UInt64(length)
+        var pages: UInt64 = 0
+        for seg in chain where seg.isWritable {
+            if remaining == 0 { break }
+            let m = min(UInt64(seg.length), remaining)
+            if !skipBufferMarking { batch.mark(gpa: seg.gpa, length: m) }
+            if let j = journal {
+                var sum: UInt64 = 0xcbf2_9ce4_8422_2325
+                let p = UnsafeRawPointer(seg.host)
+                for k in 0..<Int(m) { sum = (sum ^ UInt64(p.load(fromByteOffset: k, as: UInt8.self))) &* 0x100_0000_01b3 }
+                j.record(ring: q.config.index, gpa: seg.gpa, length: UInt32(m), checksum: sum, marked: !skipBufferMarking,
+                         publishIndex: publishIndex)
+            }
+            pages &+= ((seg.gpa &+ m &- 1) >> 12) &- (seg.gpa >> 12) &+ 1
+            remaining &-= m
+        }
+        return pages
+    }
+
+    // MARK: loop
+
+    private func run() {
+        var idleSince: UInt64 = 0
+        var idle = false
+        while !stopping {
+            if pending.load(ordering: .acquiring) { drain(); continue }
+            let t0 = cvdpa_thread_cpu_ns()
+            var moved = 0
+            for q in active { moved &+= step(q) }
+            if moved > 0 {
+                let t1 = cvdpa_thread_cpu_ns()
+                busyNanos.wrappingAdd(t1 &- t0, ordering: .relaxed)
+                busyElements.wrappingAdd(UInt64(moved), ordering: .relaxed)
+                idle = false
+                continue
+            }
+            switch mode {
+            case .poll:
+                continue
+            case .hybrid:
+                let now = cvdpa_monotonic_ns()
+                if !idle { idle = true; idleSince = now; continue }
+                if now &- idleSince < Self.hybridIdleNanos { continue }
+                sleepOnEvents()
+                idle = false
+            case .event:
+                sleepOnEvents()
+            }
+        }
+        cpuNanos.store(cvdpa_thread_cpu_ns(), ordering: .relaxed)
+    }
+
+    private func sleepOnEvents() {
+        _ = try? epoll.wait(timeoutMillis: 100) { ev in
+            if ev.token == UInt64.max {
+                EventFD.drain(wake.raw)
+            } else if let q = queues[Int(ev.token)] {
+                EventFD.drain(q.deviceCall.raw)
+            }
+        }
+        cpuNanos.store(cvdpa_thread_cpu_ns(), ordering: .relaxed)
+    }
+}
