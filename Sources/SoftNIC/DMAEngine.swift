@@ -148,6 +148,9 @@ final class DMAEngine: @unchecked Sendable {
     }
 
     func fault(_ ring: EngineRing, _ text: String) {
+        // Publish what the ring completed before the fault, then never touch its memory again.
+        flush(ring)
+        ring.queue = nil
         ring.failure = text
         ring.stats.fault(text)
         logger.error("queue \(ring.index) stopped by a device fault: \(text)")
@@ -172,7 +175,10 @@ final class DMAEngine: @unchecked Sendable {
         memoryTable = table
         iommu = IOMMUTable(memory: table, extra: extraMappings.values.map { ($0.iova, $0.size, $0.host, $0.owner) })
         view = iommu.view
-        for r in rings where r.config != nil && r.failure == nil { translate(r) }
+        for r in rings where r.config != nil {
+            // A faulted ring keeps no pointers into memory that is about to be unmapped.
+            if r.failure == nil { translate(r) } else { r.queue = nil }
+        }
         rebuildActive()
     }
 
@@ -248,15 +254,20 @@ final class DMAEngine: @unchecked Sendable {
         while !stopping {
             if pending.load(ordering: .acquiring) { drainMailbox(); continue }
             var work = 0
-            for r in active {
-                if r.isRX {
-                    if case .source = link { continue }
-                } else {
-                    work &+= serviceTX(r)
-                }
+            // Index loops: generic iteration allocates in unoptimised builds.
+            var i = 0
+            while i < active.count {
+                let r = active[i]
+                if !r.isRX { work &+= serviceTX(r) }
+                i &+= 1
             }
             work &+= serviceLinkInbound()
-            for r in active where r.isRX && r.usedIdx != r.publishedUsed { flush(r) }
+            i = 0
+            while i < active.count {
+                let r = active[i]
+                if r.isRX && r.usedIdx != r.publishedUsed { flush(r) }
+                i &+= 1
+            }
             if work > 0 {
                 idle = 0
                 continue
@@ -277,18 +288,27 @@ final class DMAEngine: @unchecked Sendable {
     private func sleep() {
         var timeout: Int32 = -1
         var raced = false
-        for r in active {
+        var pollsWithoutDoorbell = false
+        var hasRX = false
+        let wantRXDoorbells = waitsForRXBuffers
+        // Index loops throughout: generic iteration allocates in unoptimised builds.
+        var i = 0
+        while i < active.count {
+            let r = active[i]
+            i &+= 1
+            if r.kick == nil { pollsWithoutDoorbell = true }
+            if r.isRX { hasRX = true }
             guard let q = r.queue else { continue }
             // RX rings only need doorbells when the device waits for buffers.
-            if r.isRX && !waitsForRXBuffers { continue }
+            if r.isRX && !wantRXDoorbells { continue }
             if q.enableNotifications(eventIdx: eventIdx, lastAvailIndex: r.lastAvail) { raced = true }
             r.notificationsEnabled = true
         }
-        if case .source(_, let rate) = link, rate > 0, hasRunningRX {
+        if case .source(_, let rate) = link, rate > 0, hasRX {
             timeout = 1
         }
         // A ring the frontend asked us to poll (SET_VRING_KICK without an fd) has no doorbell.
-        if active.contains(where: { $0.kick == nil }) { timeout = 1 }
+        if pollsWithoutDoorbell { timeout = 1 }
         if !raced {
             _ = try? epoll.wait(timeoutMillis: timeout) { ev in
                 if ev.token >= Self.kickTokenBase {
@@ -303,13 +323,16 @@ final class DMAEngine: @unchecked Sendable {
                 }
             }
         }
-        for r in active where r.notificationsEnabled {
-            r.queue?.disableNotifications(eventIdx: eventIdx)
-            r.notificationsEnabled = false
+        i = 0
+        while i < active.count {
+            let r = active[i]
+            i &+= 1
+            if r.notificationsEnabled {
+                r.queue?.disableNotifications(eventIdx: eventIdx)
+                r.notificationsEnabled = false
+            }
         }
     }
-
-    var hasRunningRX: Bool { active.contains { $0.isRX } }
 
     var waitsForRXBuffers: Bool {
         switch link {
@@ -386,7 +409,11 @@ final class DMAEngine: @unchecked Sendable {
     func gather(_ chain: DescriptorChain) -> Int {
         var skip = headerLength
         var out = 0
-        for seg in chain where !seg.isWritable {
+        var k = 0
+        while k < chain.count {
+            let seg = chain[k]
+            k &+= 1
+            if seg.isWritable { continue }
             var src = UnsafeRawPointer(seg.host)
             var len = Int(seg.length)
             if skip > 0 {
@@ -458,7 +485,11 @@ final class DMAEngine: @unchecked Sendable {
             var chainWritten = 0
             do {
                 let chain = try r.walker.walk(head: head, queue: q, memory: view)
-                for seg in chain where seg.isWritable {
+                var k = 0
+                while k < chain.count {
+                    let seg = chain[k]
+                    k &+= 1
+                    if !seg.isWritable { continue }
                     var dst = seg.host
                     var room = Int(seg.length)
                     if buffers == 0 && chainWritten == 0 {
@@ -502,7 +533,8 @@ final class DMAEngine: @unchecked Sendable {
             if problem != .noBuffer || countDrop { r.stats.drop(problem) }
             return false
         }
-        if mergeable, let p = numBuffersAt { p.storeBytes(of: buffers.littleEndian, as: UInt16.self) }
+        // num_buffers exists in the 12-byte header (VERSION_1 or MRG_RXBUF); it is 1 without MRG_RXBUF.
+        if hdr == 12, let p = numBuffersAt { p.storeBytes(of: buffers.littleEndian, as: UInt16.self) }
         r.lastAvail = idx
         r.usedIdx = used
         r.pendingPackets &+= 1
