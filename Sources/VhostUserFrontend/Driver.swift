@@ -43,7 +43,8 @@ extension VhostUserFrontend {
     public static let defaultFeatures: UInt64 = VirtioFeature.version1 | VirtioFeature.vhostUserProtocolFeatures
     /// The protocol features this frontend can use.
     public static let supportedProtocolFeatures: UInt64 = VhostUserProtocolFeature.mq | VhostUserProtocolFeature.logShmfd
-        | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.configureMemSlots
+        | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.configureMemSlots | VhostUserProtocolFeature.rarp
+        | VhostUserProtocolFeature.netMTU
 
     var replyAckNegotiated: Bool { ackedProtocolFeatures & VhostUserProtocolFeature.replyAck != 0 }
     /// VHOST_USER_F_PROTOCOL_FEATURES was acknowledged with SET_FEATURES: rings start disabled.

@@ -57,7 +57,7 @@ final class SoftNICTestDaemon {
     let daemon: Daemon
     let defs: [PortDef]
 
-    init(_ defs: [PortDef]) throws {
+    init(_ defs: [PortDef], options: PortOptions = PortOptions()) throws {
         self.defs = defs
         let dir = "/tmp/softnic-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         self.dir = dir
@@ -69,7 +69,7 @@ final class SoftNICTestDaemon {
             PortSpec(id: $0.id, socketPath: "\(dir)/\($0.id).sock", queuePairs: $0.queuePairs, link: $0.link, mac: $0.mac)
         }
         let log = logger
-        daemon = try Daemon(specs: specs, controlPath: dir + "/control.sock", logger: logger) { spec in
+        daemon = try Daemon(specs: specs, controlPath: dir + "/control.sock", logger: logger, options: options) { spec in
             try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac, logger: log)
         }
         try daemon.start()
