@@ -41,6 +41,10 @@ let package = Package(
             "VDPA", "SoftNIC", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
+        .executableTarget(name: "vdpa-bench", dependencies: [
+            "VDPA", "VhostUserFrontend", "Virtio", "VhostUser", "Platform", "CVDPAShims",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
         .executableTarget(name: "vdpactl", dependencies: [
             "VDPA", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),

@@ -195,8 +195,10 @@ public final class RelayEngine: @unchecked Sendable {
             batch.mark(gpa: c.usedLogGPA &+ 4 &+ 8 &* UInt64(i & (c.size &- 1)), length: 8)
             i &+= 1
         }
+        var notificationsEnabled = false
         if notifyChanged {
             // The device's notification state lives in the used ring: carry it to the guest's.
+            notificationsEnabled = (flags != q.lastFlags && flags & 1 == 0) || availEvent != q.lastAvailEvent
             g.storeUsedFlags(flags)
             g.storeAvailEvent(availEvent)
             batch.mark(gpa: c.usedLogGPA, length: 2)
@@ -219,6 +221,14 @@ public final class RelayEngine: @unchecked Sendable {
             }
             q.counters.relayed.wrappingAdd(UInt64(n), ordering: .relaxed)
             q.counters.pagesMarked.wrappingAdd(marks, ordering: .relaxed)
+        }
+        if notificationsEnabled, let kick = c.deviceKick {
+            // The device asked for kicks (it is about to sleep), but the guest sees that request
+            // only now, through us: buffers it posted in between came without a kick. Full fence
+            // (store of the flags, then load of avail.idx, as virtqueue_enable_cb_delayed), then
+            // ring the device's doorbell if the guest has posted buffers the device has not used.
+            atomicMemoryFence(ordering: .sequentiallyConsistent)
+            if g.loadAvailIndex() != deviceIndex { EventFD.signal(kick.raw) }
         }
         return Int(n)
     }

@@ -17,9 +17,13 @@ public struct RelayRingConfig: Sendable {
     public var eventIdx: Bool
     public var indirect: Bool
     public var guestCall: SharedFD?
+    /// The device's doorbell (the guest's kick eventfd), rung when a notification-state change
+    /// reaches the guest late (see `RelayEngine.step`).
+    public var deviceKick: SharedFD?
 
     public init(index: Int, size: UInt16, descGPA: UInt64, availGPA: UInt64, usedGPA: UInt64, usedLogGPA: UInt64,
-                deviceWritesBuffers: Bool, eventIdx: Bool, indirect: Bool, guestCall: SharedFD?) {
+                deviceWritesBuffers: Bool, eventIdx: Bool, indirect: Bool, guestCall: SharedFD?, deviceKick: SharedFD?) {
+        self.deviceKick = deviceKick
         self.index = index; self.size = size; self.descGPA = descGPA; self.availGPA = availGPA; self.usedGPA = usedGPA
         self.usedLogGPA = usedLogGPA; self.deviceWritesBuffers = deviceWritesBuffers; self.eventIdx = eventIdx
         self.indirect = indirect; self.guestCall = guestCall

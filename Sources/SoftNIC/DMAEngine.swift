@@ -303,6 +303,9 @@ final class DMAEngine: @unchecked Sendable {
             if r.isRX && !wantRXDoorbells { continue }
             if q.enableNotifications(eventIdx: eventIdx, lastAvailIndex: r.lastAvail) { raced = true }
             r.notificationsEnabled = true
+            // While a relay consumes this ring's interrupts, the notification state it just wrote
+            // reaches the guest only through the relay: tell it.
+            if r.interruptEveryBatch && r.callFD >= 0 { EventFD.signal(r.callFD) }
         }
         if case .source(_, let rate) = link, rate > 0, hasRX {
             timeout = 1

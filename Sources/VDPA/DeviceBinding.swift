@@ -190,7 +190,8 @@ final class DeviceBinding: VhostUserDeviceHooks {
             relay.attach(RelayRingConfig(index: i, size: size, descGPA: v.descGPA, availGPA: v.availGPA, usedGPA: v.usedGPA,
                                          usedLogGPA: usedLogGPA(session, i), deviceWritesBuffers: true,
                                          eventIdx: features & VirtioFeature.ringEventIdx != 0,
-                                         indirect: features & VirtioFeature.ringIndirectDesc != 0, guestCall: v.call),
+                                         indirect: features & VirtioFeature.ringIndirectDesc != 0, guestCall: v.call,
+                                         deviceKick: v.kick),
                          mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
             relayed[i] = mediated
             let gap = (cvdpa_monotonic_ns() - t0) / 1000
