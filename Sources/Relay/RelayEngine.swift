@@ -277,11 +277,18 @@ public final class RelayEngine: @unchecked Sendable {
                 let t1 = cvdpa_thread_cpu_ns()
                 busyNanos.wrappingAdd(t1 &- t0, ordering: .relaxed)
                 busyElements.wrappingAdd(UInt64(moved), ordering: .relaxed)
+                cpuNanos.store(t1, ordering: .relaxed)
                 idle = false
+                continue
+            }
+            if active.isEmpty {
+                // Nothing attached (no migration running): sleep whatever the loop mode.
+                sleepOnEvents()
                 continue
             }
             switch mode {
             case .poll:
+                cpuNanos.store(t0, ordering: .relaxed)
                 continue
             case .hybrid:
                 let now = cvdpa_monotonic_ns()

@@ -464,67 +464,100 @@ final class DMAEngine: @unchecked Sendable {
         let needed = hdr + length
         let start = r.lastAvail
         var availCache = r.availCache
+        var problem: DropReason?
+        var faultText: String?
+
+        /// Makes sure avail entry `idx` exists (reloading avail.idx when needed).
+        func available(_ idx: UInt16) -> Bool {
+            if idx != availCache { return true }
+            let a = q.loadAvailIndex()
+            if a &- start > q.size {
+                faultText = "avail index jumped from \(start) to \(a), more than the ring size \(q.size)"
+                return false
+            }
+            availCache = a
+            if idx == a { problem = .noBuffer; return false }
+            return true
+        }
+
+        // First, make sure the frame fits in the buffers the guest posted, so that no byte is
+        // written into a buffer the frame then does not use (while a migration runs, such bytes
+        // would be written but never marked). The common case, one chain large enough, walks once.
+        var chainsNeeded = 1
+        if available(start) {
+            do {
+                let first = try r.walker.walk(head: q.availHead(at: start), queue: q, memory: view)
+                if first.writableBytes < UInt64(needed) {
+                    if !mergeable {
+                        problem = .bufferTooSmall
+                    } else {
+                        var room = first.writableBytes
+                        var idx = start &+ 1
+                        while room < UInt64(needed) {
+                            guard available(idx) else { break }
+                            let c = try r.walker.walk(head: q.availHead(at: idx), queue: q, memory: view)
+                            if c.writableBytes == 0 { problem = .bufferTooSmall; break }
+                            room += c.writableBytes
+                            idx &+= 1
+                            chainsNeeded += 1
+                        }
+                    }
+                }
+            } catch {
+                faultText = "RX chain at avail index \(start): \(error)"
+            }
+        }
+
         var idx = start
         var used = r.usedIdx
         var written = 0
         var buffers: UInt16 = 0
         var numBuffersAt: UnsafeMutableRawPointer?
-        var problem: DropReason?
-        var faultText: String?
-        while written < needed {
-            if idx == availCache {
-                let a = q.loadAvailIndex()
-                if a &- start > q.size {
-                    faultText = "avail index jumped from \(start) to \(a), more than the ring size \(q.size)"
+        if faultText == nil && problem == nil {
+            while buffers < UInt16(chainsNeeded) && written < needed {
+                let head = q.availHead(at: idx)
+                var chainWritten = 0
+                do {
+                    let chain = try r.walker.walk(head: head, queue: q, memory: view)
+                    var k = 0
+                    while k < chain.count {
+                        let seg = chain[k]
+                        k &+= 1
+                        if !seg.isWritable { continue }
+                        var dst = seg.host
+                        var room = Int(seg.length)
+                        if buffers == 0 && chainWritten == 0 {
+                            // The header goes whole into the first writable buffer.
+                            guard room >= hdr else { break }
+                            dst.initializeMemory(as: UInt8.self, repeating: 0, count: hdr)
+                            numBuffersAt = dst + 10
+                            dst += hdr
+                            room -= hdr
+                            chainWritten = hdr
+                            written = hdr
+                        }
+                        let n = min(room, needed - written)
+                        if n > 0 {
+                            dst.copyMemory(from: frame + (written - hdr), byteCount: n)
+                            written += n
+                            chainWritten += n
+                        }
+                        if written == needed { break }
+                    }
+                } catch {
+                    faultText = "RX chain at avail index \(idx) (head \(head)): \(error)"
                     break
                 }
-                availCache = a
-                if idx == a {
-                    problem = .noBuffer
+                if chainWritten == 0 {
+                    problem = .bufferTooSmall
                     break
                 }
+                q.writeUsedElement(at: used, id: UInt32(head), length: UInt32(chainWritten))
+                used &+= 1
+                idx &+= 1
+                buffers &+= 1
             }
-            let head = q.availHead(at: idx)
-            var chainWritten = 0
-            do {
-                let chain = try r.walker.walk(head: head, queue: q, memory: view)
-                var k = 0
-                while k < chain.count {
-                    let seg = chain[k]
-                    k &+= 1
-                    if !seg.isWritable { continue }
-                    var dst = seg.host
-                    var room = Int(seg.length)
-                    if buffers == 0 && chainWritten == 0 {
-                        // The header goes whole into the first writable buffer.
-                        guard room >= hdr else { break }
-                        dst.initializeMemory(as: UInt8.self, repeating: 0, count: hdr)
-                        numBuffersAt = dst + 10
-                        dst += hdr
-                        room -= hdr
-                        chainWritten = hdr
-                        written = hdr
-                    }
-                    let n = min(room, needed - written)
-                    if n > 0 {
-                        dst.copyMemory(from: frame + (written - hdr), byteCount: n)
-                        written += n
-                        chainWritten += n
-                    }
-                    if written == needed { break }
-                }
-            } catch {
-                faultText = "RX chain at avail index \(idx) (head \(head)): \(error)"
-                break
-            }
-            if chainWritten == 0 || (!mergeable && written < needed) {
-                problem = .bufferTooSmall
-                break
-            }
-            q.writeUsedElement(at: used, id: UInt32(head), length: UInt32(chainWritten))
-            used &+= 1
-            idx &+= 1
-            buffers &+= 1
+            if problem == nil && faultText == nil && written < needed { problem = .bufferTooSmall }
         }
         r.availCache = availCache
         if let faultText {
@@ -532,7 +565,7 @@ final class DMAEngine: @unchecked Sendable {
             return false
         }
         if let problem {
-            // Nothing is consumed: the used entries written past usedIdx are not published.
+            // Nothing is consumed: used entries written past usedIdx are not published.
             if problem != .noBuffer || countDrop { r.stats.drop(problem) }
             return false
         }

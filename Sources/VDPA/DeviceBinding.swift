@@ -183,6 +183,8 @@ final class DeviceBinding: VhostUserDeviceHooks {
             let deviceCall = SharedFD(try EventFD.make())
             let counters = RelayCounters()
             let iova = MediatedUsedRing.iova(forRing: i)
+            // The gap: from suspending the ring until the relay has taken it over.
+            let held = cvdpa_monotonic_ns()
             let at = device.redirectUsedRing(i, usedIOVA: iova,
                                              mapping: IOVAMapping(iova: iova, size: UInt64(mediated.byteCount), host: mediated.base, owner: mediated),
                                              call: deviceCall, interruptEveryBatch: true)
@@ -194,7 +196,8 @@ final class DeviceBinding: VhostUserDeviceHooks {
                                          deviceKick: v.kick),
                          mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
             relayed[i] = mediated
-            let gap = (cvdpa_monotonic_ns() - t0) / 1000
+            let gap = (cvdpa_monotonic_ns() - held) / 1000
+            let setup = (held - t0) / 1000
             migration.withLock {
                 var m = $0[i] ?? RingMigrationStats()
                 m.switchovers += 1
@@ -202,7 +205,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
                 m.counters = counters
                 $0[i] = m
             }
-            logger.info("ring \(i): switched to the relay (\(relayMode.rawValue) loop) at used index \(at) in \(gap) µs")
+            logger.info("ring \(i): switched to the relay (\(relayMode.rawValue) loop) at used index \(at): ring held \(gap) µs (after \(setup) µs of preparation)")
         } catch {
             logger.error("ring \(i): cannot switch to the relay: \(error); the device's writes to this ring are NOT logged")
         }

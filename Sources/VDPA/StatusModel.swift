@@ -32,6 +32,10 @@ public struct QueueStatus: Codable, Sendable, Equatable {
     public var call: Bool
     public var base: Int
     public var logging: Bool
+    /// Guest-physical addresses of the ring's areas (hex strings; "0x0" until set).
+    public var descGPA: String?
+    public var availGPA: String?
+    public var usedGPA: String?
 }
 
 public struct LogStatus: Codable, Sendable, Equatable {
@@ -74,7 +78,8 @@ extension PortStatus {
         protocolFeatures = FeatureStatus(offered: hex(config.protocolFeatures), acked: hex(0), ackedNames: "")
         memoryRegions = []
         queues = (0..<config.ringCount).map {
-            QueueStatus(index: $0, enabled: false, started: false, ringSize: 0, mode: "none", kick: "none", call: false, base: 0, logging: false)
+            QueueStatus(index: $0, enabled: false, started: false, ringSize: 0, mode: "none", kick: "none", call: false, base: 0, logging: false,
+                        descGPA: nil, availGPA: nil, usedGPA: nil)
         }
         log = nil
         deviceStatus = 0
@@ -97,7 +102,8 @@ extension PortStatus {
         queues = s.vrings.enumerated().map { i, v in
             QueueStatus(index: i, enabled: v.enabled, started: v.started, ringSize: Int(v.size), mode: "none",
                         kick: v.kick != nil ? "eventfd" : (v.kickPolling ? "polling" : "none"),
-                        call: v.call != nil, base: Int(v.base), logging: v.logging)
+                        call: v.call != nil, base: Int(v.base), logging: v.logging,
+                        descGPA: hex(v.descGPA), availGPA: hex(v.availGPA), usedGPA: hex(v.usedGPA))
         }
         log = s.log.map { LogStatus(logAll: s.logAllEnabled, sizeBytes: $0.byteCount, outOfRangeMarks: $0.outOfRangeMarks) }
         deviceStatus = Int(s.status)

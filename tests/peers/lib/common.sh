@@ -20,7 +20,7 @@ GUEST_DIR=$REPO_ROOT/scripts/guest
 CHECK_STATUS=$PEERS_DIR/lib/check-status.py
 
 declare -A PIDS=()
-declare -a SHM_FILES=() DPDK_PREFIXES=()
+declare -a SHM_FILES=() DPDK_PREFIXES=() CLEANUP_CMDS=()
 TEST_NAME=unnamed
 TMP=
 WATCHDOG_PID=
@@ -62,6 +62,19 @@ spawn() {
     PIDS[$name]=$!
 }
 
+# spawn_input NAME FIFO CMD...: like spawn, but CMD's stdin is the named pipe FIFO (made
+# here). The test keeps it open for writing on a new fd whose number is left in INPUT_FD, so
+# CMD never sees EOF until the test ends: printf 'start\n' >&"$INPUT_FD".
+INPUT_FD=
+spawn_input() {
+    local name=$1 fifo=$2; shift 2
+    mkfifo "$fifo" || fail "mkfifo $fifo failed"
+    exec {INPUT_FD}<>"$fifo"
+    log "start $name (stdin $fifo): $*"
+    "$@" <"$fifo" >"$TMP/$name.log" 2>&1 &
+    PIDS[$name]=$!
+}
+
 alive() { [[ -n ${PIDS[$1]:-} ]] && kill -0 "${PIDS[$1]}" 2>/dev/null; }
 
 # stop NAME [SIGNAL] [SECONDS]: signal it (default TERM), wait, then KILL. Returns the
@@ -99,6 +112,10 @@ peer_cleanup() {
     for name in "${!PIDS[@]}"; do kill -KILL "${PIDS[$name]}" 2>/dev/null || true; done
     wait 2>/dev/null
     local f
+    for ((i = ${#CLEANUP_CMDS[@]} - 1; i >= 0; i--)); do
+        log "cleanup: ${CLEANUP_CMDS[$i]}"
+        eval "${CLEANUP_CMDS[$i]}" >/dev/null 2>&1 || true
+    done
     for f in "${SHM_FILES[@]}"; do rm -f "$f"; done
     for f in "${DPDK_PREFIXES[@]}"; do rm -rf "/var/run/dpdk/$f"; done
     if [[ -n $TMP ]]; then
@@ -111,6 +128,11 @@ peer_cleanup() {
     fi
     exit $rc
 }
+
+# on_cleanup COMMAND-LINE: eval it when the test ends, after every spawned process has
+# stopped (latest registered first; errors ignored). For things that are not processes:
+# network namespaces, interfaces.
+on_cleanup() { CLEANUP_CMDS+=("$*"); }
 
 # Print the last lines of every log in $TMP to stderr (for a failure).
 dump_logs() {
@@ -298,10 +320,12 @@ stop_qemu() {
     stop "$1" TERM 10 || true
 }
 
-# guest_exec NAME COMMAND: run a shell command in the guest (scripts/guest/guest-exec).
+# guest_exec NAME COMMAND: run a shell command in the guest (scripts/guest/guest-exec),
+# within GUEST_EXEC_TIMEOUT seconds (default 20).
 guest_exec() {
     local name=$1; shift
-    "$GUEST_DIR/guest-exec" --timeout 20 --serial-log "$TMP/$name.serial.log" "$TMP/$name.cmd" "$@"
+    "$GUEST_DIR/guest-exec" --timeout "${GUEST_EXEC_TIMEOUT:-20}" --serial-log "$TMP/$name.serial.log" \
+        "$TMP/$name.cmd" "$@"
 }
 
 # Guest files are there? (scripts/install-deps makes them.)
@@ -314,4 +338,88 @@ require_guest() {
 
 require_testpmd() {
     command -v "$TESTPMD" >/dev/null || fail "$TESTPMD missing: run scripts/install-deps"
+}
+
+# --- data-path counters ---------------------------------------------------------------------
+STATS_PY=$PEERS_DIR/lib/stats.py
+TESTPMD_STATS_PY=$PEERS_DIR/lib/testpmd-stats.py
+
+# vdpa_stats: the JSON of `vdpactl stats --json` on stdout (non-zero if vdpactl failed).
+vdpa_stats() {
+    timeout 5 "$VDPACTL" --control "$CONTROL" stats --json
+}
+
+# load_stats PORT PREFIX: set PREFIX_qI_packets, PREFIX_qI_drops, ... from vdpactl stats
+# (lib/stats.py lists the names); the JSON is kept in $TMP/stats-PREFIX.log. Fails the test
+# if vdpactl or the JSON fails.
+load_stats() {
+    local json vars
+    json=$(vdpa_stats 2>"$TMP/vdpactl.err") ||
+        fail "vdpactl stats failed: $(head -c 300 "$TMP/vdpactl.err")"
+    printf '%s\n' "$json" > "$TMP/stats-$2.log"
+    vars=$(printf '%s' "$json" | python3 "$STATS_PY" --port "$1" --prefix "$2" 2>"$TMP/stats-py.err") ||
+        fail "bad stats reply: $(head -c 300 "$TMP/stats-py.err")"
+    [[ -s $TMP/stats-py.err ]] && fail "stats reply incomplete: $(head -c 300 "$TMP/stats-py.err")"
+    eval "$vars"
+}
+
+# qstat PREFIX QUEUE FIELD: print a loaded counter (e.g. qstat s 1 packets, qstat s 0 drop_noBuffer).
+qstat() { local v=${1}_q${2}_$3; printf '%s' "${!v:-}"; }
+
+# no_faults PREFIX [WHAT]: every queue of the loaded stats has faults=0 and no error.
+no_faults() {
+    local p=$1 what=${2:-} n=${1}_queues i f e
+    for ((i = 0; i < ${!n:-0}; i++)); do
+        f=$(qstat "$p" "$i" faults) e=$(qstat "$p" "$i" error)
+        [[ $f == 0 && -z $e ]] || fail "${what:+$what: }queue $i has a device fault: faults=$f error=$e"
+    done
+}
+
+# start_testpmd_app NAME SOCKET QUEUES TESTPMD-APP-ARGS...: testpmd with a virtio-user port on
+# SOCKET (main lcore 1, forwarding on lcore 0), auto-start, stats every second, and the given
+# application arguments (--forward-mode=..., ...).
+start_testpmd_app() {
+    local name=$1 sock=$2 queues=$3
+    shift 3
+    testpmd_cmd "$name" "$sock" "$queues"
+    spawn "$name" "${TESTPMD_CMD[@]}" -a --stats-period 1 "$@"
+}
+
+# testpmd_cmd NAME SOCKET QUEUES: set the array TESTPMD_CMD to testpmd with a virtio-user port
+# on SOCKET, up to and including "-- --no-mlockall --total-num-mbufs=16384"; append the
+# application arguments. Its DPDK runtime dir is removed at the end.
+TESTPMD_CMD=()
+testpmd_cmd() {
+    local prefix=vu-$$-$1
+    DPDK_PREFIXES+=("$prefix")
+    TESTPMD_CMD=("$TESTPMD" -l 0-1 --main-lcore 1 --no-huge -m 1024 --no-pci
+        --file-prefix="$prefix" --vdev "net_virtio_user0,path=$2,queues=$3" --
+        --no-mlockall --total-num-mbufs=16384)
+}
+
+# testpmd_fwd_stats NAME: set tp_rx, tp_rx_dropped, tp_tx, tp_tx_dropped, tp_bye from the
+# final forward statistics in testpmd NAME's log (lib/testpmd-stats.py).
+tp_rx=0 tp_rx_dropped=0 tp_tx=0 tp_tx_dropped=0 tp_bye=0
+testpmd_fwd_stats() {
+    local vars
+    vars=$(python3 "$TESTPMD_STATS_PY" "$TMP/$1.log" 2>&1) || fail "$1: $vars"
+    eval "$vars"
+}
+
+# cpu_ticks PID: user+system CPU time of PID in clock ticks (getconf CLK_TCK a second).
+cpu_ticks() {
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    s=${s##*) }
+    # shellcheck disable=SC2086
+    set -- $s
+    echo $(( ${12} + ${13} ))
+}
+
+# ring_stopped_at PORT INDEX: the avail index vdpad answered to the last GET_VRING_BASE for
+# ring INDEX of PORT (from its debug log line "port=PORT ... ring INDEX stopped at N"), i.e.
+# where the device stopped consuming: every avail entry before it was consumed. Prints
+# nothing when the log has no such line (VDPA_LOG_LEVEL above debug).
+ring_stopped_at() {
+    sed -n "s/.*port=$1 .*\\] ring $2 stopped at \\([0-9][0-9]*\\)\$/\\1/p" "$TMP/vdpad.log" | tail -n 1
 }
