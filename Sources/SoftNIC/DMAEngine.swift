@@ -50,8 +50,6 @@ final class DMAEngine: @unchecked Sendable {
     var sourceSent: UInt64 = 0
     var sourceNextRing = 0
     var rxRoundRobin = 0
-    /// Frames received from the link that could not be delivered (no RX ring running).
-    let linkDrops = Atomic<UInt64>(0)
 
     // Device buffers (preallocated once).
     let frameBuffer: UnsafeMutableRawPointer
@@ -289,26 +287,31 @@ final class DMAEngine: @unchecked Sendable {
         var timeout: Int32 = -1
         var raced = false
         var pollsWithoutDoorbell = false
-        var hasRX = false
         let wantRXDoorbells = waitsForRXBuffers
+        if case .source(_, let rate) = link, rate > 0, hasRunningRX {
+            // Sleep until the next frame is due (at least 1 ms; the generator catches up then).
+            let now = cvdpa_monotonic_ns()
+            let dueAt = sourceStartNs &+ UInt64(Double(sourceSent &+ 1) * 1e9 / Double(rate))
+            if sourceStartNs != 0 && dueAt <= now { return }
+            timeout = sourceStartNs == 0 ? 1 : Int32(max(1, min(1000, (dueAt &- now) / 1_000_000)))
+        }
         // Index loops throughout: generic iteration allocates in unoptimised builds.
         var i = 0
         while i < active.count {
             let r = active[i]
             i &+= 1
             if r.kick == nil { pollsWithoutDoorbell = true }
-            if r.isRX { hasRX = true }
             guard let q = r.queue else { continue }
             // RX rings only need doorbells when the device waits for buffers.
             if r.isRX && !wantRXDoorbells { continue }
+            // A rate-limited source waits for its next frame, not for buffers: buffers being
+            // there is its normal state, not a race.
+            if r.isRX, case .source(_, let rate) = link, rate > 0 { continue }
             if q.enableNotifications(eventIdx: eventIdx, lastAvailIndex: r.lastAvail) { raced = true }
             r.notificationsEnabled = true
             // While a relay consumes this ring's interrupts, the notification state it just wrote
             // reaches the guest only through the relay: tell it.
             if r.interruptEveryBatch && r.callFD >= 0 { EventFD.signal(r.callFD) }
-        }
-        if case .source(_, let rate) = link, rate > 0, hasRX {
-            timeout = 1
         }
         // A ring the frontend asked us to poll (SET_VRING_KICK without an fd) has no doorbell.
         if pollsWithoutDoorbell { timeout = 1 }
@@ -335,6 +338,15 @@ final class DMAEngine: @unchecked Sendable {
                 r.notificationsEnabled = false
             }
         }
+    }
+
+    var hasRunningRX: Bool {
+        var i = 0
+        while i < active.count {
+            if active[i].isRX { return true }
+            i &+= 1
+        }
+        return false
     }
 
     var waitsForRXBuffers: Bool {
@@ -608,8 +620,9 @@ final class DMAEngine: @unchecked Sendable {
                 let got = read(t.raw, frameBuffer, Self.frameBufferSize)
                 if got <= 0 { break }
                 n += 1
-                if got > LinkSpec.maxFrame { continue }
-                guard let rx = nextRX() else { _ = linkDrops.wrappingAdd(1, ordering: .relaxed); continue }
+                if got > LinkSpec.maxFrame { rings[0].stats.drop(.frameTooLarge); continue }
+                // Like a NIC without RX descriptors: a frame that finds no running RX ring is dropped.
+                guard let rx = nextRX() else { rings[0].stats.drop(.noBuffer); continue }
                 deliver(UnsafeRawPointer(frameBuffer), length: got, to: rx)
             }
             return n
@@ -619,11 +632,11 @@ final class DMAEngine: @unchecked Sendable {
             while n < Self.batch, let (p, len) = w.peek() {
                 guard let rx = nextRX() else {
                     w.pop()
-                    _ = linkDrops.wrappingAdd(1, ordering: .relaxed)
+                    rings[0].stats.drop(.noBuffer)  // no RX ring running: counted on RX queue 0
                     n += 1
                     continue
                 }
-                if !deliver(p, length: len, to: rx) {
+                if !deliver(p, length: len, to: rx, countDrop: false) {
                     // No buffer: keep the frame until the guest posts more (the ring holds 4096).
                     break
                 }
