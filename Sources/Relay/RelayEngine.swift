@@ -233,34 +233,64 @@ public final class RelayEngine: @unchecked Sendable {
         return Int(n)
     }
 
-    /// Marks the first `length` bytes of the chain's writable buffers (walking indirect tables).
-    /// Returns the number of page marks made.
+    /// Marks the first `length` bytes of the chain's writable buffers, walking indirect tables.
+    /// Buffer addresses are marked as guest-physical addresses, never translated: only the
+    /// descriptor table (translated at attach) and an indirect table are read. The walk has its
+    /// own bounds (index range, TTL, one level of indirection); a chain the guest broke since the
+    /// device completed it stops the walk and is counted. Returns the number of pages marked.
     @inline(__always)
     func markWritten(_ q: RelayQueue, head: UInt16, length: UInt32, batch: inout DirtyLog.Batch, publishIndex: UInt16) -> UInt64 {
         guard let g = q.guest else { return 0 }
-        let chain: DescriptorChain
-        do { chain = try q.walker.walk(head: head, queue: g, memory: view) } catch {
-            // The device completed it, so the chain was valid then; the guest changed it since.
-            q.counters.errors.wrappingAdd(1, ordering: .relaxed)
-            return 0
-        }
+        var table = UnsafeRawPointer(g.descriptorTable)
+        var tableSize = UInt32(q.config.size)
+        var index = UInt32(head)
+        var ttl = tableSize
+        var indirect = false
         var remaining = UInt64(length)
         var pages: UInt64 = 0
-        for seg in chain where seg.isWritable {
-            if remaining == 0 { break }
-            let m = min(UInt64(seg.length), remaining)
-            if !skipBufferMarking { batch.mark(gpa: seg.gpa, length: m) }
-            if let j = journal {
-                var sum: UInt64 = 0xcbf2_9ce4_8422_2325
-                let p = UnsafeRawPointer(seg.host)
-                for k in 0..<Int(m) { sum = (sum ^ UInt64(p.load(fromByteOffset: k, as: UInt8.self))) &* 0x100_0000_01b3 }
-                j.record(ring: q.config.index, gpa: seg.gpa, length: UInt32(m), checksum: sum, marked: !skipBufferMarking,
-                         publishIndex: publishIndex)
+        while remaining > 0 {
+            guard index < tableSize, ttl > 0 else {
+                q.counters.errors.wrappingAdd(1, ordering: .relaxed)
+                break
             }
-            pages &+= ((seg.gpa &+ m &- 1) >> 12) &- (seg.gpa >> 12) &+ 1
-            remaining &-= m
+            let d = VirtqDescriptor(copyingFrom: table + 16 * Int(index))
+            ttl &-= 1
+            if d.flags.contains(.indirect) {
+                guard !indirect, d.len >= 16, d.len % 16 == 0,
+                      let t = view.hostPointer(gpa: d.addr, length: UInt64(d.len)) else {
+                    q.counters.errors.wrappingAdd(1, ordering: .relaxed)
+                    break
+                }
+                indirect = true
+                table = UnsafeRawPointer(t)
+                tableSize = d.len / 16
+                ttl = tableSize
+                index = 0
+                continue
+            }
+            if d.flags.contains(.write) && d.len > 0 {
+                let m = min(UInt64(d.len), remaining)
+                if !skipBufferMarking {
+                    batch.mark(gpa: d.addr, length: m)
+                    pages &+= ((d.addr &+ m &- 1) >> 12) &- (d.addr >> 12) &+ 1
+                }
+                if let j = journal { journalRange(j, q, gpa: d.addr, length: m, publishIndex: publishIndex) }
+                remaining &-= m
+            }
+            guard d.flags.contains(.next) else { break }
+            index = UInt32(d.next)
         }
         return pages
+    }
+
+    /// Test-only: journals one device-written range with a checksum of its bytes now.
+    func journalRange(_ j: any RelayJournal, _ q: RelayQueue, gpa: UInt64, length: UInt64, publishIndex: UInt16) {
+        var sum: UInt64 = 0xcbf2_9ce4_8422_2325
+        if let p = view.hostPointer(gpa: gpa, length: length) {
+            for k in 0..<Int(length) { sum = (sum ^ UInt64(p.load(fromByteOffset: k, as: UInt8.self))) &* 0x100_0000_01b3 }
+        }
+        j.record(ring: q.config.index, gpa: gpa, length: UInt32(length), checksum: sum, marked: !skipBufferMarking,
+                 publishIndex: publishIndex)
     }
 
     // MARK: loop

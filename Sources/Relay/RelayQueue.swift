@@ -47,7 +47,6 @@ final class RelayQueue {
     /// The device signals this eventfd when it completes into the mediated ring.
     let deviceCall: SharedFD
     var guest: SplitQueue?
-    var walker: DescriptorChainWalker
     var lastRelayed: UInt16
     var lastFlags: UInt16
     var lastAvailEvent: UInt16
@@ -59,7 +58,6 @@ final class RelayQueue {
         self.mediated = mediated
         reader = UsedRingReader(size: config.size, used: mediated.base)
         self.deviceCall = deviceCall
-        walker = DescriptorChainWalker(capacity: config.size, indirectAllowed: config.indirect)
         lastRelayed = startIndex
         lastFlags = 0xFFFF
         lastAvailEvent = 0

@@ -35,6 +35,7 @@ final class DMAEngine: @unchecked Sendable {
     var indirect = false
     var headerLength = 12
     var active: [EngineRing] = []
+    var activeRX: [EngineRing] = []
 
     // Link state.
     enum LinkKind { case consume, loopback, tap, wire }
@@ -143,6 +144,7 @@ final class DMAEngine: @unchecked Sendable {
 
     func rebuildActive() {
         active = rings.filter(\.running)
+        activeRX = active.filter(\.isRX)
     }
 
     func fault(_ ring: EngineRing, _ text: String) {
@@ -479,26 +481,21 @@ final class DMAEngine: @unchecked Sendable {
         var problem: DropReason?
         var faultText: String?
 
-        /// Makes sure avail entry `idx` exists (reloading avail.idx when needed).
-        func available(_ idx: UInt16) -> Bool {
-            if idx != availCache { return true }
-            let a = q.loadAvailIndex()
-            if a &- start > q.size {
-                faultText = "avail index jumped from \(start) to \(a), more than the ring size \(q.size)"
-                return false
-            }
-            availCache = a
-            if idx == a { problem = .noBuffer; return false }
-            return true
-        }
-
         // First, make sure the frame fits in the buffers the guest posted, so that no byte is
         // written into a buffer the frame then does not use (while a migration runs, such bytes
         // would be written but never marked). The common case, one chain large enough, walks once.
         var chainsNeeded = 1
-        if available(start) {
+        if ensureAvailable(start, q, start, &availCache, &problem, &faultText) {
             do {
-                let first = try r.walker.walk(head: q.availHead(at: start), queue: q, memory: view)
+                let head = q.availHead(at: start)
+                let first = try r.walker.walk(head: head, queue: q, memory: view)
+                if first.writableBytes >= UInt64(needed) {
+                    // The common case: one chain holds the frame. Write it from this walk.
+                    if let done = writeSingle(first, head: head, frame: frame, length: length, into: r, q: q) {
+                        r.availCache = availCache
+                        return done
+                    }
+                }
                 if first.writableBytes < UInt64(needed) {
                     if !mergeable {
                         problem = .bufferTooSmall
@@ -506,7 +503,7 @@ final class DMAEngine: @unchecked Sendable {
                         var room = first.writableBytes
                         var idx = start &+ 1
                         while room < UInt64(needed) {
-                            guard available(idx) else { break }
+                            guard ensureAvailable(idx, q, start, &availCache, &problem, &faultText) else { break }
                             let c = try r.walker.walk(head: q.availHead(at: idx), queue: q, memory: view)
                             if c.writableBytes == 0 { problem = .bufferTooSmall; break }
                             room += c.writableBytes
@@ -585,6 +582,59 @@ final class DMAEngine: @unchecked Sendable {
         if hdr == 12, let p = numBuffersAt { p.storeBytes(of: buffers.littleEndian, as: UInt16.self) }
         r.lastAvail = idx
         r.usedIdx = used
+        r.pendingPackets &+= 1
+        r.pendingBytes &+= UInt64(length)
+        return true
+    }
+
+    /// Makes sure avail entry `idx` exists, reloading avail.idx when needed. (A method with inout
+    /// parameters rather than a nested function: captured variables would be boxed on the heap in
+    /// unoptimised builds.)
+    @inline(__always)
+    func ensureAvailable(_ idx: UInt16, _ q: SplitQueue, _ start: UInt16, _ availCache: inout UInt16,
+                         _ problem: inout DropReason?, _ faultText: inout String?) -> Bool {
+        if idx != availCache { return true }
+        let a = q.loadAvailIndex()
+        if a &- start > q.size {
+            faultText = "avail index jumped from \(start) to \(a), more than the ring size \(q.size)"
+            return false
+        }
+        availCache = a
+        if idx == a { problem = .noBuffer; return false }
+        return true
+    }
+
+    /// Writes a frame that fits in one chain (already walked). Returns nil when the chain's first
+    /// writable buffer cannot hold the header (the caller then takes the general path).
+    @inline(__always)
+    func writeSingle(_ chain: DescriptorChain, head: UInt16, frame: UnsafeRawPointer, length: Int, into r: EngineRing,
+                     q: SplitQueue) -> Bool? {
+        let hdr = headerLength
+        var k = chain.firstWritableIndex
+        guard k < chain.count, Int(chain[k].length) >= hdr else { return nil }
+        let first = chain[k].host
+        first.initializeMemory(as: UInt8.self, repeating: 0, count: hdr)
+        // num_buffers = 1 (it exists in the 12-byte header).
+        if hdr == 12 { first.storeBytes(of: UInt16(1).littleEndian, toByteOffset: 10, as: UInt16.self) }
+        var written = 0
+        var dst = first + hdr
+        var room = Int(chain[k].length) - hdr
+        while true {
+            let n = min(room, length - written)
+            if n > 0 {
+                dst.copyMemory(from: frame + written, byteCount: n)
+                written += n
+            }
+            k &+= 1
+            if written == length || k >= chain.count { break }
+            let seg = chain[k]
+            if !seg.isWritable { continue }
+            dst = seg.host
+            room = Int(seg.length)
+        }
+        q.writeUsedElement(at: r.usedIdx, id: UInt32(head), length: UInt32(hdr + written))
+        r.usedIdx &+= 1
+        r.lastAvail &+= 1
         r.pendingPackets &+= 1
         r.pendingBytes &+= UInt64(length)
         return true
@@ -669,9 +719,30 @@ final class DMAEngine: @unchecked Sendable {
             if due <= sourceSent { return 0 }
             budget = Int(min(due - sourceSent, UInt64(Self.batch)))
         }
+        let count = activeRX.count
+        if count == 0 { return 0 }
+        if count == 1 {
+            // One ring: hold it for the whole batch (no reference counting per frame).
+            return source(into: activeRX[0], size: size, rate: rate, budget: budget)
+        }
+        // Several rings: round-robin per frame.
+        var n = 0
+        var misses = 0
+        while n < budget && misses < count {
+            let r = activeRX[sourceNextRing % count]
+            sourceNextRing &+= 1
+            if source(into: r, size: size, rate: rate, budget: 1) == 0 { misses += 1 } else { misses = 0 }
+            n += 1
+        }
+        return n
+    }
+
+    /// Generates up to `budget` frames into one ring. Returns the frames generated (delivered,
+    /// or dropped for want of a buffer at a set rate).
+    @inline(__always)
+    func source(into rx: EngineRing, size: Int, rate: UInt64, budget: Int) -> Int {
         var n = 0
         while n < budget {
-            guard let rx = nextRX() else { return n }
             let seq = (sourceEpoch << 48) | (sourceSequence & 0xFFFF_FFFF_FFFF)
             sourceTemplate.storeBytes(of: seq.bigEndian, toByteOffset: 14, as: UInt64.self)
             if deliver(UnsafeRawPointer(sourceTemplate), length: size, to: rx, countDrop: rate > 0) {
