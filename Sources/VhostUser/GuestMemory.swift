@@ -112,14 +112,22 @@ public final class GuestMemoryTable: @unchecked Sendable {
 
 /// See `GuestMemoryTable.view`.
 public struct GuestMemoryView: GuestMemoryAccess {
-    public struct Region {
+    public struct Region: Sendable {
         public var gpa: UInt64
         public var size: UInt64
+        /// Host address of `gpa` (a live mapping, kept alive by whoever owns the region buffer).
         public var host: UInt
+        public init(gpa: UInt64, size: UInt64, host: UInt) { self.gpa = gpa; self.size = size; self.host = host }
     }
-    // Safety: points into a live GuestMemoryTable's region buffer; holders keep the table alive.
+    // Safety: points into a live region buffer (a GuestMemoryTable's, or a device IOMMU table's);
+    // holders keep that owner alive while they use the view.
     @usableFromInline let base: UnsafePointer<Region>
     @usableFromInline let count: Int
+
+    public init(base: UnsafePointer<Region>, count: Int) {
+        self.base = base
+        self.count = count
+    }
 
     @inlinable @inline(__always)
     public func hostPointer(gpa: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {

@@ -12,6 +12,24 @@ struct Vdpactl: ParsableCommand {
     struct Options: ParsableArguments {
         @Option(help: "Control socket path.")
         var control: String = "/run/vdpad/control.sock"
+
+        /// Sends one command; prints the raw JSON with `json`, otherwise decodes it as `T`.
+        func fetch<T: Decodable>(_ command: String, as: T.Type, json: Bool) throws -> T? {
+            let data: Data
+            do { data = try ControlClient.request(command, controlPath: control) } catch {
+                FileHandle.standardError.write(Data("vdpactl: cannot reach vdpad at \(control): \(error)\n".utf8))
+                throw ExitCode(1)
+            }
+            if json {
+                print(String(decoding: data, as: UTF8.self))
+                return nil
+            }
+            guard let value = try? JSONDecoder().decode(T.self, from: data) else {
+                FileHandle.standardError.write(Data("vdpactl: unexpected reply: \(String(decoding: data, as: UTF8.self))\n".utf8))
+                throw ExitCode(1)
+            }
+            return value
+        }
     }
 
     struct Stats: ParsableCommand {
@@ -21,19 +39,7 @@ struct Vdpactl: ParsableCommand {
         var json = false
 
         func run() throws {
-            let data: Data
-            do { data = try ControlClient.request("stats", controlPath: options.control) } catch {
-                FileHandle.standardError.write(Data("vdpactl: cannot reach vdpad at \(options.control): \(error)\n".utf8))
-                throw ExitCode(1)
-            }
-            if json {
-                print(String(decoding: data, as: UTF8.self))
-                return
-            }
-            guard let stats = try? JSONDecoder().decode(DaemonStats.self, from: data) else {
-                FileHandle.standardError.write(Data("vdpactl: unexpected reply: \(String(decoding: data, as: UTF8.self))\n".utf8))
-                throw ExitCode(1)
-            }
+            guard let stats = try options.fetch("stats", as: DaemonStats.self, json: json) else { return }
             for p in stats.ports {
                 print("\(p.id)  \(p.device)")
                 for q in p.queues {
@@ -52,19 +58,7 @@ struct Vdpactl: ParsableCommand {
         var json = false
 
         func run() throws {
-            let data: Data
-            do { data = try ControlClient.request("status", controlPath: options.control) } catch {
-                FileHandle.standardError.write(Data("vdpactl: cannot reach vdpad at \(options.control): \(error)\n".utf8))
-                throw ExitCode(1)
-            }
-            if json {
-                print(String(decoding: data, as: UTF8.self))
-                return
-            }
-            guard let status = try? JSONDecoder().decode(DaemonStatus.self, from: data) else {
-                FileHandle.standardError.write(Data("vdpactl: unexpected reply: \(String(decoding: data, as: UTF8.self))\n".utf8))
-                throw ExitCode(1)
-            }
+            guard let status = try options.fetch("status", as: DaemonStatus.self, json: json) else { return }
             for p in status.ports {
                 print("\(p.id)  \(p.role) \(p.socket)  \(p.connection)")
                 print("  device: \(p.device)")
