@@ -192,8 +192,15 @@ public final class RelayEngine: @unchecked Sendable {
             if c.deviceWritesBuffers && length > 0 && id < UInt32(c.size) {
                 marks &+= markWritten(q, head: UInt16(id), length: length, batch: &batch, publishIndex: deviceIndex)
             }
-            batch.mark(gpa: c.usedLogGPA &+ 4 &+ 8 &* UInt64(i & (c.size &- 1)), length: 8)
             i &+= 1
+        }
+        if n > 0 {
+            // The used entries [old, deviceIndex): one or two contiguous slot ranges (the ring wraps).
+            let first = UInt64(old & (c.size &- 1))
+            let count = UInt64(n)
+            let tail = min(count, UInt64(c.size) &- first)
+            batch.mark(gpa: c.usedLogGPA &+ 4 &+ 8 &* first, length: 8 &* tail)
+            if count > tail { batch.mark(gpa: c.usedLogGPA &+ 4, length: 8 &* (count &- tail)) }
         }
         var notificationsEnabled = false
         if notifyChanged {
@@ -296,6 +303,16 @@ public final class RelayEngine: @unchecked Sendable {
     // MARK: loop
 
     private func run() {
+        if mode == .event {
+            // The event loop sleeps between batches; real-time priority lets it run as soon as the
+            // device's interrupt wakes it, even while busy-polling threads hold every core (the
+            // switchover gap is mostly that wake-up). It blocks after every step, so it cannot
+            // starve them. Without the privilege it runs at normal priority.
+            var param = sched_param(sched_priority: 1)
+            if pthread_setschedparam(pthread_self(), SCHED_FIFO, &param) != 0 {
+                logger.debug("relay: SCHED_FIFO not permitted; the event loop runs at normal priority")
+            }
+        }
         var idleSince: UInt64 = 0
         var idle = false
         while !stopping {
@@ -309,6 +326,9 @@ public final class RelayEngine: @unchecked Sendable {
                 busyElements.wrappingAdd(UInt64(moved), ordering: .relaxed)
                 cpuNanos.store(t1, ordering: .relaxed)
                 idle = false
+                // The event loop goes back to epoll after every step: the device's eventfd keeps
+                // count, so a batch completed meanwhile wakes it at once.
+                if mode == .event { sleepOnEvents() }
                 continue
             }
             if active.isEmpty {

@@ -435,3 +435,29 @@ final class SoftNICDataPathTests: XCTestCase {
         XCTAssertEqual(g.usedArea(0), rxArea, "the stopped RX ring was written")
     }
 }
+
+/// Multi-queue: the second queue pair works on its own rings.
+final class SoftNICMultiQueueTests: XCTestCase {
+    var daemon: SoftNICTestDaemon?
+
+    override func tearDown() {
+        daemon?.stop()
+        daemon = nil
+    }
+
+    func testSecondQueuePairLoopsBack() throws {
+        let d = try SoftNICTestDaemon([.init(id: "mq", link: "loopback", queuePairs: 2)])
+        daemon = d
+        let g = try d.connect("mq")
+        for i: UInt32 in 0..<4 { try g.startRing(i) }
+        g.postRX(count: 8, ring: 2)
+        let frames = (0..<8).map { TestFrames.make(length: 80, seed: 100 + $0) }
+        g.sendAndComplete(frames, ring: 3)
+        let got = g.receive(8, ring: 2)
+        XCTAssertEqual(got.map(\.frame), frames)
+        XCTAssertEqual(d.counters("mq", 3).packets, 8)
+        XCTAssertEqual(d.counters("mq", 2).packets, 8)
+        XCTAssertEqual(d.counters("mq", 1).packets, 0, "pair 0 saw nothing")
+        XCTAssertEqual(d.counters("mq", 0).packets, 0)
+    }
+}
