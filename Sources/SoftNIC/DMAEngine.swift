@@ -58,7 +58,7 @@ final class DMAEngine: @unchecked Sendable {
     let sourceTemplate: UnsafeMutableRawPointer
     let epoll: Epoll
 
-    static let batch = 256
+    static let batch = 64
     /// How long the engine keeps polling after its last work before it sleeps.
     static let pollNanos: UInt64 = 200_000
     static let wakeToken: UInt64 = 0
