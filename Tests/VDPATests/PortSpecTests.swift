@@ -1,4 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Foundation
+import Logging
 import Platform
 import XCTest
 @testable import VDPA
@@ -47,5 +51,22 @@ final class PortSpecTests: XCTestCase {
                                         controlPath: nil, logger: .init(label: "t")))
         XCTAssertThrowsError(try Daemon(specs: [PortSpec(id: "a", socketPath: "/tmp/1"), PortSpec(id: "b", socketPath: "/tmp/1")],
                                         controlPath: nil, logger: .init(label: "t")))
+    }
+
+    func testSocketGroupAndMode() throws {
+        let dir = "/tmp/vdpa-own-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var logger = Logger(label: "t")
+        logger.logLevel = .critical
+        let d = try Daemon(specs: [PortSpec(id: "p", socketPath: dir + "/p.sock")], controlPath: dir + "/c.sock", logger: logger)
+        let group = getgid() == 0 ? 1 : getgid()  // a group other than root's when run as root
+        try d.start(ownership: SocketOwnership(group: group, mode: 0o660))
+        defer { d.stop() }
+        for path in [dir + "/p.sock", dir + "/c.sock"] {
+            var st = stat()
+            XCTAssertEqual(stat(path, &st), 0)
+            XCTAssertEqual(st.st_mode & 0o777, 0o660, path)
+            XCTAssertEqual(st.st_gid, group, path)
+        }
     }
 }
