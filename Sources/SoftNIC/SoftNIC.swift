@@ -25,6 +25,11 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         | VirtioFeature.ringEventIdx | VirtioFeature.ringIndirectDesc | VirtioNetFeature.guestAnnounce
 
     public var virtioFeatures: UInt64 { Self.deviceFeatures }
+    public var protocolFeatures: UInt64 { BackendConfig.offeredProtocolFeatures }
+
+    /// Nothing to restore: the SoftNIC keeps no state a migration would have to carry beyond
+    /// the ring positions vhost-user already passes (SET_VRING_BASE).
+    public func migrationDone() {}
     public var summary: String {
         "softnic link=\(link) mac=\(Frames.format(mac))" + (guestMAC.map { " guest-mac=\(Frames.format($0))" } ?? "")
     }

@@ -62,6 +62,8 @@ public protocol VDPADevice: AnyObject, Sendable {
     var queuePairs: Int { get }
     /// Virtio features the device offers (the port adds vhost-user's own bits).
     var virtioFeatures: UInt64 { get }
+    /// vhost-user protocol features the device supports (the port offers these).
+    var protocolFeatures: UInt64 { get }
     /// Negotiated virtio features.
     func setFeatures(_ features: UInt64)
     /// Programs the device's IOMMU from the frontend's memory table (IOVA = guest-physical).
@@ -88,6 +90,8 @@ public protocol VDPADevice: AnyObject, Sendable {
     /// Removes an IOMMU mapping made by `redirectUsedRing`.
     func unmapIOVA(_ iova: UInt64)
 
+    /// The migration has completed on this side (the destination; DPDK calls this on SEND_RARP).
+    func migrationDone()
     /// SEND_RARP: announce `mac` on the device's link. False if it cannot.
     func sendRARP(mac: [UInt8]) -> Bool
     /// Per-queue counters.

@@ -135,7 +135,9 @@ final class DeviceBinding: VhostUserDeviceHooks {
     }
 
     func sendRARP(_ session: BackendSession, mac: [UInt8]) -> Bool {
-        device.sendRARP(mac: mac)
+        // QEMU sends SEND_RARP on the destination once the migration has completed.
+        device.migrationDone()
+        return device.sendRARP(mac: mac)
     }
 
     func statusChanged(_ session: BackendSession) {}

@@ -40,7 +40,8 @@ public final class Port: Sendable {
         self.options = options
         if let device {
             config = BackendConfig(queuePairs: spec.queuePairs,
-                                   virtioFeatures: device.virtioFeatures | VirtioFeature.vhostLogAll | VirtioFeature.vhostUserProtocolFeatures)
+                                   virtioFeatures: device.virtioFeatures | VirtioFeature.vhostLogAll | VirtioFeature.vhostUserProtocolFeatures,
+                                   protocolFeatures: device.protocolFeatures)
         } else {
             config = BackendConfig(queuePairs: spec.queuePairs)
         }
