@@ -40,22 +40,7 @@ wait_status 45 --port vdpa0 --connection connected --feature-bit 32 --ring 0 --r
 
 moving() { load_stats vdpa0 s; (($(qstat s 0 packets) > 10 * burst)); }
 wait_until 20 "frames to circulate (vdpad RX > $((10 * burst)))" moving
-t0=$(date +%s.%N)
-sleep "$secs"
-alive testpmd || fail "testpmd exited during the traffic"
-load_stats vdpa0 mid
-no_faults mid "during traffic"
-
-stop testpmd INT 20
-rc=$?
-t1=$(date +%s.%N)
-((rc == 0)) || fail "testpmd exited with status $rc after SIGINT (expected a clean 0)"
-testpmd_fwd_stats testpmd
-((tp_bye == 1)) || fail "testpmd did not finish cleanly (no 'Bye...')"
-wait_status 15 --port vdpa0 --connection listening
-alive vdpad || fail "vdpad exited after testpmd stopped"
-load_stats vdpa0 s
-no_faults s
+traffic_window "$secs"
 
 dev_rx=$(qstat s 0 packets) dev_tx=$(qstat s 1 packets) dev_rx_drops=$(qstat s 0 drops)
 counts="testpmd TX $tp_tx TX-dropped $tp_tx_dropped RX $tp_rx RX-dropped $tp_rx_dropped; vdpad TX $dev_tx RX $dev_rx RX-drops $dev_rx_drops TX-drops $(qstat s 1 drops)"

@@ -41,22 +41,7 @@ ring_size=$(vdpa_status | python3 -c 'import json,sys; d=json.load(sys.stdin); p
 
 tx_moving() { load_stats vdpa0 s; (($(qstat s 1 packets) > 0)); }
 wait_until 20 "vdpad's TX queue to count frames" tx_moving
-t0=$(date +%s.%N)
-sleep "$secs"
-alive testpmd || fail "testpmd exited during the traffic"
-load_stats vdpa0 mid
-no_faults mid "during traffic"
-
-stop testpmd INT 20
-rc=$?
-t1=$(date +%s.%N)
-((rc == 0)) || fail "testpmd exited with status $rc after SIGINT (expected a clean 0)"
-testpmd_fwd_stats testpmd
-((tp_bye == 1)) || fail "testpmd did not finish cleanly (no 'Bye...')"
-wait_status 15 --port vdpa0 --connection listening
-alive vdpad || fail "vdpad exited after testpmd stopped"
-load_stats vdpa0 s
-no_faults s
+traffic_window "$secs"
 
 dev_tx=$(qstat s 1 packets) dev_bytes=$(qstat s 1 bytes) dev_drops=$(qstat s 1 drops)
 ((tp_tx > 0)) || fail "testpmd sent nothing (TX-packets 0)"

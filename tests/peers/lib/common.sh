@@ -423,3 +423,25 @@ cpu_ticks() {
 ring_stopped_at() {
     sed -n "s/.*port=$1 .*\\] ring $2 stopped at \\([0-9][0-9]*\\)\$/\\1/p" "$TMP/vdpad.log" | tail -n 1
 }
+
+# traffic_window SECONDS: lets testpmd's traffic run for SECONDS (testpmd must stay up and
+# vdpad report no fault), stops testpmd with SIGINT (it must exit 0 after printing its final
+# statistics, read into tp_* by testpmd_fwd_stats), waits for port vdpa0 to listen again and
+# loads vdpad's stats as "s" (no faults). Sets t0 and t1 around the window.
+traffic_window() {
+    t0=$(date +%s.%N)
+    sleep "$1"
+    alive testpmd || fail "testpmd exited during the traffic"
+    load_stats vdpa0 mid
+    no_faults mid "during traffic"
+    stop testpmd INT 20
+    local rc=$?
+    t1=$(date +%s.%N)
+    ((rc == 0)) || fail "testpmd exited with status $rc after SIGINT (expected a clean 0)"
+    testpmd_fwd_stats testpmd
+    ((tp_bye == 1)) || fail "testpmd did not finish cleanly (no 'Bye...')"
+    wait_status 15 --port vdpa0 --connection listening
+    alive vdpad || fail "vdpad exited after testpmd stopped"
+    load_stats vdpa0 s
+    no_faults s
+}
