@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2154  # t0, t1 and tp_* are set by traffic_window and testpmd_fwd_stats (lib/common.sh)
 # vdpad with link=loopback (every TX frame comes back on RX) against testpmd's virtio-user
 # port in io mode with --tx-first: testpmd sends one burst (32 frames of 64 bytes), then
 # sends back whatever it receives, so the burst circulates testpmd -> TX ring -> device ->

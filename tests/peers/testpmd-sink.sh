@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2154  # t0, t1 and tp_* are set by traffic_window and testpmd_fwd_stats (lib/common.sh)
 # vdpad with link=sink against testpmd's virtio-user port in txonly mode (64-byte frames)
 # for a few seconds; testpmd is stopped with SIGINT so it prints its final forward
 # statistics, and then its TX-packets must equal the packets vdpad's TX queue (1) counted,

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2154  # t0, t1 and tp_* are set by traffic_window and testpmd_fwd_stats (lib/common.sh)
 # vdpad with link=source (64-byte frames, rate 0 = as fast as the guest posts buffers)
 # against testpmd's virtio-user port in rxonly mode for a few seconds; testpmd is stopped
 # with SIGINT so it prints its final forward statistics. Then testpmd's RX-packets and the
