@@ -59,11 +59,7 @@ guest_exec vm1 'for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f;
 
 # Idle: the guest sends nothing; the engine must be asleep.
 sleep 1
-hz=$(getconf CLK_TCK)
-c0=$(cpu_ticks "${PIDS[vdpad]}") && w0=$(date +%s.%N)
-sleep 3
-c1=$(cpu_ticks "${PIDS[vdpad]}") && w1=$(date +%s.%N)
-idle_cpu=$(awk -v c="$((c1 - c0))" -v hz="$hz" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.1f", 100 * c / hz / (b - a) }')
+idle_cpu=$(cpu_percent "${PIDS[vdpad]}" 3)
 log "vdpad idle CPU ${idle_cpu}%"
 awk -v x="$idle_cpu" -v m="${TAP_IDLE_CPU_MAX:-20}" 'BEGIN { exit !(x <= m) }' ||
     fail "vdpad used ${idle_cpu}% of a core over 3 s while the guest was idle (limit ${TAP_IDLE_CPU_MAX:-20}%)"

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2154  # tp_* are set by testpmd_fwd_stats (lib/common.sh)
 # Two wired ports of one vdpad (vdpa0 link=wire:vdpa1, vdpa1 link=wire:vdpa0), a testpmd
 # virtio-user frontend on each. B (on vdpa1) is interactive and does not forward at first:
 # its RX ring holds the buffers it posted, nobody takes them. A (on vdpa0) sends 64-byte
@@ -39,11 +40,7 @@ ring_size=$(vdpa_status | python3 -c 'import json,sys; d=json.load(sys.stdin); p
     fail "cannot read B's RX ring size"
 
 # Idle: B connected and not forwarding, A not there yet: vdpad should not use the CPU.
-hz=$(getconf CLK_TCK)
-c0=$(cpu_ticks "${PIDS[vdpad]}") && w0=$(date +%s.%N)
-sleep 2
-c1=$(cpu_ticks "${PIDS[vdpad]}") && w1=$(date +%s.%N)
-idle_cpu=$(awk -v c="$((c1 - c0))" -v hz="$hz" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.1f", 100 * c / hz / (b - a) }')
+idle_cpu=$(cpu_percent "${PIDS[vdpad]}" 2)
 log "vdpad CPU while B is connected and idle: ${idle_cpu}%"
 
 # A: txonly.

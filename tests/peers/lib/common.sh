@@ -445,3 +445,14 @@ traffic_window() {
     load_stats vdpa0 s
     no_faults s
 }
+
+# cpu_percent PID SECONDS: prints the share of one core (percent, one decimal) that process
+# PID used over the next SECONDS.
+cpu_percent() {
+    local hz c0 c1 w0 w1
+    hz=$(getconf CLK_TCK)
+    c0=$(cpu_ticks "$1") && w0=$(date +%s.%N)
+    sleep "$2"
+    c1=$(cpu_ticks "$1") && w1=$(date +%s.%N)
+    awk -v c="$((c1 - c0))" -v hz="$hz" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.1f", 100 * c / hz / (b - a) }'
+}
