@@ -32,3 +32,43 @@ public enum EventFD {
         }
     }
 }
+
+/// Why a frontend's fd cannot serve as a kick, call or error eventfd.
+public enum EventFDCheckError: Error, CustomStringConvertible, Equatable {
+    case notAnEventFD(kind: String)
+    case system(SystemError)
+    public var description: String {
+        switch self {
+        case .notAnEventFD(let kind): return "not an eventfd (it is \(kind))"
+        case .system(let e): return e.description
+        }
+    }
+}
+
+extension EventFD {
+    /// Checks that a frontend's fd is an eventfd and makes it non-blocking, so that no daemon
+    /// thread can ever block on it: a read of an unsignalled counter and a write to a saturated
+    /// one return EAGAIN instead. (O_NONBLOCK is a property of the open file, which the frontend
+    /// shares: QEMU and DPDK create theirs non-blocking too.)
+    public static func adoptFrontendFD(_ fd: borrowing FileDescriptor) throws(EventFDCheckError) {
+        let kind = fileKind(fd.raw)
+        guard kind == "anon_inode:[eventfd]" else { throw .notAnEventFD(kind: kind) }
+        let flags = fcntl(fd.raw, F_GETFL)
+        guard flags >= 0 else { throw .system(SystemError("fcntl(F_GETFL)", errno: cvdpa_errno())) }
+        if flags & O_NONBLOCK == 0 {
+            guard fcntl(fd.raw, F_SETFL, flags | O_NONBLOCK) == 0 else {
+                throw .system(SystemError("fcntl(F_SETFL, O_NONBLOCK)", errno: cvdpa_errno()))
+            }
+        }
+    }
+
+    /// What /proc says `fd` is ("anon_inode:[eventfd]", "pipe:[123]", "socket:[456]", a path).
+    static func fileKind(_ fd: Int32) -> String {
+        var buffer = [UInt8](repeating: 0, count: 256)
+        let n = buffer.withUnsafeMutableBufferPointer { b in
+            readlink("/proc/self/fd/\(fd)", b.baseAddress!, b.count - 1)
+        }
+        guard n > 0 else { return "unknown (readlink failed: \(String(cString: strerror(cvdpa_errno()))))" }
+        return String(decoding: buffer[0..<n], as: UTF8.self)
+    }
+}

@@ -1,4 +1,5 @@
 import Platform
+import VhostUser
 import Virtio
 
 /// A used ring the daemon owns, that the device completes into while a migration runs.
@@ -12,8 +13,10 @@ public final class MediatedUsedRing: @unchecked Sendable {
     private let mapping: MemoryMapping
     public var base: UnsafeMutableRawPointer { mapping.base }
 
-    /// Reserved IOVA range for mediated rings: far above any guest RAM (2^46 = 64 TiB).
-    public static let iovaBase: UInt64 = 1 << 46
+    /// Reserved IOVA range for mediated rings: far above any guest RAM (2^46 = 64 TiB). The
+    /// session refuses memory regions that reach it, and the device translates guest buffers
+    /// without these mappings, so no guest descriptor can point into a mediated ring.
+    public static let iovaBase: UInt64 = reservedIOVABase
     public static let iovaStride: UInt64 = 1 << 20
 
     public static func iova(forRing index: Int) -> UInt64 { iovaBase + UInt64(index) * iovaStride }

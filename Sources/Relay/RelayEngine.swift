@@ -242,28 +242,33 @@ public final class RelayEngine: @unchecked Sendable {
 
     /// Marks the first `length` bytes of the chain's writable buffers, walking indirect tables.
     /// Buffer addresses are marked as guest-physical addresses, never translated: only the
-    /// descriptor table (translated at attach) and an indirect table are read. The walk has its
-    /// own bounds (index range, TTL, one level of indirection); a chain the guest broke since the
-    /// device completed it stops the walk and is counted. Returns the number of pages marked.
+    /// descriptor table (translated at attach) and an indirect table are read. The walk is bounded
+    /// exactly as the device's walker (DescriptorChainWalker): head and next indices inside their
+    /// table, at most queue-size buffers per chain, one level of indirection only when it was
+    /// negotiated, an indirect descriptor never with NEXT and its length a non-zero multiple of 16.
+    /// A chain the guest broke since the device completed it stops the walk and is counted.
+    /// Returns the number of pages marked.
     @inline(__always)
     func markWritten(_ q: RelayQueue, head: UInt16, length: UInt32, batch: inout DirtyLog.Batch, publishIndex: UInt16) -> UInt64 {
         guard let g = q.guest else { return 0 }
         var table = UnsafeRawPointer(g.descriptorTable)
-        var tableSize = UInt32(q.config.size)
+        let queueSize = UInt32(q.config.size)
+        var tableSize = queueSize
         var index = UInt32(head)
         var ttl = tableSize
+        var buffers: UInt32 = 0
         var indirect = false
         var remaining = UInt64(length)
         var pages: UInt64 = 0
         while remaining > 0 {
-            guard index < tableSize, ttl > 0 else {
+            guard index < tableSize, ttl > 0, buffers < queueSize else {
                 q.counters.errors.wrappingAdd(1, ordering: .relaxed)
                 break
             }
             let d = VirtqDescriptor(copyingFrom: table + 16 * Int(index))
             ttl &-= 1
             if d.flags.contains(.indirect) {
-                guard !indirect, d.len >= 16, d.len % 16 == 0,
+                guard q.config.indirect, !indirect, !d.flags.contains(.next), d.len >= 16, d.len % 16 == 0,
                       let t = view.hostPointer(gpa: d.addr, length: UInt64(d.len)) else {
                     q.counters.errors.wrappingAdd(1, ordering: .relaxed)
                     break
@@ -275,6 +280,7 @@ public final class RelayEngine: @unchecked Sendable {
                 index = 0
                 continue
             }
+            buffers &+= 1
             if d.flags.contains(.write) && d.len > 0 {
                 let m = min(UInt64(d.len), remaining)
                 if !skipBufferMarking {

@@ -29,7 +29,10 @@ final class DMAEngine: @unchecked Sendable {
 
     // Device state (engine thread).
     var iommu = IOMMUTable.empty
-    var view = IOMMUTable.empty.view
+    /// Guest buffers translate here (guest memory only, see IOMMUTable).
+    var view = IOMMUTable.empty.guestView
+    /// Ring areas translate here (guest memory plus the daemon's mediated rings).
+    var ringView = IOMMUTable.empty.view
     var eventIdx = false
     var mergeable = false
     var indirect = false
@@ -161,7 +164,7 @@ final class DMAEngine: @unchecked Sendable {
     func translate(_ ring: EngineRing) {
         guard let c = ring.config else { ring.queue = nil; return }
         do {
-            ring.queue = try SplitQueue(size: c.size, descriptorTableGPA: c.descGPA, availGPA: c.availGPA, usedGPA: c.usedGPA, memory: view)
+            ring.queue = try SplitQueue(size: c.size, descriptorTableGPA: c.descGPA, availGPA: c.availGPA, usedGPA: c.usedGPA, memory: ringView)
         } catch {
             ring.queue = nil
             fault(ring, "ring areas do not translate through the IOMMU: \(error)")
@@ -174,7 +177,8 @@ final class DMAEngine: @unchecked Sendable {
     func setMemory(_ table: GuestMemoryTable) {
         memoryTable = table
         iommu = IOMMUTable(memory: table, extra: extraMappings.values.map { ($0.iova, $0.size, $0.host, $0.owner) })
-        view = iommu.view
+        view = iommu.guestView
+        ringView = iommu.view
         for r in rings where r.config != nil {
             // A faulted ring keeps no pointers into memory that is about to be unmapped.
             if r.failure == nil { translate(r) } else { r.queue = nil }
@@ -194,10 +198,25 @@ final class DMAEngine: @unchecked Sendable {
         r.publishedUsed = c.base
         r.availCache = c.base
         r.enabled = c.enabled
-        r.kick = c.kick
         r.call = c.call
         r.callFD = c.call?.raw ?? -1
-        if let k = c.kick { try? epoll.add(k.raw, token: Self.kickTokenBase + UInt64(c.index)) }
+        if let k = c.kick {
+            // The ring watches its own duplicate of the doorbell: a frontend may give one eventfd
+            // to several rings, and epoll watches each (file, fd) pair once, so each ring keeps
+            // its own watch and stopping one ring leaves the others' doorbells working.
+            do {
+                let own = SharedFD(try k.withFD { fd throws(SystemError) in try fd.duplicate() })
+                try epoll.add(own.raw, token: Self.kickTokenBase + UInt64(c.index))
+                r.kick = own
+            } catch {
+                r.kick = nil
+                r.config = c
+                fault(r, "cannot watch the ring's kick eventfd: \(error)")
+                return
+            }
+        } else {
+            r.kick = nil
+        }
         translate(r)
         r.queue?.disableNotifications(eventIdx: eventIdx)
         r.notificationsEnabled = false

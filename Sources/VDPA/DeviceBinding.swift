@@ -43,6 +43,11 @@ final class DeviceBinding: VhostUserDeviceHooks {
     private var started: Set<Int> = []
     private(set) var relay: RelayEngine?
     private var relayed: [Int: MediatedUsedRing] = [:]
+    /// RX rings started, or running, while LOG_ALL is on but before the frontend has sent the log
+    /// (QEMU's vhost_dev_start order: features with LOG_ALL, memory, rings, then SET_LOG_BASE).
+    /// The device holds them disabled: none of their completions can be logged yet. They go to
+    /// the relay when the log arrives.
+    private var awaitingLog: Set<Int> = []
 
     init(device: any VDPADevice, portID: String, relayMode: RelayLoopMode, migration: MigrationStatsTable,
          testSwitches: TestSwitches, logger: Logger) {
@@ -56,9 +61,9 @@ final class DeviceBinding: VhostUserDeviceHooks {
 
     deinit { relay?.stop() }
 
-    func memoryTableChanged(_ session: BackendSession) {
+    func memoryTableChanged(_ session: BackendSession) throws(VhostUserError) {
         device.setMemoryTable(session.memory.current())
-        relay?.setMemory(session.memory.current())
+        if !relayed.isEmpty { relay?.setMemory(session.memory.current()) }
     }
 
     func ringConfig(_ session: BackendSession, _ index: Int, enabled: Bool) -> VDPARingConfig {
@@ -68,14 +73,20 @@ final class DeviceBinding: VhostUserDeviceHooks {
                               enabled: enabled)
     }
 
-    func vringStarted(_ session: BackendSession, index: Int) {
+    func vringStarted(_ session: BackendSession, index: Int) throws(VhostUserError) {
         device.setMemoryTable(session.memory.current())
-        if session.logAllEnabled && index % 2 == 0 && session.log != nil {
+        if session.logAllEnabled && index % 2 == 0 {
             // A ring started while logging is on starts in relay mode: it is held disabled until
-            // its used ring points at the mediated ring, so no completion escapes the relay.
+            // its used ring points at the mediated ring, so no completion escapes the relay. If the
+            // log has not arrived yet, it stays held until it does.
             device.startRing(ringConfig(session, index, enabled: false))
             started.insert(index)
-            switchToRelay(session, index)
+            guard session.log != nil else {
+                awaitingLog.insert(index)
+                logger.info("ring \(index): started while LOG_ALL is on but before SET_LOG_BASE: held until the log arrives")
+                return
+            }
+            try switchToRelay(session, index)
             device.setRingEnabled(index, session.vrings[index].enabled)
         } else {
             device.startRing(ringConfig(session, index, enabled: session.vrings[index].enabled))
@@ -85,6 +96,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
 
     func vringStopping(_ session: BackendSession, index: Int) -> UInt32? {
         guard started.remove(index) != nil else { return nil }
+        awaitingLog.remove(index)
         let base = device.stopRing(index)
         if let mediated = relayed.removeValue(forKey: index) {
             // The device completed what it took into the mediated ring: relay the rest, mark the
@@ -92,6 +104,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
             relay?.detach(index)
             device.unmapIOVA(MediatedUsedRing.iova(forRing: index))
             _ = mediated
+            releaseRelayStateIfIdle()
         } else if session.logAllEnabled, let log = session.log {
             // A ring kept direct while logging (TX: the device only writes its used ring there):
             // its whole used ring is marked now, so the final log is complete.
@@ -100,11 +113,12 @@ final class DeviceBinding: VhostUserDeviceHooks {
         return UInt32(base)
     }
 
-    func vringEnableChanged(_ session: BackendSession, index: Int, enabled: Bool) {
-        if started.contains(index) { device.setRingEnabled(index, enabled) }
+    func vringEnableChanged(_ session: BackendSession, index: Int, enabled: Bool) throws(VhostUserError) {
+        // A ring held for the log stays disabled; the enable takes effect once it is relayed.
+        if started.contains(index) && !awaitingLog.contains(index) { device.setRingEnabled(index, enabled) }
     }
 
-    func vringCallChanged(_ session: BackendSession, index: Int) {
+    func vringCallChanged(_ session: BackendSession, index: Int) throws(VhostUserError) {
         guard started.contains(index) else { return }
         if relayed[index] != nil {
             relay?.setGuestCall(index, session.vrings[index].call)
@@ -113,25 +127,57 @@ final class DeviceBinding: VhostUserDeviceHooks {
         }
     }
 
-    func featuresChanged(_ session: BackendSession) {
+    func featuresChanged(_ session: BackendSession) throws(VhostUserError) {
         device.setFeatures(session.ackedFeatures)
-        for i in started { device.setRingEnabled(i, session.vrings[i].enabled) }
+        for i in started where !awaitingLog.contains(i) { device.setRingEnabled(i, session.vrings[i].enabled) }
         if session.logAllEnabled {
             guard session.log != nil else {
-                logger.error("LOG_ALL set before SET_LOG_BASE: no log to mark; rings stay direct")
+                // Logging on before the log exists: hold every running RX ring (what it completed
+                // so far is published) until SET_LOG_BASE, then relay it.
+                for i in started.sorted() where i % 2 == 0 && relayed[i] == nil && !awaitingLog.contains(i) {
+                    device.setRingEnabled(i, false)
+                    awaitingLog.insert(i)
+                }
+                if !awaitingLog.isEmpty {
+                    logger.info("LOG_ALL set before SET_LOG_BASE: ring(s) \(awaitingLog.sorted()) held until the log arrives")
+                }
                 return
             }
-            for i in started.sorted() where i % 2 == 0 && relayed[i] == nil { switchToRelay(session, i) }
+            try relayRingsAwaitingLog(session)
+            for i in started.sorted() where i % 2 == 0 && relayed[i] == nil { try switchToRelay(session, i) }
         } else {
             for i in relayed.keys.sorted() { switchToDirect(session, i) }
+            // Logging was turned off before the log came: the held rings go back to work, direct.
+            for i in awaitingLog.sorted() { device.setRingEnabled(i, session.vrings[i].enabled) }
+            awaitingLog.removeAll()
+            releaseRelayStateIfIdle()
         }
     }
 
-    func logChanged(_ session: BackendSession) {
+    func logChanged(_ session: BackendSession) throws(VhostUserError) {
         // A new log (QEMU resizes it when memory grows, then frees the old one right after our
         // reply) takes over all marking before this returns.
-        relay?.setLog(session.log)
+        if !relayed.isEmpty { relay?.setLog(session.log) }
         for i in relayed.keys { relay?.setUsedLogAddress(i, usedLogGPA(session, i)) }
+        if session.logAllEnabled && session.log != nil { try relayRingsAwaitingLog(session) }
+    }
+
+    /// The log has arrived while LOG_ALL is on: rings held for it switch to the relay, then take
+    /// the enable state the frontend gave them.
+    func relayRingsAwaitingLog(_ session: BackendSession) throws(VhostUserError) {
+        for i in awaitingLog.sorted() {
+            try switchToRelay(session, i)
+            awaitingLog.remove(i)
+            device.setRingEnabled(i, session.vrings[i].enabled)
+        }
+    }
+
+    /// When no ring is relayed, the relay keeps no reference to the frontend's memory or log, so
+    /// neither stays mapped after the migration or the connection ends.
+    func releaseRelayStateIfIdle() {
+        guard relayed.isEmpty, let relay else { return }
+        relay.setLog(nil)
+        relay.setMemory(.empty)
     }
 
     func sendRARP(_ session: BackendSession, mac: [UInt8]) -> Bool {
@@ -149,6 +195,8 @@ final class DeviceBinding: VhostUserDeviceHooks {
         }
         relayed.removeAll()
         started.removeAll()
+        awaitingLog.removeAll()
+        releaseRelayStateIfIdle()
         device.reset()
     }
 
@@ -162,8 +210,9 @@ final class DeviceBinding: VhostUserDeviceHooks {
 
     /// Direct → relay, without a reset: suspend the ring, point its used ring at a mediated ring
     /// in the reserved IOVA range and its interrupt at the relay, resume; then the relay takes
-    /// over from the index the device had reached.
-    func switchToRelay(_ session: BackendSession, _ i: Int) {
+    /// over from the index the device had reached. If that cannot be done, the ring is held
+    /// disabled (its writes could not be logged) and the error fails the frontend's message.
+    func switchToRelay(_ session: BackendSession, _ i: Int) throws(VhostUserError) {
         let v = session.vrings[i]
         let t0 = cvdpa_monotonic_ns()
         do {
@@ -173,7 +222,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
                 migration.relay.withLock { $0 = r }
                 relay?.setTestSwitches(skipBufferMarking: testSwitches.skipBufferMarking, journal: testSwitches.journal)
             }
-            guard let relay else { return }
+            guard let relay else { throw SystemError("relay", errno: ENODEV) }
             relay.setLog(session.log)
             relay.setMemory(session.memory.current())
             let size = UInt16(truncatingIfNeeded: v.size)
@@ -209,7 +258,9 @@ final class DeviceBinding: VhostUserDeviceHooks {
             }
             logger.info("ring \(i): switched to the relay (\(relayMode.rawValue) loop) at used index \(at): ring held \(gap) µs (after \(setup) µs of preparation)")
         } catch {
-            logger.error("ring \(i): cannot switch to the relay: \(error); the device's writes to this ring are NOT logged")
+            device.setRingEnabled(i, false)
+            logger.error("ring \(i): cannot switch to the relay: \(error); the ring is held disabled")
+            throw VhostUserError(.device, "switch to the relay", field: "ring \(i)", "\(error)")
         }
     }
 

@@ -88,7 +88,7 @@ public final class Port: Sendable {
 
     // MARK: the port loop (runs on the port's own thread)
 
-    private enum Token: UInt64 { case wake = 0, listener = 1, connection = 2 }
+    private enum Token: UInt64 { case wake = 0, listener = 1, connection = 2, memoryFault = 3 }
 
     private func run(listener: SharedFD?) {
         let epoll: Epoll
@@ -117,12 +117,21 @@ public final class Port: Sendable {
         func attach(_ fd: consuming FileDescriptor) {
             UnixSocket.setReceiveTimeout(fd, seconds: Self.messageTimeoutSeconds)
             let shared = SharedFD(fd)
-            do { try epoll.add(shared.raw, events: Epoll.readable | Epoll.readHangup, token: Token.connection.rawValue) } catch {
+            // Signalled by the SIGBUS guard if the frontend shrinks a file the session mapped.
+            let fault: SharedFD
+            do {
+                fault = SharedFD(try EventFD.make())
+                try epoll.add(shared.raw, events: Epoll.readable | Epoll.readHangup, token: Token.connection.rawValue)
+                do { try epoll.add(fault.raw, token: Token.memoryFault.rawValue) } catch {
+                    epoll.remove(shared.raw)
+                    throw error
+                }
+            } catch {
                 logger.error("cannot watch the new connection: \(error)")
                 return
             }
             connection = shared
-            session = BackendSession(config: config, logger: logger)
+            session = BackendSession(config: config, logger: logger, faultNotify: fault)
             session?.hooks = binding
             state.withLock {
                 $0.connection = "connected"
@@ -134,6 +143,7 @@ public final class Port: Sendable {
 
         func detach(reason: String, isError: Bool) {
             if isError { logger.error("closing connection: \(reason)") } else { logger.info("frontend disconnected") }
+            if let f = session?.faultNotify { epoll.remove(f.raw) }
             session?.close()
             session = nil
             if let c = connection { epoll.remove(c.raw) }
@@ -222,6 +232,10 @@ public final class Port: Sendable {
                         }
                     case .connection:
                         serveOne()
+                    case .memoryFault:
+                        guard let s = session, let f = s.faultNotify, EventFD.drain(f.raw) > 0 else { return }
+                        detach(reason: "the frontend shrank a shared memory or log file under the daemon's mapping (\(s.memoryFaults) SIGBUS fault(s) absorbed; the faulting pages now read as zero); session closed",
+                               isError: true)
                     case nil:
                         break
                     }

@@ -13,30 +13,46 @@ public final class DirtyLog: @unchecked Sendable {
 
     public let base: UnsafeMutableRawPointer
     public let byteCount: Int
-    private let mapping: MemoryMapping?
+    private let mapping: GuardedFileMapping?
+    private let mappingBytes: Int
+    private let guardSlot: Int32
     private let outOfRange = Atomic<UInt64>(0)
     private let marked = Atomic<UInt64>(0)
 
-    /// Maps the log that SET_LOG_BASE passed: `size` bytes at `offset` in `fd`.
-    public init(fd: borrowing FileDescriptor, size: UInt64, offset: UInt64) throws(VhostUserError) {
-        let (end, overflow) = size.addingReportingOverflow(offset)
-        guard size > 0, !overflow, end <= UInt64(Int.max) else {
-            throw VhostUserError(.semantics, "SET_LOG_BASE", field: "mmap_size", "size \(size) with offset \(offset) is not mappable")
+    /// Maps the log that SET_LOG_BASE passed: `size` bytes at `offset` in `fd` (only the pages
+    /// that hold them). The offset must be 8-byte aligned, because marks are 64-bit atomic ORs;
+    /// the file must be a regular file that long; `faultNotify` is signalled if it shrinks later.
+    public init(fd: borrowing FileDescriptor, size: UInt64, offset: UInt64, faultNotify: SharedFD? = nil) throws(VhostUserError) {
+        guard size > 0, size <= UInt64(Int.max) / 2 else {
+            throw VhostUserError(.semantics, "SET_LOG_BASE", field: "mmap_size", "size \(size) is not mappable")
         }
-        let m: MemoryMapping
-        do { m = try MemoryMapping(fd: fd, offset: 0, length: Int(end)) } catch {
-            throw VhostUserError(.semantics, "SET_LOG_BASE", field: "fd", "mmap failed: \(error)")
+        guard offset % 8 == 0 else {
+            throw VhostUserError(.semantics, "SET_LOG_BASE", field: "mmap_offset", "\(offset) is not 8-byte aligned (the log is marked in 64-bit words)")
         }
-        base = m.base + Int(offset)
+        let m: GuardedFileMapping
+        do { m = try GuardedFileMapping(fd: fd, offset: offset, length: size, notify: faultNotify) } catch {
+            throw VhostUserError(.semantics, "SET_LOG_BASE", field: "fd", "log of \(size) bytes at offset \(offset): \(error)")
+        }
+        base = m.pointer
         byteCount = Int(size)
+        mappingBytes = m.mappedBytes
+        guardSlot = m.slot
         mapping = .some(m)
     }
 
+    /// Bytes of address space the mapping takes (0 for a log over caller-owned memory).
+    public var mappedBytes: Int { mappingBytes }
+    /// SIGBUS faults absorbed in the log's mapping (the frontend shrank its file).
+    public var faults: UInt64 { GuardedFileMapping.faults(inSlot: guardSlot) }
+
     /// A log over memory the caller owns and keeps alive (tests, fuzzing).
     public init(unownedBase: UnsafeMutableRawPointer, byteCount: Int) {
+        precondition(UInt(bitPattern: unownedBase) % 8 == 0, "a dirty log is marked in 64-bit words: its base must be 8-byte aligned")
         base = unownedBase
         self.byteCount = byteCount
         mapping = nil
+        mappingBytes = 0
+        guardSlot = -1
     }
 
     /// Bytes of log needed to cover guest-physical addresses below `guestPhysEnd`.
@@ -76,7 +92,7 @@ public final class DirtyLog: @unchecked Sendable {
         let byteOffset = word &* 8
         if byteOffset &+ 8 <= UInt64(byteCount), word < UInt64(Int.max / 8) {
             // Safety: the 8 bytes at byteOffset lie inside the mapped log (checked above); the log
-            // is 8-byte aligned (page-aligned mapping + QEMU's u64-sized offset).
+            // is 8-byte aligned (page-aligned mapping + an offset checked to be a multiple of 8).
             let p = (base + Int(byteOffset)).assumingMemoryBound(to: UnsafeAtomic<UInt64>.Storage.self)
             let atomic = UnsafeAtomic<UInt64>(at: p)
             // Relaxed suffices: the log carries no data; ordering against the used-index publish

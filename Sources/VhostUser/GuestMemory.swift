@@ -5,6 +5,10 @@ import Platform
 import Synchronization
 import Virtio
 
+/// The top of guest-physical space a frontend may use. Device IOVAs at and above it belong to
+/// the daemon (the relay's mediated rings live there), so no guest region may reach into it.
+public let reservedIOVABase: UInt64 = 1 << 46
+
 /// One region of guest memory the frontend shared with us: its fd, where it sits in
 /// guest-physical and frontend-virtual space, and our mapping of it.
 public final class MemoryRegion: @unchecked Sendable {
@@ -14,34 +18,29 @@ public final class MemoryRegion: @unchecked Sendable {
     /// Host address of guest-physical `description.guestPhysAddr`.
     public let host: UnsafeMutableRawPointer
     private let fd: FileDescriptor
-    private let mapping: MemoryMapping
+    private let mapping: GuardedFileMapping
 
     public var guestPhysAddr: UInt64 { description.guestPhysAddr }
     public var size: UInt64 { description.size }
     public var userAddr: UInt64 { description.userAddr }
     public var guestPhysEnd: UInt64 { description.guestPhysAddr &+ description.size }
+    /// Bytes of address space the mapping takes (the region rounded out to whole pages).
+    public var mappedBytes: Int { mapping.mappedBytes }
+    /// SIGBUS faults absorbed in this region (the frontend shrank its file).
+    public var faults: UInt64 { mapping.faults }
 
-    /// Maps `desc.size` bytes at `desc.mmapOffset` of `fd`. The mapping starts at offset 0 of the
-    /// fd so that an offset that is not page aligned (DPDK sends such) still maps.
-    public init(_ desc: MemoryRegionDescription, fd: consuming FileDescriptor) throws(VhostUserError) {
-        let (end, overflow) = desc.mmapOffset.addingReportingOverflow(desc.size)
-        guard !overflow, end <= UInt64(Int.max) else {
-            throw VhostUserError(.semantics, "memory region", field: "mmap_offset+memory_size", "overflows")
+    /// Maps the pages of `fd` that hold `desc.size` bytes at `desc.mmapOffset` (an offset that is
+    /// not page aligned, as DPDK sends, maps from the page below it). The file must be a regular
+    /// file that long; `faultNotify` is signalled if it shrinks later (GuardedFileMapping).
+    public init(_ desc: MemoryRegionDescription, fd: consuming FileDescriptor, faultNotify: SharedFD? = nil,
+                request: String = "memory region") throws(VhostUserError) {
+        let m: GuardedFileMapping
+        do { m = try GuardedFileMapping(fd: fd, offset: desc.mmapOffset, length: desc.size, notify: faultNotify) } catch {
+            throw VhostUserError(.semantics, request, field: "fd", "region at guest 0x\(String(desc.guestPhysAddr, radix: 16)) (mmap_offset \(desc.mmapOffset), size \(desc.size)): \(error)")
         }
-        var st = stat()
-        var length = Int(end)
-        if fstat(fd.raw, &st) == 0 {
-            // hugetlbfs needs whole huge pages; st_blksize is the page size there.
-            let align = max(Int(st.st_blksize), 4096)
-            length = (length + align - 1) / align * align
-        }
-        let m: MemoryMapping
-        do { m = try MemoryMapping(fd: fd, offset: 0, length: length) } catch {
-            throw VhostUserError(.semantics, "memory region", field: "fd", "mmap of \(length) bytes failed: \(error)")
-        }
-        self.description = desc
-        self.host = m.base + Int(desc.mmapOffset)
+        self.host = m.pointer
         self.mapping = m
+        self.description = desc
         self.fd = fd
     }
 

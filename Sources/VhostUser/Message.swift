@@ -35,6 +35,8 @@ public struct VhostUserHeader: Equatable, Sendable {
 public struct VhostUserError: Error, CustomStringConvertible, Equatable, Sendable {
     public enum Layer: String, Sendable {
         case header, body, fds, features, semantics
+        /// The device or the relay could not apply what the message asked.
+        case device
     }
     public let layer: Layer
     public let request: String

@@ -8,6 +8,8 @@ public struct BackendConfig: Sendable {
     public var virtioFeatures: UInt64
     public var protocolFeatures: UInt64
     public var maxMemSlots: Int
+    /// Most bytes of the frontend's files (guest memory plus dirty log) one session may map.
+    public var maxMappedBytes: UInt64
 
     /// The virtio-net feature set of the SoftNIC device (the control queue, MAC and link status
     /// stay with the frontend: QEMU keeps the control queue for vhost-user).
@@ -23,7 +25,9 @@ public struct BackendConfig: Sendable {
         | VhostUserProtocolFeature.status
 
     public init(queuePairs: Int = 1, virtioFeatures: UInt64 = BackendConfig.netDeviceFeatures,
-                protocolFeatures: UInt64 = BackendConfig.offeredProtocolFeatures, maxMemSlots: Int = 32) {
+                protocolFeatures: UInt64 = BackendConfig.offeredProtocolFeatures, maxMemSlots: Int = 32,
+                maxMappedBytes: UInt64 = BackendConfig.defaultMaxMappedBytes) {
+        self.maxMappedBytes = maxMappedBytes
         self.queuePairs = queuePairs
         self.virtioFeatures = virtioFeatures
         self.protocolFeatures = protocolFeatures
@@ -31,6 +35,10 @@ public struct BackendConfig: Sendable {
     }
 
     public var ringCount: Int { queuePairs * 2 }
+
+    /// 1 TiB: more guest RAM than one vhost-user port serves in practice, far less than the
+    /// daemon's address space (so a few hostile frontends cannot exhaust it).
+    public static let defaultMaxMappedBytes: UInt64 = 1 << 40
 }
 
 /// The per-ring state a frontend configures.
@@ -57,18 +65,20 @@ public struct VringConfig: Sendable {
 
 /// Device-side hooks a port installs on a session. Every hook runs on the port's thread while the
 /// message that caused it is being handled, so a hook finishes before that message is answered.
+/// A hook that throws fails the message: the session closes the connection (the frontend must
+/// never be told that a change it asked for, such as logging, is in place when it is not).
 public protocol VhostUserDeviceHooks: AnyObject {
     /// The memory table changed (new table already installed in `session.memory`).
-    func memoryTableChanged(_ session: BackendSession)
+    func memoryTableChanged(_ session: BackendSession) throws(VhostUserError)
     /// Ring `index` started (all of size, addresses and kick are set).
-    func vringStarted(_ session: BackendSession, index: Int)
+    func vringStarted(_ session: BackendSession, index: Int) throws(VhostUserError)
     /// Ring `index` must stop now; return the index the device will resume from (split: last avail idx).
     func vringStopping(_ session: BackendSession, index: Int) -> UInt32?
-    func vringEnableChanged(_ session: BackendSession, index: Int, enabled: Bool)
+    func vringEnableChanged(_ session: BackendSession, index: Int, enabled: Bool) throws(VhostUserError)
     /// The call eventfd of a running ring changed.
-    func vringCallChanged(_ session: BackendSession, index: Int)
-    func featuresChanged(_ session: BackendSession)
-    func logChanged(_ session: BackendSession)
+    func vringCallChanged(_ session: BackendSession, index: Int) throws(VhostUserError)
+    func featuresChanged(_ session: BackendSession) throws(VhostUserError)
+    func logChanged(_ session: BackendSession) throws(VhostUserError)
     /// SEND_RARP for `mac`; false if the device cannot send it.
     func sendRARP(_ session: BackendSession, mac: [UInt8]) -> Bool
     func statusChanged(_ session: BackendSession)
@@ -94,11 +104,20 @@ public final class BackendSession {
     public private(set) var log: DirtyLog?
     public private(set) var logFD: SharedFD?
     public private(set) var backendRequestFD: SharedFD?
+    /// Signalled when the frontend shrinks a memory or log file under the daemon's mapping (the
+    /// SIGBUS guard absorbed the fault): the port then closes this connection.
+    public let faultNotify: SharedFD?
 
-    public init(config: BackendConfig, logger: Logger) {
+    public init(config: BackendConfig, logger: Logger, faultNotify: SharedFD? = nil) {
         self.config = config
         self.logger = logger
+        self.faultNotify = faultNotify
         vrings = Array(repeating: VringConfig(), count: config.ringCount)
+    }
+
+    /// SIGBUS faults absorbed in this session's guest memory and log mappings.
+    public var memoryFaults: UInt64 {
+        memory.current().regions.reduce(0) { $0 &+ $1.faults } &+ (log?.faults ?? 0)
     }
 
     public var logAllEnabled: Bool { featuresSet && ackedFeatures & VirtioFeature.vhostLogAll != 0 }
@@ -179,7 +198,13 @@ public final class BackendSession {
                 for i in vrings.indices { vrings[i].enabled = true }
             }
             if wasLogging != logAllEnabled { logger.info("dirty logging (LOG_ALL) \(logAllEnabled ? "on" : "off")") }
-            hooks?.featuresChanged(self)
+            try hooks?.featuresChanged(self)
+            if wasLogging && !logAllEnabled && log != nil {
+                // The migration is over (or cancelled): the device is back on the direct path and
+                // QEMU has freed its log; keep no mapping of it. A new migration sends SET_LOG_BASE.
+                log = nil
+                try hooks?.logChanged(self)
+            }
             return .done
 
         case (.getProtocolFeatures, _):
@@ -215,9 +240,10 @@ public final class BackendSession {
                 guard let fd = fds.take(i) else {
                     throw VhostUserError(.fds, name, field: "fds", "region \(i) has no fd")
                 }
-                regions.append(try MemoryRegion(d, fd: fd))
+                regions.append(try MemoryRegion(d, fd: fd, faultNotify: faultNotify, request: name))
             }
-            installMemory(GuestMemoryTable(regions: regions))
+            try checkMappedBytes(regions, log: log, request: name)
+            try installMemory(GuestMemoryTable(regions: regions))
             return .done
 
         case (.addMemReg, .memoryRegion(let d)):
@@ -233,8 +259,9 @@ public final class BackendSession {
             }
             try validateRegions([d], against: current.map(\.description), request: name)
             guard let fd = fds.take(0) else { throw VhostUserError(.fds, name, field: "fds", "no fd") }
-            let region = try MemoryRegion(d, fd: fd)
-            installMemory(GuestMemoryTable(regions: current + [region]))
+            let region = try MemoryRegion(d, fd: fd, faultNotify: faultNotify, request: name)
+            try checkMappedBytes(current + [region], log: log, request: name)
+            try installMemory(GuestMemoryTable(regions: current + [region]))
             return .done
 
         case (.remMemReg, .memoryRegion(let d)):
@@ -244,7 +271,7 @@ public final class BackendSession {
             }
             var rest = current
             rest.remove(at: i)
-            installMemory(GuestMemoryTable(regions: rest))
+            try installMemory(GuestMemoryTable(regions: rest))
             return .done
 
         case (.setLogBase, .log(let l)):
@@ -253,9 +280,11 @@ public final class BackendSession {
                 throw VhostUserError(.semantics, name, field: "mmap_size", "log of \(l.size) bytes cannot cover guest RAM (needs \(needed))")
             }
             guard let fd = fds.take(0) else { throw VhostUserError(.fds, name, field: "fds", "no fd") }
-            log = try DirtyLog(fd: fd, size: l.size, offset: l.offset)
+            let newLog = try DirtyLog(fd: fd, size: l.size, offset: l.offset, faultNotify: faultNotify)
+            try checkMappedBytes(memory.current().regions, log: newLog, request: name)
+            log = newLog
             logger.info("dirty log set: \(l.size) bytes at offset \(l.offset)")
-            hooks?.logChanged(self)
+            try hooks?.logChanged(self)
             // SET_LOG_BASE always has a reply: QEMU waits for it before it frees the old log.
             return .reply(VhostUserCodec.u64Payload(0))
 
@@ -297,8 +326,8 @@ public final class BackendSession {
             }
             try translate(a, ring: i, request: name)
             vrings[i].address = a
-            if !wasStarted && vrings[i].started { hooks?.vringStarted(self, index: i) }
-            if wasStarted { hooks?.logChanged(self) }
+            if !wasStarted && vrings[i].started { try hooks?.vringStarted(self, index: i) }
+            if wasStarted { try hooks?.logChanged(self) }
             return .done
 
         case (.setVringBase, .vringState(let s)):
@@ -327,25 +356,24 @@ public final class BackendSession {
             let i = try ringIndex(request, index)
             let wasStarted = vrings[i].started
             if hasFD {
-                guard let fd = fds.take(0) else { throw VhostUserError(.fds, name, field: "fds", "no fd") }
-                vrings[i].kick = SharedFD(fd)
+                vrings[i].kick = try takeEventFD(&fds, request: name, ring: i)
                 vrings[i].kickPolling = false
             } else {
                 vrings[i].kick = nil
                 vrings[i].kickPolling = true
             }
-            if !wasStarted && vrings[i].started { hooks?.vringStarted(self, index: i) }
+            if !wasStarted && vrings[i].started { try hooks?.vringStarted(self, index: i) }
             return .done
 
         case (.setVringCall, .vringFile(let index, let hasFD)):
             let i = try ringIndex(request, index)
-            vrings[i].call = hasFD ? fds.takeShared(0) : nil
-            if vrings[i].started { hooks?.vringCallChanged(self, index: i) }
+            vrings[i].call = hasFD ? try takeEventFD(&fds, request: name, ring: i) : nil
+            if vrings[i].started { try hooks?.vringCallChanged(self, index: i) }
             return .done
 
         case (.setVringErr, .vringFile(let index, let hasFD)):
             let i = try ringIndex(request, index)
-            vrings[i].err = hasFD ? fds.takeShared(0) : nil
+            vrings[i].err = hasFD ? try takeEventFD(&fds, request: name, ring: i) : nil
             return .done
 
         case (.setVringEnable, .vringState(let s)):
@@ -354,7 +382,7 @@ public final class BackendSession {
                 throw VhostUserError(.semantics, name, field: "num", "enable must be 0 or 1, got \(s.num)")
             }
             vrings[i].enabled = s.num == 1
-            hooks?.vringEnableChanged(self, index: i, enabled: s.num == 1)
+            try hooks?.vringEnableChanged(self, index: i, enabled: s.num == 1)
             return .done
 
         case (.sendRARP, .u64(let v)):
@@ -394,6 +422,10 @@ public final class BackendSession {
             guard d.size > 0 else { throw VhostUserError(.semantics, request, field: "\(field).memory_size", "zero") }
             guard !d.guestPhysAddr.addingReportingOverflow(d.size).overflow else {
                 throw VhostUserError(.semantics, request, field: "\(field).guest_phys_addr", "0x\(String(d.guestPhysAddr, radix: 16)) + size overflows")
+            }
+            guard d.guestPhysAddr + d.size <= reservedIOVABase else {
+                throw VhostUserError(.semantics, request, field: "\(field).guest_phys_addr",
+                                     "[0x\(String(d.guestPhysAddr, radix: 16)), +0x\(String(d.size, radix: 16))) reaches the daemon's reserved IOVA range at 0x\(String(reservedIOVABase, radix: 16))")
             }
             guard !d.userAddr.addingReportingOverflow(d.size).overflow else {
                 throw VhostUserError(.semantics, request, field: "\(field).userspace_addr", "0x\(String(d.userAddr, radix: 16)) + size overflows")
@@ -445,7 +477,26 @@ public final class BackendSession {
         vrings[i].usedGPA = gpas[2]
     }
 
-    func installMemory(_ table: GuestMemoryTable) {
+    /// Takes the eventfd of a SET_VRING_KICK/CALL/ERR: it must be an eventfd, and is made
+    /// non-blocking so that no daemon thread can block on it.
+    func takeEventFD(_ fds: inout ReceivedFDs, request: String, ring i: Int) throws(VhostUserError) -> SharedFD {
+        guard let fd = fds.take(0) else { throw VhostUserError(.fds, request, field: "fds", "no fd") }
+        do { try EventFD.adoptFrontendFD(fd) } catch {
+            throw VhostUserError(.fds, request, field: "fd", "ring \(i): \(error)")
+        }
+        return SharedFD(fd)
+    }
+
+    /// The per-session cap on mapped bytes (guest memory plus log).
+    func checkMappedBytes(_ regions: [MemoryRegion], log: DirtyLog?, request: String) throws(VhostUserError) {
+        let total = regions.reduce(UInt64(0)) { $0 + UInt64($1.mappedBytes) } + UInt64(log?.mappedBytes ?? 0)
+        guard total <= config.maxMappedBytes else {
+            throw VhostUserError(.semantics, request, field: "memory_size",
+                                 "the session would map \(total) bytes of the frontend's files, more than the limit of \(config.maxMappedBytes)")
+        }
+    }
+
+    func installMemory(_ table: GuestMemoryTable) throws(VhostUserError) {
         memory.replace(table)
         logger.info("memory table: \(table.regions.count) region(s), guest RAM ends at 0x\(String(table.guestPhysEnd, radix: 16))")
         for i in vrings.indices {
@@ -454,7 +505,7 @@ public final class BackendSession {
                 logger.warning("ring \(i): addresses no longer translate after the memory table changed: \(error)")
             }
         }
-        hooks?.memoryTableChanged(self)
+        try hooks?.memoryTableChanged(self)
     }
 
     func resetDeviceState() {

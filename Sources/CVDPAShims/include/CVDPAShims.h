@@ -1,4 +1,5 @@
-// C macros and constants that Swift cannot import from Glibc. No logic lives here.
+// C macros and constants that Swift cannot import from Glibc. No logic lives here (the one
+// exception, the SIGBUS guard, is in CVDPAGuard.h: a signal handler must be written in C).
 #ifndef CVDPA_SHIMS_H
 #define CVDPA_SHIMS_H
 
@@ -21,6 +22,8 @@
 #include <linux/if_tun.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
+#include "CVDPAGuard.h"
 
 static inline size_t cvdpa_cmsg_space(size_t len) { return CMSG_SPACE(len); }
 static inline size_t cvdpa_cmsg_len(size_t len) { return CMSG_LEN(len); }

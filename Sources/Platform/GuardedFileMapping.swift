@@ -1,0 +1,84 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CVDPAShims
+
+/// Why a window of a frontend's file could not be mapped.
+public enum FileWindowError: Error, CustomStringConvertible, Equatable {
+    case notRegularFile(mode: UInt32)
+    case overflow(offset: UInt64, length: UInt64)
+    case beyondEnd(offset: UInt64, length: UInt64, fileSize: UInt64)
+    case noGuardSlot
+    case system(SystemError)
+
+    public var description: String {
+        switch self {
+        case .notRegularFile(let mode):
+            return "not a regular file (mode 0o\(String(mode, radix: 8))): guest memory and logs must be shared files"
+        case .overflow(let o, let l): return "offset \(o) + length \(l) overflows"
+        case .beyondEnd(let o, let l, let s): return "[\(o), +\(l)) lies beyond the end of the file (\(s) bytes)"
+        case .noGuardSlot: return "too many guest mappings in the daemon (SIGBUS guard table full)"
+        case .system(let e): return e.description
+        }
+    }
+}
+
+/// A window [offset, offset+length) of a frontend's shared file, mapped read-write and shared.
+/// Only the pages that cover the window are mapped (the offset rounded down to a page, the end
+/// rounded up), never the file from its start. The file is checked first (`fstat`): a regular
+/// file at least as long as the window. The mapping is registered with the SIGBUS guard: if the
+/// frontend shrinks the file later, a fault in the window is absorbed and `notify` is signalled
+/// instead of the daemon dying (CVDPAGuard.h).
+public struct GuardedFileMapping: ~Copyable {
+    private let mapping: MemoryMapping
+    /// This mapping's slot in the SIGBUS guard (see `faults(inSlot:)`).
+    public let slot: Int32
+    private let notify: SharedFD?
+    /// Host address of the window's first byte (`offset` in the file).
+    public let pointer: UnsafeMutableRawPointer
+    public let length: UInt64
+    /// Bytes actually mapped (the window rounded out to whole pages).
+    public var mappedBytes: Int { mapping.length }
+    public var mappingBase: UnsafeMutableRawPointer { mapping.base }
+
+    public init(fd: borrowing FileDescriptor, offset: UInt64, length: UInt64, notify: SharedFD?) throws(FileWindowError) {
+        guard length > 0 else { throw .overflow(offset: offset, length: length) }
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow, end <= UInt64(Int.max) / 2 else { throw .overflow(offset: offset, length: length) }
+        var st = stat()
+        guard fstat(fd.raw, &st) == 0 else { throw .system(SystemError("fstat", errno: cvdpa_errno())) }
+        guard st.st_mode & S_IFMT == S_IFREG else { throw .notRegularFile(mode: UInt32(st.st_mode)) }
+        let fileSize = UInt64(max(st.st_size, 0))
+        guard end <= fileSize else { throw .beyondEnd(offset: offset, length: length, fileSize: fileSize) }
+        // hugetlbfs needs whole huge pages: st_blksize is the page size there (4 KiB elsewhere).
+        let system = UInt64(max(sysconf(Int32(_SC_PAGESIZE)), 4096))
+        var page = max(UInt64(max(st.st_blksize, 0)), system)
+        if page & (page - 1) != 0 { page = system }
+        let first = offset & ~(page - 1)
+        // end <= Int.max / 2, so rounding up by less than a page cannot overflow.
+        let last = (end + page - 1) & ~(page - 1)
+        let m: MemoryMapping
+        do { m = try MemoryMapping(fd: fd, offset: first, length: Int(last - first)) } catch { throw .system(error) }
+        guard cvdpa_guard_install() == 0 else { throw .system(SystemError("sigaction(SIGBUS)", errno: cvdpa_errno())) }
+        let s = cvdpa_guard_register(m.base, m.length, Int(page), notify?.raw ?? -1)
+        guard s >= 0 else { throw .noGuardSlot }
+        slot = s
+        self.notify = notify
+        pointer = m.base + Int(offset - first)
+        self.length = length
+        mapping = m
+    }
+
+    /// SIGBUS faults absorbed in this mapping (the frontend shrank the file under it).
+    public var faults: UInt64 { cvdpa_guard_faults(slot) }
+    /// Faults absorbed in the mapping registered in `slot` (-1: none).
+    public static func faults(inSlot slot: Int32) -> UInt64 { slot < 0 ? 0 : cvdpa_guard_faults(slot) }
+
+    deinit {
+        // Unregistered before the mapping (a stored property) is unmapped after this body.
+        cvdpa_guard_unregister(slot)
+    }
+}
+
+/// SIGBUS faults absorbed in guest mappings since the daemon started.
+public var guardedMappingFaults: UInt64 { cvdpa_guard_total_faults() }
