@@ -159,7 +159,10 @@ extension VhostUserFrontend {
     }
 
     @discardableResult
-    public func setupVring(_ ring: PlacedRing, base: UInt16 = 0) throws(FrontendError) -> ConfiguredRing {
+    /// Sets ring `ring` up (NUM, BASE, ADDR, KICK, CALL) and, with protocol features, enables it
+    /// unless `enable` is false (QEMU enables rings only after SET_LOG_BASE when it starts a
+    /// device during a migration).
+    public func setupVring(_ ring: PlacedRing, base: UInt16 = 0, enable: Bool = true) throws(FrontendError) -> ConfiguredRing {
         let address = try vringAddress(ring, logging: logAllSet)
         let notifiers = try VringNotifiers()
         let i = ring.index
@@ -170,7 +173,7 @@ extension VhostUserFrontend {
         try request(.setVringCall, payload: .vringFile(index: i, hasFD: true), fds: [notifiers.call.raw], needReply: wantsAck(for: .setVringCall))
         let configured = ConfiguredRing(addresses: ring, base: base, notifiers: notifiers)
         rings[i] = configured
-        if protocolFeaturesNegotiated { try setVringEnable(index: i, true) }
+        if protocolFeaturesNegotiated && enable { try setVringEnable(index: i, true) }
         return configured
     }
 

@@ -161,7 +161,9 @@ final class TestGuest {
         // Every request waits for the backend's acknowledgement: when a call returns, the port
         // (and through it the device) has applied it.
         frontend.ackPolicy = .always
-        ram = try regions.enumerated().map { i, r in try GuestRAM(baseGPA: r.base, size: r.size, name: "softnic-test-ram\(i)") }
+        // Unique names: tests find the daemon's mappings of this RAM in /proc/self/maps by name.
+        let tag = UInt32.random(in: 0...UInt32.max)
+        ram = try regions.enumerated().map { i, r in try GuestRAM(baseGPA: r.base, size: r.size, name: "softnic-test-ram\(i)-\(tag)") }
         next = ram.map(\.baseGPA)
         let n = try frontend.negotiate(features: features)
         XCTAssertEqual(n.ackedFeatures, features, "the SoftNIC should accept every feature the test asks for")
@@ -202,7 +204,7 @@ final class TestGuest {
     /// Lays out ring `index` in region `region`, zeroes it (used.idx = 0 = base), and sets it up
     /// over vhost-user (NUM, BASE, ADDR, KICK, CALL, ENABLE).
     @discardableResult
-    func startRing(_ index: UInt32, size: UInt16 = 256, region: Int = 0, eventIdx: Bool? = nil) throws -> DriverSplitRing {
+    func startRing(_ index: UInt32, size: UInt16 = 256, region: Int = 0, eventIdx: Bool? = nil, enable: Bool = true) throws -> DriverSplitRing {
         let total = RingPlacement.usedRingBytes(size: UInt32(size)) + RingPlacement.descTableBytes(size: UInt32(size))
             + RingPlacement.availRingBytes(size: UInt32(size)) + 64
         let start = alloc(total, region: region, align: 4096)
@@ -216,7 +218,7 @@ final class TestGuest {
                                     descriptorTableGPA: p.descGPA,
                                     avail: host(p.availGPA, Int(RingPlacement.availRingBytes(size: UInt32(size)))), availGPA: p.availGPA,
                                     used: host(p.usedGPA, Int(RingPlacement.usedRingBytes(size: UInt32(size)))), usedGPA: p.usedGPA)
-        try frontend.setupVring(p, base: 0)
+        try frontend.setupVring(p, base: 0, enable: enable)
         rings[index] = r
         placed[index] = p
         inFlight[index] = [:]

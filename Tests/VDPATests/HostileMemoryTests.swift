@@ -4,6 +4,7 @@ import Glibc
 import Foundation
 import Platform
 import VhostUser
+import VhostUserFrontend
 import XCTest
 @testable import VDPA
 
@@ -93,7 +94,7 @@ extension HostileFrontendTests {
                                                                           mmapOffset: (1 << 30) + 0x80)]),
                       fds: [m.raw], needReply: true)
         XCTAssertEqual(try f.reply()?.1, [0, 0, 0, 0, 0, 0, 0, 0], port.status.lastError ?? "")
-        let sizes = mappedSizes(named: name)
+        let sizes = ProcessMaps.sizes(ofMemfdNamed: name)
         XCTAssertEqual(sizes, [0x11000], "one mapping of the region's pages (offset rounded down, end up): \(sizes)")
         _ = consume f
         waitFor("disconnect") { port.status.connection == "listening" }
@@ -160,29 +161,4 @@ extension HostileFrontendTests {
         guard pipe(&p) == 0 else { throw SystemError("pipe", errno: errno) }
         return (SharedFD(FileDescriptor(owning: p[0])), SharedFD(FileDescriptor(owning: p[1])))
     }
-}
-
-/// Sizes of this process's mappings of the memfd named `name` (from /proc/self/maps).
-func mappedSizes(named name: String) -> [UInt64] {
-    let maps = readProcFile("/proc/self/maps")
-    return maps.split(separator: "\n").filter { $0.contains("/memfd:\(name) ") }.compactMap { line in
-        let range = line.split(separator: " ")[0].split(separator: "-")
-        guard range.count == 2, let lo = UInt64(range[0], radix: 16), let hi = UInt64(range[1], radix: 16) else { return nil }
-        return hi - lo
-    }
-}
-
-/// Reads a /proc file whole (they report a size of 0, so read until EOF).
-func readProcFile(_ path: String) -> String {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return "" }
-    defer { close(fd) }
-    var out: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-        if n <= 0 { break }
-        out += chunk[0..<n]
-    }
-    return String(decoding: out, as: UTF8.self)
 }

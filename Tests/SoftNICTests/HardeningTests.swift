@@ -1,0 +1,257 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Platform
+import Relay
+import SoftNIC
+import VDPA
+import VhostUser
+import VhostUserFrontend
+import Virtio
+import XCTest
+
+/// Hostile frontends and guests against the running data path (issue 7, classes 2 to 6): each
+/// attack is made as a frontend or guest would make it, over the real socket or in guest memory.
+final class HardeningTests: XCTestCase {
+    var daemon: SoftNICTestDaemon?
+
+    override func tearDown() {
+        daemon?.stop(timeout: 5)
+        daemon = nil
+    }
+
+    /// A loopback port works: frames sent on TX come back on RX.
+    func assertLoopbackWorks(_ d: SoftNICTestDaemon, _ id: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let g = try d.connect(id)
+        try g.startRing(0)
+        try g.startRing(1)
+        g.postRX(count: 4)
+        g.sendAndComplete((0..<4).map { TestFrames.make(length: 80, seed: $0) }, file: file, line: line)
+        XCTAssertEqual(g.receive(4, file: file, line: line).count, 4, "port \(id) must still carry traffic", file: file, line: line)
+        g.frontend.disconnect()
+        XCTAssertTrue(waitUntil { d.portStatus(id).connection == "listening" }, file: file, line: line)
+    }
+
+    /// How many mappings of the memfd named `name` this process holds.
+    func mappings(_ name: String) -> Int { ProcessMaps.sizes(ofMemfdNamed: name).count }
+
+    // MARK: class 2: a file that shrinks under the daemon's mapping
+
+    /// The frontend truncates its guest RAM file while the device is serving it. The daemon's next
+    /// access would raise SIGBUS and kill every port; the guard absorbs it, the session is closed
+    /// with an error saying why, the other port keeps working, and so does the next frontend.
+    func testShrunkGuestMemoryClosesOnlyThatSession() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst), .init(id: "other", link: "loopback")])
+        daemon = d
+        let other = try d.connect("other")
+        try other.startRing(0)
+        try other.startRing(1)
+        let g = try d.connect("vm")
+        try g.startRing(0)
+        try g.startRing(1)
+        g.postRX(count: 16)
+        XCTAssertEqual(g.receive(16).count, 16)
+        let faultsBefore = guardedMappingFaults
+        // From here on the test must not touch the guest RAM itself: its own mapping would fault too.
+        XCTAssertEqual(ftruncate(g.ram[0].fd, 0), 0)
+        g.kick(0)  // the device reads the avail ring: a page that is gone
+        XCTAssertTrue(waitUntil { d.portStatus("vm").connection == "listening" }, "the port must close the session whose file shrank")
+        let err = d.portStatus("vm").lastError ?? ""
+        XCTAssertTrue(err.contains("shrank") && err.contains("SIGBUS"), err)
+        XCTAssertGreaterThan(guardedMappingFaults, faultsBefore)
+
+        other.postRX(count: 4)
+        other.sendAndComplete((0..<4).map { TestFrames.make(length: 80, seed: $0) })
+        XCTAssertEqual(other.receive(4).count, 4, "the other port's guest must be undisturbed")
+        let next = try d.connect("vm")
+        try next.startRing(0)
+        next.postRX(count: 8)
+        XCTAssertEqual(next.receive(8).count, 8, "the next frontend on the same port must work")
+    }
+
+    /// The same for the dirty log: the relay's marks land in a file that shrank.
+    func testShrunkLogClosesOnlyThatSession() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst), .init(id: "other", link: "loopback")])
+        daemon = d
+        let g = try d.connect("vm")
+        try g.startRing(0)
+        try g.startRing(1)
+        let log = try g.frontend.enableLogging(requireU64Reply: true)
+        XCTAssertEqual(d.queue("vm", 0).mode, "relay")
+        XCTAssertEqual(ftruncate(log.fd, 0), 0)
+        g.postRX(count: 8)
+        XCTAssertTrue(waitUntil { d.portStatus("vm").connection == "listening" }, "the port must close the session whose log shrank")
+        XCTAssertTrue((d.portStatus("vm").lastError ?? "").contains("shrank"), d.portStatus("vm").lastError ?? "")
+        try assertLoopbackWorks(d, "other")
+    }
+
+    // MARK: class 3: frontend eventfds never block a daemon thread
+
+    /// One eventfd given as the kick of two rings: each ring keeps its doorbell, also after the
+    /// other ring stops (epoll watches an fd once; the engine watches its own duplicate per ring).
+    func testOneKickEventFDForTwoRings() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "sink", queuePairs: 2)])
+        daemon = d
+        let g = try d.connect("vm")
+        try g.startRing(1)
+        try g.startRing(3)
+        let shared = try XCTUnwrap(g.frontend.kickFD(ring: 1))
+        _ = try g.stopRing(3)
+        _ = try g.frontend.request(.setVringKick, payload: .vringFile(index: 3, hasFD: true), fds: [shared], needReply: true)
+        func sendOn(_ ring: UInt32, _ n: Int) {
+            let used = g.usedIndex(ring)
+            _ = g.send((0..<n).map { TestFrames.make(length: 80, seed: $0) }, ring: ring, kick: false)
+            EventFD.signal(shared)
+            XCTAssertTrue(waitUntil { g.usedIndex(ring) == used &+ UInt16(n) }, "ring \(ring) must be served on the shared doorbell")
+        }
+        // Let the engine go to sleep on its doorbells between rounds, so only a kick wakes it.
+        for _ in 0..<3 {
+            usleep(5_000)
+            sendOn(1, 4)
+            usleep(5_000)
+            sendOn(3, 4)
+        }
+        _ = try g.stopRing(1)
+        usleep(5_000)
+        sendOn(3, 4)
+    }
+
+    /// A call eventfd that the frontend gave blocking and at its maximum count: a blocking write
+    /// would wedge the DMA engine forever (and SIGTERM with it). It is made non-blocking on
+    /// arrival: the device goes on and the daemon stops in time.
+    func testSaturatedBlockingCallEventFDDoesNotWedgeTheEngine() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst), .init(id: "other", link: "loopback")])
+        daemon = d
+        let g = try d.connect("vm")
+        try g.startRing(0)
+        try g.startRing(1)
+        let call = try EventFD.make(nonBlocking: false)
+        var max: UInt64 = 0xFFFF_FFFF_FFFF_FFFE
+        XCTAssertEqual(write(call.raw, &max, 8), 8)
+        _ = try g.frontend.request(.setVringCall, payload: .vringFile(index: 0, hasFD: true), fds: [call.raw], needReply: true)
+        g.postRX(count: 64)
+        XCTAssertEqual(g.receive(64).count, 64, "the engine must keep serving with a saturated interrupt eventfd")
+        g.postRX(count: 64)
+        XCTAssertEqual(g.receive(64).count, 64)
+        try assertLoopbackWorks(d, "other")
+    }
+
+    // MARK: class 4: the daemon's IOVA range stays the daemon's
+
+    /// While the ring is relayed, a guest posts an RX buffer whose address is the mediated used
+    /// ring's IOVA. The device must not write there (it would corrupt the relay's ring): guest
+    /// buffers translate through guest memory only, so the chain is a device fault.
+    func testGuestBufferCannotPointIntoAMediatedRing() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
+        daemon = d
+        let g = try d.connect("vm")
+        try g.startRing(0)
+        try g.startRing(1)
+        _ = try g.frontend.enableLogging(requireU64Reply: true)
+        XCTAssertEqual(d.queue("vm", 0).mode, "relay")
+        g.postRX(count: 4)
+        XCTAssertEqual(g.receive(4).count, 4)
+        g.add([DriverBuffer(gpa: MediatedUsedRing.iova(forRing: 0), length: 2048, isWritable: true)], ring: 0)
+        g.ring(0).publish()
+        g.kick(0)
+        XCTAssertTrue(waitUntil { d.counters("vm", 0).error != nil }, "a buffer in the daemon's IOVA range must fault the queue")
+        XCTAssertTrue(d.counters("vm", 0).error?.contains("outside guest memory") ?? false, d.counters("vm", 0).error ?? "")
+        XCTAssertEqual(d.queue("vm", 0).relayed, 4, "nothing but the 4 good frames reached the guest")
+    }
+
+    // MARK: class 5: bring-up while logging is on
+
+    /// Snapshot, run `receive` frames, and return device-written pages the log did not mark.
+    func unmarkedPages(_ g: TestGuest, _ log: DirtyLogBuffer, before: [UInt8], count: Int) -> Set<UInt64> {
+        XCTAssertEqual(g.receive(count).count, count)
+        let ram = g.ram[0]
+        let after = try! ram.read(at: ram.baseGPA, count: Int(ram.size))
+        var changed = Set<UInt64>()
+        before.withUnsafeBytes { pa in
+            after.withUnsafeBytes { pb in
+                var off = 0
+                while off < before.count {
+                    if memcmp(pa.baseAddress! + off, pb.baseAddress! + off, 4096) != 0 { changed.insert((ram.baseGPA + UInt64(off)) >> 12) }
+                    off += 4096
+                }
+            }
+        }
+        let p0 = g.placed[0]!
+        let avail = Set((p0.availGPA >> 12)...((p0.availGPA + RingPlacement.availRingBytes(size: p0.size) - 1) >> 12))
+        return changed.subtracting(log.dirtyPages()).subtracting(avail)
+    }
+
+    /// QEMU's vhost_dev_start while a migration runs (guest reset, more queue pairs, backend
+    /// reconnect): SET_FEATURES with LOG_ALL, SET_MEM_TABLE, the rings with the log flag, then
+    /// SET_LOG_BASE, then SET_VRING_ENABLE. Every page the device writes is logged.
+    func testQEMUStartOrderWithLoggingOnLogsEveryWrite() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
+        daemon = d
+        let g = try d.connect("vm")
+        try g.frontend.setFeatures(g.features | VirtioFeature.vhostLogAll)
+        try g.frontend.setMemTable(g.ram)
+        try g.startRing(0, enable: false)
+        try g.startRing(1, enable: false)
+        g.postRX(count: 64, publish: false)
+        let before = try g.ram[0].read(at: g.ram[0].baseGPA, count: Int(g.ram[0].size))
+        g.ring(0).publish()
+        g.kick(0)
+        let log = try DirtyLogBuffer(covering: g.frontend.memoryTable)
+        try g.frontend.setLogBase(log, requireU64Reply: true)
+        try g.frontend.setVringEnable(index: 0, true)
+        try g.frontend.setVringEnable(index: 1, true)
+        let unmarked = unmarkedPages(g, log, before: before, count: 64)
+        XCTAssertTrue(unmarked.isEmpty, "pages the device wrote that the log misses: \(unmarked.sorted())")
+        XCTAssertEqual(d.queue("vm", 0).mode, "relay")
+        XCTAssertEqual(d.queue("vm", 0).relayed, 64)
+    }
+
+    /// The same with the rings enabled before the log arrives, and with LOG_ALL switched on over
+    /// running rings before SET_LOG_BASE: no completion is published until it can be logged.
+    func testLoggingOnBeforeTheLogHoldsRunningRings() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
+        daemon = d
+        let g = try d.connect("vm")
+        try g.startRing(0)
+        try g.startRing(1)
+        g.postRX(count: 16)
+        XCTAssertEqual(g.receive(16).count, 16)
+        try g.frontend.setFeatures(g.features | VirtioFeature.vhostLogAll)
+        g.postRX(count: 64, publish: false)
+        let before = try g.ram[0].read(at: g.ram[0].baseGPA, count: Int(g.ram[0].size))
+        g.ring(0).publish()
+        g.kick(0)
+        let log = try DirtyLogBuffer(covering: g.frontend.memoryTable)
+        try g.frontend.setLogBase(log, requireU64Reply: true)
+        let unmarked = unmarkedPages(g, log, before: before, count: 64)
+        XCTAssertTrue(unmarked.isEmpty, "pages the device wrote that the log misses: \(unmarked.sorted())")
+        XCTAssertEqual(d.queue("vm", 0).mode, "relay")
+    }
+
+    // MARK: class 6: nothing kept after the frontend goes
+
+    /// After the migration ends no mapping of the log remains; after the disconnect none of the
+    /// guest memory (the test's own mapping of each is the one left).
+    func testNoMappingOfTheFrontendsFilesRemains() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
+        daemon = d
+        let g = try d.connect("vm")
+        let ramName = g.ram[0].name
+        try g.startRing(0)
+        try g.startRing(1)
+        XCTAssertEqual(mappings(ramName), 2, "the test's mapping and the daemon's")
+        let logName = "test-log-\(UInt32.random(in: 0...UInt32.max))"
+        let log = try DirtyLogBuffer(ramEndGPA: g.ram.endGPA, name: logName)
+        _ = try g.frontend.enableLogging(log: log, requireU64Reply: true)
+        g.postRX(count: 16)
+        XCTAssertEqual(g.receive(16).count, 16)
+        XCTAssertEqual(mappings(logName), 2)
+        try g.frontend.disableLogging()
+        XCTAssertEqual(d.queue("vm", 0).mode, "direct")
+        XCTAssertTrue(waitUntil { self.mappings(logName) == 1 }, "the daemon still maps the log after the migration ended: \(mappings(logName))")
+        g.frontend.disconnect()
+        XCTAssertTrue(waitUntil { d.portStatus("vm").connection == "listening" })
+        XCTAssertTrue(waitUntil { self.mappings(ramName) == 1 }, "the daemon still maps guest memory after the disconnect: \(mappings(ramName))")
+    }
+}
