@@ -29,13 +29,11 @@ public protocol RelayJournal: AnyObject, Sendable {
 /// the dirty log every byte the device wrote and every used-ring word it exposes, before it
 /// publishes the used index. One thread serves all relayed rings of a port.
 public final class RelayEngine: @unchecked Sendable {
-    // @unchecked Sendable: the mailbox is a Mutex, `pending` an atomic, `wake` immutable; the rest
-    // is confined to the relay thread.
+    // @unchecked Sendable: the mailbox is Sendable; the rest is confined to the relay thread.
     public let mode: RelayLoopMode
     let logger: Logger
-    private let mailbox = Mutex<[(@Sendable (RelayEngine) -> Void, DispatchSemaphore)]>([])
-    private let pending = Atomic<Bool>(false)
-    private let wake: SharedFD
+    private let mailbox: Mailbox<RelayEngine>
+    private var wake: SharedFD { mailbox.wake }
     private let epoll: Epoll
     private var thread: OSThread?
     private var stopping = false
@@ -59,33 +57,29 @@ public final class RelayEngine: @unchecked Sendable {
     public init(mode: RelayLoopMode, name: String, logger: Logger) throws {
         self.mode = mode
         self.logger = logger
-        wake = SharedFD(try EventFD.make())
+        mailbox = try Mailbox()
         epoll = try Epoll(capacity: 64)
         try epoll.add(wake.raw, token: UInt64.max)
         let t = try OSThread(name: "relay-\(name)") { [self] in run() }
         thread = t
     }
 
-    /// Runs `body` on the relay thread between relay steps and waits for it.
-    public func perform(_ body: @escaping @Sendable (RelayEngine) -> Void) {
-        let done = DispatchSemaphore(value: 0)
-        mailbox.withLock { $0.append((body, done)) }
-        pending.store(true, ordering: .releasing)
-        EventFD.signal(wake.raw)
-        done.wait()
+    /// Runs `body` on the relay thread between relay steps and waits for it. On a relay that has
+    /// stopped it fails at once (returns false, `body` not run).
+    @discardableResult
+    public func perform(_ body: @escaping @Sendable (RelayEngine) -> Void) -> Bool {
+        let ran = mailbox.perform(body)
+        if !ran { logger.warning("relay has stopped: control operation not applied") }
+        return ran
     }
 
     public func stop() {
-        perform { $0.stopping = true }
+        mailbox.perform { $0.stopping = true }
         thread?.join()
         thread = nil
     }
 
-    private func drain() {
-        pending.store(false, ordering: .relaxed)
-        let work = mailbox.withLock { m in let w = m; m.removeAll(); return w }
-        for (body, done) in work { body(self); done.signal() }
-    }
+    private func drain() { mailbox.drain(self) }
 
     // MARK: operations (called through perform)
 
@@ -111,14 +105,20 @@ public final class RelayEngine: @unchecked Sendable {
     /// Starts relaying ring `config.index` from `mediated`, whose next entry is `startIndex`; the
     /// device signals `deviceCall` when it completes into it.
     public func attach(_ config: RelayRingConfig, mediated: MediatedUsedRing, startIndex: UInt16, deviceCall: SharedFD,
-                       counters: RelayCounters) {
-        perform { e in
+                       counters: RelayCounters) throws(SystemError) {
+        let failure = Mutex<SystemError?>(nil)
+        let ran = perform { e in
+            do throws(SystemError) { try e.epoll.add(deviceCall.raw, token: UInt64(config.index)) } catch {
+                failure.withLock { $0 = error }
+                return
+            }
             let q = RelayQueue(config: config, mediated: mediated, deviceCall: deviceCall, startIndex: startIndex, counters: counters)
             e.translate(q)
             e.queues[config.index] = q
-            try? e.epoll.add(deviceCall.raw, token: UInt64(config.index))
             e.active = Array(e.queues.values)
         }
+        guard ran else { throw SystemError("relay attach (the relay thread has stopped)", errno: ESHUTDOWN) }
+        if let error = failure.withLock({ $0 }) { throw error }
     }
 
     /// Relays whatever the device completed up to now (the device is suspended or stopped by the
@@ -322,7 +322,7 @@ public final class RelayEngine: @unchecked Sendable {
         var idleSince: UInt64 = 0
         var idle = false
         while !stopping {
-            if pending.load(ordering: .acquiring) { drain(); continue }
+            if mailbox.hasPending { drain(); continue }
             let t0 = cvdpa_thread_cpu_ns()
             var moved = 0
             for q in active { moved &+= step(q) }
@@ -357,6 +357,7 @@ public final class RelayEngine: @unchecked Sendable {
             }
         }
         cpuNanos.store(cvdpa_thread_cpu_ns(), ordering: .relaxed)
+        mailbox.close()
     }
 
     private func sleepOnEvents() {

@@ -15,15 +15,14 @@ import Virtio
 /// doorbells (the guest's kick eventfds) when idle, with notifications re-enabled first.
 /// Everything but the mailbox is confined to the engine's thread.
 final class DMAEngine: @unchecked Sendable {
-    // @unchecked Sendable: the mailbox is a Mutex, `pending` an atomic and `wake` an immutable
-    // fd; every other field is touched only on the engine thread (or before it starts).
+    // @unchecked Sendable: the mailbox is Sendable; every other field is touched only on the
+    // engine thread (or before it starts).
     let logger: Logger
     let link: LinkSpec
     let portID: String
     let rings: [EngineRing]
-    private let mailbox = Mutex<[(@Sendable (DMAEngine) -> Void, DispatchSemaphore)]>([])
-    private let pending = Atomic<Bool>(false)
-    let wake: SharedFD
+    private let mailbox: Mailbox<DMAEngine>
+    var wake: SharedFD { mailbox.wake }
     private var thread: OSThread?
     private var stopping = false
 
@@ -82,7 +81,7 @@ final class DMAEngine: @unchecked Sendable {
         case .wire: linkKind = .wire
         }
         rings = (0..<ringCount).map { EngineRing(index: $0, stats: stats[$0]) }
-        wake = SharedFD(try EventFD.make())
+        mailbox = try Mailbox()
         epoll = try Epoll(capacity: 64)
         frameBuffer = .allocate(byteCount: Self.frameBufferSize, alignment: 64)
         sourceTemplate = .allocate(byteCount: LinkSpec.maxFrame, alignment: 64)
@@ -115,33 +114,22 @@ final class DMAEngine: @unchecked Sendable {
     }
 
     /// Runs `body` on the engine thread and waits for it: control operations are applied between
-    /// batches, never in the middle of one.
-    func perform(_ body: @escaping @Sendable (DMAEngine) -> Void) {
-        let done = DispatchSemaphore(value: 0)
-        mailbox.withLock { $0.append((body, done)) }
-        pending.store(true, ordering: .releasing)
-        EventFD.signal(wake.raw)
-        done.wait()
+    /// batches, never in the middle of one. On an engine that has stopped it fails at once
+    /// (returns false, `body` not run).
+    @discardableResult
+    func perform(_ body: @escaping @Sendable (DMAEngine) -> Void) -> Bool {
+        let ran = mailbox.perform(body)
+        if !ran { logger.warning("DMA engine of \(portID) has stopped: control operation not applied") }
+        return ran
     }
 
     func stop() {
-        perform { $0.stopping = true }
+        mailbox.perform { $0.stopping = true }
         thread?.join()
         thread = nil
     }
 
-    private func drainMailbox() {
-        pending.store(false, ordering: .relaxed)
-        let work = mailbox.withLock { m -> [(@Sendable (DMAEngine) -> Void, DispatchSemaphore)] in
-            let w = m
-            m.removeAll()
-            return w
-        }
-        for (body, done) in work {
-            body(self)
-            done.signal()
-        }
-    }
+    private func drainMailbox() { mailbox.drain(self) }
 
     // MARK: control operations (engine thread)
 
@@ -271,7 +259,7 @@ final class DMAEngine: @unchecked Sendable {
         var idle = 0
         var idleSince: UInt64 = 0
         while !stopping {
-            if pending.load(ordering: .acquiring) { drainMailbox(); continue }
+            if mailbox.hasPending { drainMailbox(); continue }
             var work = 0
             // Index loops: generic iteration allocates in unoptimised builds.
             var i = 0
@@ -300,6 +288,7 @@ final class DMAEngine: @unchecked Sendable {
             idle = 0
         }
         for r in rings where r.config != nil { stopRingLocal(r) }
+        mailbox.close()
     }
 
     /// Re-enables notifications, re-checks for work that raced in, then waits for a doorbell,

@@ -240,7 +240,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
                                              mapping: IOVAMapping(iova: iova, size: UInt64(mediated.byteCount), host: mediated.base, owner: mediated),
                                              call: deviceCall, interruptEveryBatch: true)
             let features = session.ackedFeatures
-            relay.attach(RelayRingConfig(index: i, size: size, descGPA: v.descGPA, availGPA: v.availGPA, usedGPA: v.usedGPA,
+            try relay.attach(RelayRingConfig(index: i, size: size, descGPA: v.descGPA, availGPA: v.availGPA, usedGPA: v.usedGPA,
                                          usedLogGPA: usedLogGPA(session, i), deviceWritesBuffers: true,
                                          eventIdx: features & VirtioFeature.ringEventIdx != 0,
                                          indirect: features & VirtioFeature.ringIndirectDesc != 0, guestCall: v.call,
