@@ -188,22 +188,16 @@ final class DMAEngine: @unchecked Sendable {
         r.enabled = c.enabled
         r.call = c.call
         r.callFD = c.call?.raw ?? -1
+        r.kick = c.kick
         if let k = c.kick {
-            // The ring watches its own duplicate of the doorbell: a frontend may give one eventfd
-            // to several rings, and epoll watches each (file, fd) pair once, so each ring keeps
-            // its own watch and stopping one ring leaves the others' doorbells working.
-            do {
-                let own = SharedFD(try k.withFD { fd throws(SystemError) in try fd.duplicate() })
-                try epoll.add(own.raw, token: Self.kickTokenBase + UInt64(c.index))
-                r.kick = own
-            } catch {
+            // Each SET_VRING_KICK brings its own fd number (SCM_RIGHTS), so two rings given one
+            // eventfd are two epoll entries; the session made it non-blocking, so the ring whose
+            // read finds the counter already drained by the other gets EAGAIN, not a wedge.
+            do throws(SystemError) { try epoll.add(k.raw, token: Self.kickTokenBase + UInt64(c.index)) } catch {
                 r.kick = nil
-                r.config = c
                 fault(r, "cannot watch the ring's kick eventfd: \(error)")
                 return
             }
-        } else {
-            r.kick = nil
         }
         translate(r)
         r.queue?.disableNotifications(eventIdx: eventIdx)
