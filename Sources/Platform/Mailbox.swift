@@ -16,15 +16,22 @@ public final class Mailbox<Target: AnyObject>: Sendable {
     }
     private let queue = Mutex(Queue())
     private let pending = Atomic<Bool>(false)
+    /// Set when a post timed out, cleared when the owner drains again: while the owner is stuck,
+    /// further posts fail at once instead of each waiting out its timeout.
+    private let stuck = Atomic<Bool>(false)
     /// Signalled for every post: the owner thread sleeps on it with its other events.
     public let wake: SharedFD
 
     public init() throws(SystemError) { wake = SharedFD(try EventFD.make()) }
 
-    /// Runs `body` on the owner thread and waits for it. Returns false, without running it, when
-    /// the owner thread has ended.
+    /// Runs `body` on the owner thread and waits for it, at most `timeoutSeconds` (owners apply
+    /// posts between batches of microseconds). Returns false when the owner thread has ended
+    /// (`body` not run) or did not get to it in time (then it may still run later): a wedged owner
+    /// never holds its caller for long, and once one post timed out the next fail at once until
+    /// the owner drains again.
     @discardableResult
-    public func perform(_ body: @escaping @Sendable (Target) -> Void) -> Bool {
+    public func perform(timeoutSeconds: Double = 2, _ body: @escaping @Sendable (Target) -> Void) -> Bool {
+        if stuck.load(ordering: .acquiring) { return false }
         let ticket = Ticket()
         let queued = queue.withLock { q -> Bool in
             guard !q.closed else { return false }
@@ -35,7 +42,10 @@ public final class Mailbox<Target: AnyObject>: Sendable {
         // Release pairs with the owner's acquire in `hasPending`: it then sees the queued item.
         pending.store(true, ordering: .releasing)
         EventFD.signal(wake.raw)
-        ticket.done.wait()
+        guard ticket.done.wait(timeout: .now() + timeoutSeconds) == .success else {
+            stuck.store(true, ordering: .releasing)
+            return false
+        }
         return ticket.ran.load(ordering: .acquiring)
     }
 
@@ -45,6 +55,7 @@ public final class Mailbox<Target: AnyObject>: Sendable {
     /// Runs what was posted (owner thread).
     public func drain(_ target: Target) {
         pending.store(false, ordering: .relaxed)
+        stuck.store(false, ordering: .releasing)
         let items = queue.withLock { q -> [(@Sendable (Target) -> Void, Ticket)] in
             let w = q.items
             q.items.removeAll()

@@ -119,13 +119,21 @@ final class DMAEngine: @unchecked Sendable {
     @discardableResult
     func perform(_ body: @escaping @Sendable (DMAEngine) -> Void) -> Bool {
         let ran = mailbox.perform(body)
-        if !ran { logger.warning("DMA engine of \(portID) has stopped: control operation not applied") }
+        if !ran { logger.warning("DMA engine of \(portID) has stopped or is stuck: control operation not applied") }
         return ran
     }
 
+    static let stopTimeoutSeconds: Double = 2
+
     func stop() {
-        mailbox.perform { $0.stopping = true }
-        thread?.join()
+        // Bounded: a thread wedged by a frontend (an eventfd it made blocking again after handing
+        // it over, then saturated) must not hold the port's or the daemon's shutdown. Such a
+        // thread is abandoned, loudly; it ends with the process.
+        if mailbox.perform(timeoutSeconds: Self.stopTimeoutSeconds, { $0.stopping = true }) || mailbox.isClosed {
+            thread?.join()
+        } else {
+            logger.error("DMA engine thread did not stop within \(Self.stopTimeoutSeconds) s (blocked on a frontend's fd?); abandoning it")
+        }
         thread = nil
     }
 

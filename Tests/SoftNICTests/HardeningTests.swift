@@ -142,6 +142,29 @@ final class HardeningTests: XCTestCase {
         try assertLoopbackWorks(d, "other")
     }
 
+    /// The open file of an eventfd is shared: a frontend can make its call eventfd blocking again
+    /// after handing it over, and saturate it. The DMA engine's interrupt write then blocks until
+    /// the frontend reads; that port's data path stalls (the frontend's own doing), but the other
+    /// port is undisturbed and shutdown is not held: the wedged engine is abandoned after 2 s.
+    func testFrontendThatReblocksItsCallEventFDCannotHoldShutdown() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst), .init(id: "other", link: "loopback")])
+        daemon = d
+        let g = try d.connect("vm")
+        try g.startRing(0)
+        try g.startRing(1)
+        let call = try XCTUnwrap(g.frontend.callFD(ring: 0))
+        EventFD.drain(call)
+        XCTAssertEqual(fcntl(call, F_SETFL, fcntl(call, F_GETFL) & ~O_NONBLOCK), 0)
+        var max: UInt64 = 0xFFFF_FFFF_FFFF_FFFE
+        XCTAssertEqual(write(call, &max, 8), 8)
+        g.postRX(count: 16)
+        try assertLoopbackWorks(d, "other")
+        let start = Date()
+        d.stop(timeout: 5)
+        XCTAssertLessThan(Date().timeIntervalSince(start), 5, "SIGTERM must complete within 5 s")
+        daemon = nil
+    }
+
     // MARK: class 4: the daemon's IOVA range stays the daemon's
 
     /// While the ring is relayed, a guest posts an RX buffer whose address is the mediated used
