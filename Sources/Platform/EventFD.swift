@@ -13,23 +13,22 @@ public enum EventFD {
     }
 
     /// Adds 1 to the counter. An eventfd whose counter is saturated (EAGAIN) is already signalled.
+    /// Not retried on EINTR: on the daemon's own and the frontend's (non-blocking) eventfds the
+    /// call cannot sleep, so EINTR means a thread was interrupted out of a write to an eventfd a
+    /// frontend made blocking again (`Mailbox`), and that write is given up.
     @inline(never)
     public static func signal(_ fd: Int32) {
         var one: UInt64 = 1
-        while write(fd, &one, 8) < 0 && cvdpa_errno() == EINTR {}
+        _ = write(fd, &one, 8)
     }
 
-    /// Reads and clears the counter; returns 0 when it was not signalled (non-blocking fd).
+    /// Reads and clears the counter; returns 0 when it was not signalled (non-blocking fd), or
+    /// when the read was interrupted (see `signal`).
     @inline(never)
     @discardableResult
     public static func drain(_ fd: Int32) -> UInt64 {
         var value: UInt64 = 0
-        while true {
-            let r = read(fd, &value, 8)
-            if r == 8 { return value }
-            if r < 0 && cvdpa_errno() == EINTR { continue }
-            return 0
-        }
+        return read(fd, &value, 8) == 8 ? value : 0
     }
 }
 
@@ -53,6 +52,9 @@ extension EventFD {
     public static func adoptFrontendFD(_ fd: borrowing FileDescriptor) throws(EventFDCheckError) {
         let kind = fileKind(fd.raw)
         guard kind == "anon_inode:[eventfd]" else { throw .notAnEventFD(kind: kind) }
+        // A semaphore eventfd reads 1 at a time: a level-triggered watch on it never goes quiet,
+        // so the thread serving it would never sleep. Kernels since 6.4 show the mode in fdinfo.
+        if fdInfo(fd.raw).contains("eventfd-semaphore: 1") { throw .notAnEventFD(kind: "a semaphore-mode eventfd") }
         let flags = fcntl(fd.raw, F_GETFL)
         guard flags >= 0 else { throw .system(SystemError("fcntl(F_GETFL)", errno: cvdpa_errno())) }
         if flags & O_NONBLOCK == 0 {
@@ -66,9 +68,23 @@ extension EventFD {
     static func fileKind(_ fd: Int32) -> String {
         var buffer = [UInt8](repeating: 0, count: 256)
         let n = buffer.withUnsafeMutableBufferPointer { b in
+            // Safety: the buffer has b.count bytes; readlink writes at most b.count - 1.
             readlink("/proc/self/fd/\(fd)", b.baseAddress!, b.count - 1)
         }
         guard n > 0 else { return "unknown (readlink failed: \(String(cString: strerror(cvdpa_errno()))))" }
         return String(decoding: buffer[0..<n], as: UTF8.self)
+    }
+}
+
+extension EventFD {
+    /// /proc/self/fdinfo/`fd` ("" if unreadable; it is at most a few hundred bytes).
+    static func fdInfo(_ fd: Int32) -> String {
+        let f = open("/proc/self/fdinfo/\(fd)", O_RDONLY | O_CLOEXEC)
+        guard f >= 0 else { return "" }
+        defer { close(f) }
+        var buffer = [UInt8](repeating: 0, count: 1024)
+        // Safety: read writes at most b.count bytes into the buffer.
+        let n = buffer.withUnsafeMutableBufferPointer { b in read(f, b.baseAddress!, b.count) }
+        return n > 0 ? String(decoding: buffer[0..<n], as: UTF8.self) : ""
     }
 }

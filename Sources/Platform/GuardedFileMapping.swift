@@ -41,6 +41,9 @@ public struct GuardedFileMapping: ~Copyable {
     public var mappedBytes: Int { mapping.length }
     public var mappingBase: UnsafeMutableRawPointer { mapping.base }
 
+    /// HUGETLBFS_MAGIC (linux/magic.h).
+    static let hugetlbfsMagic: UInt64 = 0x9584_58f6
+
     public init(fd: borrowing FileDescriptor, offset: UInt64, length: UInt64, notify: SharedFD?) throws(FileWindowError) {
         guard length > 0 else { throw .overflow(offset: offset, length: length) }
         let (end, overflow) = offset.addingReportingOverflow(length)
@@ -50,10 +53,17 @@ public struct GuardedFileMapping: ~Copyable {
         guard st.st_mode & S_IFMT == S_IFREG else { throw .notRegularFile(mode: UInt32(st.st_mode)) }
         let fileSize = UInt64(max(st.st_size, 0))
         guard end <= fileSize else { throw .beyondEnd(offset: offset, length: length, fileSize: fileSize) }
-        // hugetlbfs needs whole huge pages: st_blksize is the page size there (4 KiB elsewhere).
+        // hugetlbfs maps whole huge pages only, and its st_blksize is the huge page size; on any
+        // other filesystem st_blksize is an I/O hint (2 MiB on tmpfs with THP, more on network
+        // filesystems), not a mapping granule, so the system page size is used there.
         let system = UInt64(max(sysconf(Int32(_SC_PAGESIZE)), 4096))
-        var page = max(UInt64(max(st.st_blksize, 0)), system)
-        if page & (page - 1) != 0 { page = system }
+        var page = system
+        let fsType = cvdpa_fstatfs_type(fd.raw)
+        guard fsType >= 0 else { throw .system(SystemError("fstatfs", errno: cvdpa_errno())) }
+        if UInt64(fsType) == Self.hugetlbfsMagic {
+            let huge = UInt64(max(st.st_blksize, 0))
+            if huge > system && huge & (huge - 1) == 0 { page = huge }
+        }
         let first = offset & ~(page - 1)
         // end <= Int.max / 2, so rounding up by less than a page cannot overflow.
         let last = (end + page - 1) & ~(page - 1)
@@ -64,6 +74,7 @@ public struct GuardedFileMapping: ~Copyable {
         guard s >= 0 else { throw .noGuardSlot }
         slot = s
         self.notify = notify
+        // Safety: offset - first < page <= the mapped length, so the window starts inside the mapping.
         pointer = m.base + Int(offset - first)
         self.length = length
         mapping = m

@@ -1,10 +1,19 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CVDPAShims
 import Dispatch
 import Synchronization
 
 /// Control operations for a thread that owns its state (the DMA engine, the relay): callers post
-/// a closure and wait until the thread has run it between two units of its own work. Once the
-/// thread has ended (`close`), posting fails at once instead of waiting forever, and closures
-/// that were still queued are released without running.
+/// a closure and wait until the thread has run it between two units of its own work.
+///
+/// No caller waits forever. Once the owner thread has ended (`close`), posting fails at once and
+/// closures still queued are released without running. An owner that does not get to a post in
+/// time is taken to be blocked in a system call on a frontend's fd (one the frontend made
+/// blocking again after handing it over): it is interrupted (a signal without SA_RESTART, so the
+/// call returns EINTR and the owner gives up on it), and the caller waits once more. If it still
+/// does not answer, the post fails, and later posts fail at once until the owner drains again.
 public final class Mailbox<Target: AnyObject>: Sendable {
     private final class Ticket: Sendable {
         let done = DispatchSemaphore(value: 0)
@@ -16,22 +25,30 @@ public final class Mailbox<Target: AnyObject>: Sendable {
     }
     private let queue = Mutex(Queue())
     private let pending = Atomic<Bool>(false)
-    /// Set when a post timed out, cleared when the owner drains again: while the owner is stuck,
-    /// further posts fail at once instead of each waiting out its timeout.
-    private let stuck = Atomic<Bool>(false)
+    /// Completed drain passes, and the pass count at which a post last gave up: while they are
+    /// equal the owner has made no progress since, and posts fail at once.
+    private let drains = Atomic<UInt64>(0)
+    private let gaveUpAt = Atomic<UInt64>(.max)
+    /// The owner's pthread (0 until `ownerStarted`).
+    private let owner = Atomic<UInt>(0)
     /// Signalled for every post: the owner thread sleeps on it with its other events.
     public let wake: SharedFD
 
-    public init() throws(SystemError) { wake = SharedFD(try EventFD.make()) }
+    public init() throws(SystemError) {
+        guard cvdpa_interrupt_install() == 0 else { throw SystemError("sigaction(interrupt)", errno: cvdpa_errno()) }
+        wake = SharedFD(try EventFD.make())
+    }
 
-    /// Runs `body` on the owner thread and waits for it, at most `timeoutSeconds` (owners apply
-    /// posts between batches of microseconds). Returns false when the owner thread has ended
-    /// (`body` not run) or did not get to it in time (then it may still run later): a wedged owner
-    /// never holds its caller for long, and once one post timed out the next fail at once until
-    /// the owner drains again.
+    /// Called by the owner thread when it starts, so that a stuck owner can be interrupted.
+    public func ownerStarted() { owner.store(UInt(pthread_self()), ordering: .releasing) }
+
+    /// Runs `body` on the owner thread and waits for it: at most `timeoutSeconds`, then the owner
+    /// is interrupted and given as long again (owners apply posts between batches that take
+    /// microseconds). Returns false when the owner has ended (`body` not run) or did not answer
+    /// (`body` may still run later; the caller must treat the operation as failed).
     @discardableResult
-    public func perform(timeoutSeconds: Double = 2, _ body: @escaping @Sendable (Target) -> Void) -> Bool {
-        if stuck.load(ordering: .acquiring) { return false }
+    public func perform(timeoutSeconds: Double = 1, _ body: @escaping @Sendable (Target) -> Void) -> Bool {
+        if gaveUpAt.load(ordering: .acquiring) == drains.load(ordering: .acquiring) { return false }
         let ticket = Ticket()
         let queued = queue.withLock { q -> Bool in
             guard !q.closed else { return false }
@@ -42,11 +59,12 @@ public final class Mailbox<Target: AnyObject>: Sendable {
         // Release pairs with the owner's acquire in `hasPending`: it then sees the queued item.
         pending.store(true, ordering: .releasing)
         EventFD.signal(wake.raw)
-        guard ticket.done.wait(timeout: .now() + timeoutSeconds) == .success else {
-            stuck.store(true, ordering: .releasing)
-            return false
-        }
-        return ticket.ran.load(ordering: .acquiring)
+        if ticket.done.wait(timeout: .now() + timeoutSeconds) == .success { return ticket.ran.load(ordering: .acquiring) }
+        let thread = owner.load(ordering: .acquiring)
+        if thread != 0 { _ = cvdpa_thread_interrupt(thread) }
+        if ticket.done.wait(timeout: .now() + timeoutSeconds) == .success { return ticket.ran.load(ordering: .acquiring) }
+        gaveUpAt.store(drains.load(ordering: .acquiring), ordering: .releasing)
+        return false
     }
 
     /// Whether something was posted since the last `drain` (owner thread, once per loop).
@@ -55,7 +73,6 @@ public final class Mailbox<Target: AnyObject>: Sendable {
     /// Runs what was posted (owner thread).
     public func drain(_ target: Target) {
         pending.store(false, ordering: .relaxed)
-        stuck.store(false, ordering: .releasing)
         let items = queue.withLock { q -> [(@Sendable (Target) -> Void, Ticket)] in
             let w = q.items
             q.items.removeAll()
@@ -66,6 +83,9 @@ public final class Mailbox<Target: AnyObject>: Sendable {
             ticket.ran.store(true, ordering: .releasing)
             ticket.done.signal()
         }
+        // Counted after the items ran: a caller that gave up while one of them was blocked sees
+        // progress only once the owner is free again.
+        drains.add(1, ordering: .releasing)
     }
 
     /// The owner thread is ending: later posts fail at once; queued ones are released unrun.

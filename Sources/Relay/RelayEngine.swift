@@ -73,12 +73,12 @@ public final class RelayEngine: @unchecked Sendable {
         return ran
     }
 
-    static let stopTimeoutSeconds: Double = 2
+    static let stopTimeoutSeconds: Double = 1
 
     public func stop() {
-        // Bounded: a thread wedged by a frontend (an eventfd it made blocking again after handing
-        // it over, then saturated) must not hold the port's or the daemon's shutdown. Such a
-        // thread is abandoned, loudly; it ends with the process.
+        // Bounded: a thread blocked on a frontend's fd is interrupted (Mailbox); one that still
+        // does not answer must not hold the port's or the daemon's shutdown: it is abandoned,
+        // loudly, and ends with the process.
         if mailbox.perform(timeoutSeconds: Self.stopTimeoutSeconds, { $0.stopping = true }) || mailbox.isClosed {
             thread?.join()
         } else {
@@ -91,20 +91,25 @@ public final class RelayEngine: @unchecked Sendable {
 
     // MARK: operations (called through perform)
 
-    public func setLog(_ newLog: DirtyLog?) {
-        perform { $0.log = newLog }
+    /// Runs an operation on the relay thread; throws if the relay has stopped or does not answer.
+    func apply(_ what: String, _ body: @escaping @Sendable (RelayEngine) -> Void) throws(SystemError) {
+        guard perform(body) else { throw SystemError("relay: \(what) (the relay thread has stopped or does not answer)", errno: ETIMEDOUT) }
     }
 
-    public func setMemory(_ table: GuestMemoryTable) {
-        perform { e in
+    public func setLog(_ newLog: DirtyLog?) throws(SystemError) {
+        try apply("set log") { $0.log = newLog }
+    }
+
+    public func setMemory(_ table: GuestMemoryTable) throws(SystemError) {
+        try apply("set memory table") { e in
             e.memory = table
             e.view = table.view
             for q in e.queues.values { e.translate(q) }
         }
     }
 
-    public func setTestSwitches(skipBufferMarking: Bool, journal: (any RelayJournal)?) {
-        perform { e in
+    public func setTestSwitches(skipBufferMarking: Bool, journal: (any RelayJournal)?) throws(SystemError) {
+        try apply("set test switches") { e in
             e.skipBufferMarking = skipBufferMarking
             e.journal = journal
         }
@@ -131,8 +136,8 @@ public final class RelayEngine: @unchecked Sendable {
 
     /// Relays whatever the device completed up to now (the device is suspended or stopped by the
     /// caller), marks the whole guest used ring, and stops relaying the ring.
-    public func detach(_ index: Int) {
-        perform { e in
+    public func detach(_ index: Int) throws(SystemError) {
+        try apply("detach ring \(index)") { e in
             guard let q = e.queues.removeValue(forKey: index) else { return }
             _ = e.step(q)
             e.markWholeUsedRing(q.config)
@@ -141,21 +146,21 @@ public final class RelayEngine: @unchecked Sendable {
         }
     }
 
-    public func setGuestCall(_ index: Int, _ call: SharedFD?) {
-        perform { e in
+    public func setGuestCall(_ index: Int, _ call: SharedFD?) throws(SystemError) {
+        try apply("set ring \(index)'s guest call") { e in
             guard let q = e.queues[index] else { return }
             q.config.guestCall = call
             q.guestCallFD = call?.raw ?? -1
         }
     }
 
-    public func setUsedLogAddress(_ index: Int, _ gpa: UInt64) {
-        perform { e in e.queues[index]?.config.usedLogGPA = gpa }
+    public func setUsedLogAddress(_ index: Int, _ gpa: UInt64) throws(SystemError) {
+        try apply("set ring \(index)'s used log address") { e in e.queues[index]?.config.usedLogGPA = gpa }
     }
 
     /// Marks a whole used ring (flags, entries, idx, avail_event) in the current log.
-    public func markUsedRing(logGPA: UInt64, size: UInt16) {
-        perform { e in
+    public func markUsedRing(logGPA: UInt64, size: UInt16) throws(SystemError) {
+        try apply("mark a used ring") { e in
             guard let log = e.log else { return }
             log.mark(gpa: logGPA, length: UInt64(6 + 8 * Int(size)))
         }
@@ -251,9 +256,11 @@ public final class RelayEngine: @unchecked Sendable {
     /// Marks the first `length` bytes of the chain's writable buffers, walking indirect tables.
     /// Buffer addresses are marked as guest-physical addresses, never translated: only the
     /// descriptor table (translated at attach) and an indirect table are read. The walk is bounded
-    /// exactly as the device's walker (DescriptorChainWalker): head and next indices inside their
-    /// table, at most queue-size buffers per chain, one level of indirection only when it was
-    /// negotiated, an indirect descriptor never with NEXT and its length a non-zero multiple of 16.
+    /// as the device's walker (DescriptorChainWalker): head and next indices inside their table,
+    /// at most queue-size buffers per chain, one level of indirection, an indirect descriptor never
+    /// with NEXT and its length a non-zero multiple of 16. (Indirect tables are followed whether or
+    /// not INDIRECT_DESC is negotiated now: the device decided when the ring started, and marking a
+    /// chain it completed is never wrong.)
     /// A chain the guest broke since the device completed it stops the walk and is counted.
     /// Returns the number of pages marked.
     @inline(__always)
@@ -276,7 +283,7 @@ public final class RelayEngine: @unchecked Sendable {
             let d = VirtqDescriptor(copyingFrom: table + 16 * Int(index))
             ttl &-= 1
             if d.flags.contains(.indirect) {
-                guard q.config.indirect, !indirect, !d.flags.contains(.next), d.len >= 16, d.len % 16 == 0,
+                guard !indirect, !d.flags.contains(.next), d.len >= 16, d.len % 16 == 0,
                       let t = view.hostPointer(gpa: d.addr, length: UInt64(d.len)) else {
                     q.counters.errors.wrappingAdd(1, ordering: .relaxed)
                     break
@@ -317,6 +324,7 @@ public final class RelayEngine: @unchecked Sendable {
     // MARK: loop
 
     private func run() {
+        mailbox.ownerStarted()
         if mode == .event {
             // The event loop sleeps between batches; real-time priority lets it run as soon as the
             // device's interrupt wakes it, even while busy-polling threads hold every core (the

@@ -123,12 +123,12 @@ final class DMAEngine: @unchecked Sendable {
         return ran
     }
 
-    static let stopTimeoutSeconds: Double = 2
+    static let stopTimeoutSeconds: Double = 1
 
     func stop() {
-        // Bounded: a thread wedged by a frontend (an eventfd it made blocking again after handing
-        // it over, then saturated) must not hold the port's or the daemon's shutdown. Such a
-        // thread is abandoned, loudly; it ends with the process.
+        // Bounded: a thread blocked on a frontend's fd is interrupted (Mailbox); one that still
+        // does not answer must not hold the port's or the daemon's shutdown: it is abandoned,
+        // loudly, and ends with the process.
         if mailbox.perform(timeoutSeconds: Self.stopTimeoutSeconds, { $0.stopping = true }) || mailbox.isClosed {
             thread?.join()
         } else {
@@ -258,6 +258,7 @@ final class DMAEngine: @unchecked Sendable {
     // MARK: the loop
 
     private func run() {
+        mailbox.ownerStarted()
         var idle = 0
         var idleSince: UInt64 = 0
         while !stopping {

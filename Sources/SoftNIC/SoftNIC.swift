@@ -13,6 +13,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     // @unchecked Sendable: immutable configuration plus the engine, whose state is confined to
     // its own thread and reached only through `perform`.
     public let queuePairs: Int
+    public let portID: String
     public let link: LinkSpec
     public let mac: UInt64
     public let guestMAC: UInt64?
@@ -36,6 +37,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
 
     public init(portID: String, queuePairs: Int, link: LinkSpec, guestMAC: [UInt8]?, logger: Logger) throws {
         self.queuePairs = queuePairs
+        self.portID = portID
         self.link = link
         // A locally administered MAC derived from the port id (stable across restarts).
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
@@ -49,8 +51,15 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         try engine.start()
     }
 
-    public func setFeatures(_ features: UInt64) {
-        engine.perform { e in
+    /// Runs a control operation on the engine; throws if the engine has stopped or does not answer.
+    private func apply(_ what: String, _ body: @escaping @Sendable (DMAEngine) -> Void) throws(DeviceError) {
+        guard engine.perform(body) else {
+            throw DeviceError("\(what): the DMA engine of port \(portID) has stopped or does not answer")
+        }
+    }
+
+    public func setFeatures(_ features: UInt64) throws(DeviceError) {
+        try apply("set features") { e in
             e.eventIdx = features & VirtioFeature.ringEventIdx != 0
             e.mergeable = features & VirtioNetFeature.mrgRxbuf != 0
             e.indirect = features & VirtioFeature.ringIndirectDesc != 0
@@ -58,13 +67,13 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         }
     }
 
-    public func setMemoryTable(_ table: GuestMemoryTable) {
-        engine.perform { $0.setMemory(table) }
+    public func setMemoryTable(_ table: GuestMemoryTable) throws(DeviceError) {
+        try apply("set memory table") { $0.setMemory(table) }
     }
 
-    public func startRing(_ config: VDPARingConfig) {
+    public func startRing(_ config: VDPARingConfig) throws(DeviceError) {
         modes.withLock { $0[config.index] = nil }
-        engine.perform { e in
+        try apply("start ring \(config.index)") { e in
             e.rings[config.index].guestUsedGPA = config.usedGPA
             if config.index % 2 == 0, case .source = e.link {
                 // Each start of the generator gets a new epoch: numbers never repeat.
@@ -77,25 +86,25 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         }
     }
 
-    public func setRingEnabled(_ index: Int, _ enabled: Bool) {
-        engine.perform { e in
+    public func setRingEnabled(_ index: Int, _ enabled: Bool) throws(DeviceError) {
+        try apply("enable ring \(index)") { e in
             if !enabled { e.flush(e.rings[index]) }
             e.rings[index].enabled = enabled
             e.rebuildActive()
         }
     }
 
-    public func setRingCall(_ index: Int, _ call: SharedFD?) {
-        engine.perform { e in
+    public func setRingCall(_ index: Int, _ call: SharedFD?) throws(DeviceError) {
+        try apply("set ring \(index)'s call") { e in
             let r = e.rings[index]
             r.call = call
             r.callFD = call?.raw ?? -1
         }
     }
 
-    public func stopRing(_ index: Int) -> UInt16 {
+    public func stopRing(_ index: Int) throws(DeviceError) -> UInt16 {
         let result = Mutex<UInt16>(0)
-        engine.perform { e in
+        try apply("stop ring \(index)") { e in
             let r = e.rings[index]
             let at = r.lastAvail
             e.stopRingLocal(r)
@@ -108,7 +117,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     public func sendRARP(mac: [UInt8]) -> Bool {
         let frame = Frames.rarp(mac: mac)
         let sent = Mutex(false)
-        engine.perform { e in
+        let applied = engine.perform { e in
             frame.withUnsafeBytes { raw in
                 e.frameBuffer.copyMemory(from: raw.baseAddress!, byteCount: raw.count)
             }
@@ -127,7 +136,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
                 sent.withLock { $0 = true }  // consumed by the link, like any frame sent there
             }
         }
-        return sent.withLock { $0 }
+        return applied && sent.withLock { $0 }
     }
 
     public func counters() -> [QueueCounters] { stats.map(\.snapshot) }
@@ -135,9 +144,10 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     private let modes = Mutex<[Int: String]>([:])
     public func mode(ofRing index: Int) -> String { modes.withLock { $0[index] } ?? "direct" }
 
-    public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?, interruptEveryBatch: Bool) -> UInt16 {
+    public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?,
+                                 interruptEveryBatch: Bool) throws(DeviceError) -> UInt16 {
         let result = Mutex<UInt16>(0)
-        engine.perform { e in
+        try apply("redirect ring \(index)'s used ring") { e in
             let r = e.rings[index]
             let at = e.suspend(r)
             if let mapping {
@@ -153,17 +163,17 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         return result.withLock { $0 }
     }
 
-    public func suspendRing(_ index: Int) -> UInt16 {
+    public func suspendRing(_ index: Int) throws(DeviceError) -> UInt16 {
         let result = Mutex<UInt16>(0)
-        engine.perform { e in
+        try apply("suspend ring \(index)") { e in
             let at = e.suspend(e.rings[index])
             result.withLock { $0 = at }
         }
         return result.withLock { $0 }
     }
 
-    public func unmapIOVA(_ iova: UInt64) {
-        engine.perform { e in
+    public func unmapIOVA(_ iova: UInt64) throws(DeviceError) {
+        try apply("unmap IOVA 0x\(String(iova, radix: 16))") { e in
             if e.extraMappings.removeValue(forKey: iova) != nil { e.setMemory(e.memoryTable) }
         }
     }
@@ -172,6 +182,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         engine.perform { e in
             for r in e.rings where r.config != nil { e.stopRingLocal(r) }
             for r in e.rings { r.enabled = false; r.failure = nil }
+            e.extraMappings.removeAll()
             e.setMemory(.empty)
         }
     }

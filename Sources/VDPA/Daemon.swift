@@ -59,6 +59,7 @@ public final class Daemon: Sendable {
     }
 
     public func stop() {
+        for p in ports { p.requestStop() }
         for p in ports { p.stop() }
         let c = control.withLock { c -> ControlServer? in let x = c; c = nil; return x }
         c?.stop()
@@ -81,7 +82,7 @@ public final class Daemon: Sendable {
                 let m = mig[c.index]
                 let running = st.queues.indices.contains(c.index) && st.queues[c.index].started
                 return QueueStats(index: c.index, direction: c.index % 2 == 0 ? "rx" : "tx",
-                           mode: running ? (p.device?.mode(ofRing: c.index) ?? "none") : "stopped",
+                           mode: running ? st.queues[c.index].mode : "stopped",
                            packets: c.packets, bytes: c.bytes, drops: c.drops, faults: c.faults, error: c.error,
                            interrupts: c.interrupts, doorbells: c.doorbells,
                            relayed: m?.counters?.relayed.load(ordering: .relaxed) ?? 0,

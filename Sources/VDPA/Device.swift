@@ -54,8 +54,16 @@ public struct QueueCounters: Codable, Sendable, Equatable {
     }
 }
 
+/// A device operation that was not applied (the device stopped, or does not answer).
+public struct DeviceError: Error, CustomStringConvertible, Sendable {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
 /// The vDPA device operations the framework drives. Every call comes from the port's thread and
-/// returns once the device has applied it (the device's DMA engine runs on its own threads).
+/// returns once the device has applied it (the device's DMA engine runs on its own threads), or
+/// throws when it could not be applied: the port then fails the frontend's message.
 public protocol VDPADevice: AnyObject, Sendable {
     /// A one-line description for status output, e.g. "softnic link=loopback".
     var summary: String { get }
@@ -65,18 +73,18 @@ public protocol VDPADevice: AnyObject, Sendable {
     /// vhost-user protocol features the device supports (the port offers these).
     var protocolFeatures: UInt64 { get }
     /// Negotiated virtio features.
-    func setFeatures(_ features: UInt64)
+    func setFeatures(_ features: UInt64) throws(DeviceError)
     /// Programs the device's IOMMU from the frontend's memory table (IOVA = guest-physical).
-    func setMemoryTable(_ table: GuestMemoryTable)
+    func setMemoryTable(_ table: GuestMemoryTable) throws(DeviceError)
     /// The ring is configured and its doorbell is set: the device may serve it while enabled.
-    func startRing(_ config: VDPARingConfig)
+    func startRing(_ config: VDPARingConfig) throws(DeviceError)
     /// Enables or disables a started ring (SET_VRING_ENABLE); a disabled ring keeps its position.
-    func setRingEnabled(_ index: Int, _ enabled: Bool)
+    func setRingEnabled(_ index: Int, _ enabled: Bool) throws(DeviceError)
     /// Replaces a ring's interrupt eventfd while it runs.
-    func setRingCall(_ index: Int, _ call: SharedFD?)
+    func setRingCall(_ index: Int, _ call: SharedFD?) throws(DeviceError)
     /// Stops a ring: the device completes what it took, touches the ring no more, and returns
     /// the next avail index (GET_VRING_BASE's answer).
-    func stopRing(_ index: Int) -> UInt16
+    func stopRing(_ index: Int) throws(DeviceError) -> UInt16
     // MARK: what the relay needs (no reset: suspend, move the used ring, resume)
 
     /// Suspends ring `index` between batches (what it completed is published where its used ring
@@ -84,11 +92,11 @@ public protocol VDPADevice: AnyObject, Sendable {
     /// its interrupts at `call` (raised for every completed batch when `interruptEveryBatch`),
     /// and resumes it. Returns the used index at the switch. `usedIOVA` nil = back to the ring's
     /// own used ring in guest memory. Never resets the device.
-    func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?, interruptEveryBatch: Bool) -> UInt16
+    func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?, interruptEveryBatch: Bool) throws(DeviceError) -> UInt16
     /// Suspends ring `index` (completed work published) and returns its used index.
-    func suspendRing(_ index: Int) -> UInt16
+    func suspendRing(_ index: Int) throws(DeviceError) -> UInt16
     /// Removes an IOMMU mapping made by `redirectUsedRing`.
-    func unmapIOVA(_ iova: UInt64)
+    func unmapIOVA(_ iova: UInt64) throws(DeviceError)
 
     /// The migration has completed on this side (the destination; DPDK calls this on SEND_RARP).
     func migrationDone()
@@ -98,7 +106,8 @@ public protocol VDPADevice: AnyObject, Sendable {
     func counters() -> [QueueCounters]
     /// Per-queue data-path mode ("direct" or "relay").
     func mode(ofRing index: Int) -> String
-    /// The frontend went away or reset the device: stop every ring, forget the memory table.
+    /// The frontend went away or reset the device: stop every ring, forget the memory table and
+    /// every IOVA mapping. Best effort: a device that does not answer is reported in its log.
     func reset()
     /// The port is closing for good: stop the device's threads.
     func close()

@@ -61,9 +61,27 @@ final class DeviceBinding: VhostUserDeviceHooks {
 
     deinit { relay?.stop() }
 
+    /// A device operation for the frontend's message `request`: its failure fails the message.
+    func dev<T>(_ request: String, _ body: () throws(DeviceError) -> T) throws(VhostUserError) -> T {
+        do { return try body() } catch {
+            logger.error("\(request): \(error)")
+            throw VhostUserError(.device, request, field: "device", error.message)
+        }
+    }
+
+    /// A relay operation for the frontend's message `request`: its failure fails the message.
+    func rel(_ request: String, _ body: () throws(SystemError) -> Void) throws(VhostUserError) {
+        do { try body() } catch {
+            logger.error("\(request): \(error)")
+            throw VhostUserError(.device, request, field: "relay", error.description)
+        }
+    }
+
     func memoryTableChanged(_ session: BackendSession) throws(VhostUserError) {
-        device.setMemoryTable(session.memory.current())
-        if !relayed.isEmpty { relay?.setMemory(session.memory.current()) }
+        try dev("SET_MEM_TABLE") { () throws(DeviceError) in try device.setMemoryTable(session.memory.current()) }
+        if !relayed.isEmpty, let relay {
+            try rel("SET_MEM_TABLE") { () throws(SystemError) in try relay.setMemory(session.memory.current()) }
+        }
     }
 
     func ringConfig(_ session: BackendSession, _ index: Int, enabled: Bool) -> VDPARingConfig {
@@ -73,13 +91,17 @@ final class DeviceBinding: VhostUserDeviceHooks {
                               enabled: enabled)
     }
 
+    /// What status shows for a ring: the device's mode, or "held" while it waits for the log.
+    func mode(ofRing index: Int) -> String { awaitingLog.contains(index) ? "held" : device.mode(ofRing: index) }
+
     func vringStarted(_ session: BackendSession, index: Int) throws(VhostUserError) {
-        device.setMemoryTable(session.memory.current())
+        let request = "start ring \(index)"
+        try dev(request) { () throws(DeviceError) in try device.setMemoryTable(session.memory.current()) }
         if session.logAllEnabled && index % 2 == 0 {
             // A ring started while logging is on starts in relay mode: it is held disabled until
             // its used ring points at the mediated ring, so no completion escapes the relay. If the
             // log has not arrived yet, it stays held until it does.
-            device.startRing(ringConfig(session, index, enabled: false))
+            try dev(request) { () throws(DeviceError) in try device.startRing(ringConfig(session, index, enabled: false)) }
             started.insert(index)
             guard session.log != nil else {
                 awaitingLog.insert(index)
@@ -87,24 +109,26 @@ final class DeviceBinding: VhostUserDeviceHooks {
                 return
             }
             try switchToRelay(session, index)
-            device.setRingEnabled(index, session.vrings[index].enabled)
+            try dev(request) { () throws(DeviceError) in try device.setRingEnabled(index, session.vrings[index].enabled) }
         } else {
-            device.startRing(ringConfig(session, index, enabled: session.vrings[index].enabled))
+            try dev(request) { () throws(DeviceError) in
+                try device.startRing(ringConfig(session, index, enabled: session.vrings[index].enabled))
+            }
             started.insert(index)
         }
     }
 
-    func vringStopping(_ session: BackendSession, index: Int) -> UInt32? {
+    func vringStopping(_ session: BackendSession, index: Int) throws(VhostUserError) -> UInt32? {
         guard started.remove(index) != nil else { return nil }
         awaitingLog.remove(index)
-        let base = device.stopRing(index)
-        if let mediated = relayed.removeValue(forKey: index) {
+        let request = "GET_VRING_BASE"
+        let base = try dev(request) { () throws(DeviceError) in try device.stopRing(index) }
+        if relayed.removeValue(forKey: index) != nil {
             // The device completed what it took into the mediated ring: relay the rest, mark the
             // whole used ring, and stop touching this ring.
-            relay?.detach(index)
-            device.unmapIOVA(MediatedUsedRing.iova(forRing: index))
-            _ = mediated
-            releaseRelayStateIfIdle()
+            if let relay { try rel(request) { () throws(SystemError) in try relay.detach(index) } }
+            try dev(request) { () throws(DeviceError) in try device.unmapIOVA(MediatedUsedRing.iova(forRing: index)) }
+            try releaseRelayStateIfIdle(request)
         } else if session.logAllEnabled, let log = session.log {
             // A ring kept direct while logging (TX: the device only writes its used ring there):
             // its whole used ring is marked now, so the final log is complete.
@@ -115,27 +139,33 @@ final class DeviceBinding: VhostUserDeviceHooks {
 
     func vringEnableChanged(_ session: BackendSession, index: Int, enabled: Bool) throws(VhostUserError) {
         // A ring held for the log stays disabled; the enable takes effect once it is relayed.
-        if started.contains(index) && !awaitingLog.contains(index) { device.setRingEnabled(index, enabled) }
+        if started.contains(index) && !awaitingLog.contains(index) {
+            try dev("SET_VRING_ENABLE") { () throws(DeviceError) in try device.setRingEnabled(index, enabled) }
+        }
     }
 
     func vringCallChanged(_ session: BackendSession, index: Int) throws(VhostUserError) {
         guard started.contains(index) else { return }
-        if relayed[index] != nil {
-            relay?.setGuestCall(index, session.vrings[index].call)
+        let call = session.vrings[index].call
+        if relayed[index] != nil, let relay {
+            try rel("SET_VRING_CALL") { () throws(SystemError) in try relay.setGuestCall(index, call) }
         } else {
-            device.setRingCall(index, session.vrings[index].call)
+            try dev("SET_VRING_CALL") { () throws(DeviceError) in try device.setRingCall(index, call) }
         }
     }
 
     func featuresChanged(_ session: BackendSession) throws(VhostUserError) {
-        device.setFeatures(session.ackedFeatures)
-        for i in started where !awaitingLog.contains(i) { device.setRingEnabled(i, session.vrings[i].enabled) }
+        let request = "SET_FEATURES"
+        try dev(request) { () throws(DeviceError) in try device.setFeatures(session.ackedFeatures) }
+        for i in started where !awaitingLog.contains(i) {
+            try dev(request) { () throws(DeviceError) in try device.setRingEnabled(i, session.vrings[i].enabled) }
+        }
         if session.logAllEnabled {
             guard session.log != nil else {
                 // Logging on before the log exists: hold every running RX ring (what it completed
                 // so far is published) until SET_LOG_BASE, then relay it.
                 for i in started.sorted() where i % 2 == 0 && relayed[i] == nil && !awaitingLog.contains(i) {
-                    device.setRingEnabled(i, false)
+                    try dev(request) { () throws(DeviceError) in try device.setRingEnabled(i, false) }
                     awaitingLog.insert(i)
                 }
                 if !awaitingLog.isEmpty {
@@ -146,19 +176,28 @@ final class DeviceBinding: VhostUserDeviceHooks {
             try relayRingsAwaitingLog(session)
             for i in started.sorted() where i % 2 == 0 && relayed[i] == nil { try switchToRelay(session, i) }
         } else {
-            for i in relayed.keys.sorted() { switchToDirect(session, i) }
+            for i in relayed.keys.sorted() { try switchToDirect(session, i) }
             // Logging was turned off before the log came: the held rings go back to work, direct.
-            for i in awaitingLog.sorted() { device.setRingEnabled(i, session.vrings[i].enabled) }
-            awaitingLog.removeAll()
-            releaseRelayStateIfIdle()
+            for i in awaitingLog.sorted() {
+                try dev(request) { () throws(DeviceError) in try device.setRingEnabled(i, session.vrings[i].enabled) }
+                awaitingLog.remove(i)
+            }
+            try releaseRelayStateIfIdle(request)
         }
     }
 
     func logChanged(_ session: BackendSession) throws(VhostUserError) {
         // A new log (QEMU resizes it when memory grows, then frees the old one right after our
         // reply) takes over all marking before this returns.
-        if !relayed.isEmpty { relay?.setLog(session.log) }
-        for i in relayed.keys { relay?.setUsedLogAddress(i, usedLogGPA(session, i)) }
+        let request = "SET_LOG_BASE"
+        if !relayed.isEmpty, let relay {
+            let log = session.log
+            try rel(request) { () throws(SystemError) in try relay.setLog(log) }
+            for i in relayed.keys {
+                let gpa = usedLogGPA(session, i)
+                try rel(request) { () throws(SystemError) in try relay.setUsedLogAddress(i, gpa) }
+            }
+        }
         if session.logAllEnabled && session.log != nil { try relayRingsAwaitingLog(session) }
     }
 
@@ -168,16 +207,18 @@ final class DeviceBinding: VhostUserDeviceHooks {
         for i in awaitingLog.sorted() {
             try switchToRelay(session, i)
             awaitingLog.remove(i)
-            device.setRingEnabled(i, session.vrings[i].enabled)
+            try dev("SET_LOG_BASE") { () throws(DeviceError) in try device.setRingEnabled(i, session.vrings[i].enabled) }
         }
     }
 
     /// When no ring is relayed, the relay keeps no reference to the frontend's memory or log, so
     /// neither stays mapped after the migration or the connection ends.
-    func releaseRelayStateIfIdle() {
+    func releaseRelayStateIfIdle(_ request: String) throws(VhostUserError) {
         guard relayed.isEmpty, let relay else { return }
-        relay.setLog(nil)
-        relay.setMemory(.empty)
+        try rel(request) { () throws(SystemError) in
+            try relay.setLog(nil)
+            try relay.setMemory(.empty)
+        }
     }
 
     func sendRARP(_ session: BackendSession, mac: [UInt8]) -> Bool {
@@ -188,15 +229,16 @@ final class DeviceBinding: VhostUserDeviceHooks {
 
     func statusChanged(_ session: BackendSession) {}
 
+    /// Best effort (the connection is going or the device is reset): failures are logged.
     func reset(_ session: BackendSession) {
-        for i in relayed.keys {
-            relay?.detach(i)
-            device.unmapIOVA(MediatedUsedRing.iova(forRing: i))
+        for i in relayed.keys.sorted() {
+            do throws(SystemError) { try relay?.detach(i) } catch { logger.error("reset: \(error)") }
         }
         relayed.removeAll()
         started.removeAll()
         awaitingLog.removeAll()
-        releaseRelayStateIfIdle()
+        do throws(VhostUserError) { try releaseRelayStateIfIdle("reset") } catch { logger.error("reset: \(error)") }
+        // Stops every ring and drops every IOVA mapping, the mediated rings' included.
         device.reset()
     }
 
@@ -215,16 +257,18 @@ final class DeviceBinding: VhostUserDeviceHooks {
     func switchToRelay(_ session: BackendSession, _ i: Int) throws(VhostUserError) {
         let v = session.vrings[i]
         let t0 = cvdpa_monotonic_ns()
+        let iova = MediatedUsedRing.iova(forRing: i)
+        var redirected = false
         do {
             if relay == nil {
-                relay = try RelayEngine(mode: relayMode, name: portID, logger: logger)
-                let r = relay
+                let r = try RelayEngine(mode: relayMode, name: portID, logger: logger)
+                relay = r
                 migration.relay.withLock { $0 = r }
-                relay?.setTestSwitches(skipBufferMarking: testSwitches.skipBufferMarking, journal: testSwitches.journal)
+                try r.setTestSwitches(skipBufferMarking: testSwitches.skipBufferMarking, journal: testSwitches.journal)
             }
             guard let relay else { throw SystemError("relay", errno: ENODEV) }
-            relay.setLog(session.log)
-            relay.setMemory(session.memory.current())
+            try relay.setLog(session.log)
+            try relay.setMemory(session.memory.current())
             let size = UInt16(truncatingIfNeeded: v.size)
             let mediated = try MediatedUsedRing(size: size)
             if let table = session.memory.current().hostPointer(gpa: v.usedGPA, length: UInt64(6 + 8 * Int(size))) {
@@ -233,19 +277,19 @@ final class DeviceBinding: VhostUserDeviceHooks {
             }
             let deviceCall = SharedFD(try EventFD.make())
             let counters = RelayCounters()
-            let iova = MediatedUsedRing.iova(forRing: i)
             // The gap: from suspending the ring until the relay has taken it over.
             let held = cvdpa_monotonic_ns()
-            let at = device.redirectUsedRing(i, usedIOVA: iova,
-                                             mapping: IOVAMapping(iova: iova, size: UInt64(mediated.byteCount), host: mediated.base, owner: mediated),
-                                             call: deviceCall, interruptEveryBatch: true)
+            let at = try device.redirectUsedRing(i, usedIOVA: iova,
+                                                 mapping: IOVAMapping(iova: iova, size: UInt64(mediated.byteCount), host: mediated.base, owner: mediated),
+                                                 call: deviceCall, interruptEveryBatch: true)
+            redirected = true
             let features = session.ackedFeatures
             try relay.attach(RelayRingConfig(index: i, size: size, descGPA: v.descGPA, availGPA: v.availGPA, usedGPA: v.usedGPA,
-                                         usedLogGPA: usedLogGPA(session, i), deviceWritesBuffers: true,
-                                         eventIdx: features & VirtioFeature.ringEventIdx != 0,
-                                         indirect: features & VirtioFeature.ringIndirectDesc != 0, guestCall: v.call,
-                                         deviceKick: v.kick),
-                         mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
+                                             usedLogGPA: usedLogGPA(session, i), deviceWritesBuffers: true,
+                                             eventIdx: features & VirtioFeature.ringEventIdx != 0,
+                                             indirect: features & VirtioFeature.ringIndirectDesc != 0, guestCall: v.call,
+                                             deviceKick: v.kick),
+                             mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
             relayed[i] = mediated
             let gap = (cvdpa_monotonic_ns() - held) / 1000
             let setup = (held - t0) / 1000
@@ -258,20 +302,29 @@ final class DeviceBinding: VhostUserDeviceHooks {
             }
             logger.info("ring \(i): switched to the relay (\(relayMode.rawValue) loop) at used index \(at): ring held \(gap) µs (after \(setup) µs of preparation)")
         } catch {
-            device.setRingEnabled(i, false)
+            // Hold the ring: nothing it completes could be logged. Best effort, the message fails
+            // either way and the port closes the connection (reset then stops every ring).
+            do throws(DeviceError) {
+                try device.setRingEnabled(i, false)
+                if redirected { try device.unmapIOVA(iova) }
+            } catch { logger.error("ring \(i): \(error)") }
             logger.error("ring \(i): cannot switch to the relay: \(error); the ring is held disabled")
             throw VhostUserError(.device, "switch to the relay", field: "ring \(i)", "\(error)")
         }
     }
 
     /// Relay → direct: suspend, relay what remains, point the used ring back at the guest's, resume.
-    func switchToDirect(_ session: BackendSession, _ i: Int) {
+    func switchToDirect(_ session: BackendSession, _ i: Int) throws(VhostUserError) {
         guard relayed.removeValue(forKey: i) != nil else { return }
+        let request = "switch to the direct path"
         let t0 = cvdpa_monotonic_ns()
-        _ = device.suspendRing(i)
-        relay?.detach(i)
-        let at = device.redirectUsedRing(i, usedIOVA: nil, mapping: nil, call: session.vrings[i].call, interruptEveryBatch: false)
-        device.unmapIOVA(MediatedUsedRing.iova(forRing: i))
+        _ = try dev(request) { () throws(DeviceError) in try device.suspendRing(i) }
+        if let relay { try rel(request) { () throws(SystemError) in try relay.detach(i) } }
+        let call = session.vrings[i].call
+        let at = try dev(request) { () throws(DeviceError) in
+            try device.redirectUsedRing(i, usedIOVA: nil, mapping: nil, call: call, interruptEveryBatch: false)
+        }
+        try dev(request) { () throws(DeviceError) in try device.unmapIOVA(MediatedUsedRing.iova(forRing: i)) }
         let gap = (cvdpa_monotonic_ns() - t0) / 1000
         migration.withLock {
             var m = $0[i] ?? RingMigrationStats()

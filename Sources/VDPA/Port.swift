@@ -79,6 +79,10 @@ public final class Port: Sendable {
         thread.withLock { $0 = t }
     }
 
+    /// Asks the port's thread to close (without waiting): the daemon asks every port at once,
+    /// then waits for each, so ports that take long to stop do not add up.
+    public func requestStop() { EventFD.signal(wake.raw) }
+
     /// Closes the connection and the socket, and waits for the port's thread.
     public func stop() {
         EventFD.signal(wake.raw)
@@ -177,10 +181,9 @@ public final class Port: Sendable {
                     fds.closeAll()
                 }
                 // Status first: once the frontend has its reply, status must already show the change.
-                let dev = device
                 state.withLock {
                     $0.update(from: s)
-                    if let dev { for i in $0.queues.indices where $0.queues[i].started { $0.queues[i].mode = dev.mode(ofRing: i) } }
+                    if let binding { for i in $0.queues.indices where $0.queues[i].started { $0.queues[i].mode = binding.mode(ofRing: i) } }
                 }
                 if let reply {
                     try c.withFD { fd throws(SocketError) in try UnixSocket.send(fd, reply) }

@@ -73,7 +73,7 @@ public protocol VhostUserDeviceHooks: AnyObject {
     /// Ring `index` started (all of size, addresses and kick are set).
     func vringStarted(_ session: BackendSession, index: Int) throws(VhostUserError)
     /// Ring `index` must stop now; return the index the device will resume from (split: last avail idx).
-    func vringStopping(_ session: BackendSession, index: Int) -> UInt32?
+    func vringStopping(_ session: BackendSession, index: Int) throws(VhostUserError) -> UInt32?
     func vringEnableChanged(_ session: BackendSession, index: Int, enabled: Bool) throws(VhostUserError)
     /// The call eventfd of a running ring changed.
     func vringCallChanged(_ session: BackendSession, index: Int) throws(VhostUserError)
@@ -344,7 +344,7 @@ public final class BackendSession {
 
         case (.getVringBase, .vringState(let s)):
             let i = try ringIndex(request, s.index)
-            if vrings[i].started, let resume = hooks?.vringStopping(self, index: i) {
+            if vrings[i].started, let resume = try hooks?.vringStopping(self, index: i) {
                 vrings[i].base = resume
             }
             vrings[i].kick = nil
@@ -522,7 +522,9 @@ public final class BackendSession {
     /// Releases everything the connection held (fds, mappings) when it closes.
     public func close() {
         for i in vrings.indices where vrings[i].started {
-            _ = hooks?.vringStopping(self, index: i)
+            do { _ = try hooks?.vringStopping(self, index: i) } catch {
+                logger.error("closing: ring \(i) did not stop cleanly: \(error)")
+            }
         }
         hooks?.reset(self)
         vrings = Array(repeating: VringConfig(), count: config.ringCount)

@@ -40,9 +40,12 @@ extension HostileFrontendTests {
     /// rounding arithmetic and killed the whole daemon.
     func testCraftedRegionOffsetsAreRefusedNotATrap() throws {
         let m = try makeMemfd(name: "crafted", size: 0x10000)
-        let top = UInt64(Int.max) - 100
-        try memTable(MemoryRegionDescription(guestPhysAddr: 0, size: 0x1000, userAddr: 0x1000_0000, mmapOffset: top), fd: m.raw,
-                     expect: "SET_MEM_TABLE: fd")
+        // This one trapped: offset + size within a page of Int.max, then rounded up to a page.
+        try memTable(MemoryRegionDescription(guestPhysAddr: 0, size: 0x1000, userAddr: 0x1000_0000,
+                                             mmapOffset: UInt64(Int.max) - 0x1000 - 100), fd: m.raw,
+                     expect: "SET_MEM_TABLE: fd: region at guest 0x0 (mmap_offset 9223372036854771611, size 4096): offset 9223372036854771611 + length 4096 overflows")
+        try memTable(MemoryRegionDescription(guestPhysAddr: 0, size: 0x1000, userAddr: 0x1000_0000, mmapOffset: UInt64(Int.max) - 100), fd: m.raw,
+                     expect: "overflows")
         try memTable(MemoryRegionDescription(guestPhysAddr: 0, size: 0x1000, userAddr: 0x1000_0000, mmapOffset: UInt64.max - 0x800), fd: m.raw,
                      expect: "overflows")
         try memTable(MemoryRegionDescription(guestPhysAddr: 0, size: 1 << 45, userAddr: 0x1000_0000, mmapOffset: 1 << 62), fd: m.raw,

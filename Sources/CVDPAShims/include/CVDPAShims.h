@@ -23,6 +23,7 @@
 #include <string.h>
 #include <time.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include "CVDPAGuard.h"
 
 static inline size_t cvdpa_cmsg_space(size_t len) { return CMSG_SPACE(len); }
@@ -58,6 +59,12 @@ static inline uint64_t cvdpa_thread_cpu_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+/* The filesystem type (statfs f_type) of `fd`, or -1 with errno. */
+static inline long long cvdpa_fstatfs_type(int fd) {
+    struct statfs fs;
+    if (fstatfs(fd, &fs) != 0) return -1;
+    return (long long)(unsigned long long)(unsigned int)fs.f_type;
 }
 static inline int cvdpa_errno(void) { return errno; }
 static inline void cvdpa_set_errno(int e) { errno = e; }
