@@ -82,6 +82,7 @@ start_vdpad_ns() {
     spawn vdpad ip netns exec "$ns" "$VDPAD" --control "$CONTROL" --log-level "${VDPA_LOG_LEVEL:-debug}" "${VDPAD_ARGS[@]}"
     wait_until 20 "vdpad's control socket to answer" vdpa_status_quiet
 }
+# shellcheck disable=SC2317  # (called through wait_until)
 vdpa_status_quiet() {
     alive vdpad || fail "vdpad exited at start: $(tail -n 3 "$TMP/vdpad.log" | tr '\n' ' ')"
     vdpa_status >/dev/null 2>&1
@@ -127,6 +128,7 @@ for mode in $modes; do
     wait_guest vm 90
     wait_status 30 --port vdpa0 --connection connected --feature-bit 32 --ring 0 --ring 1
     qemu_pid=${PIDS[vm]}
+    # shellcheck disable=SC2016  # ($f is the guest's)
     guest_exec vm 'for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done 2>/dev/null; true' >/dev/null
     if [[ ${RESTART_GUEST_ARP:-pin} == pin ]]; then
         out=$(guest_exec vm "arp -s $host_ip $tap_mac && arp -n") || fail "cannot pin the guest's ARP entry: $out"
@@ -194,7 +196,7 @@ for mode in $modes; do
         out=$(guest_exec vm "ping -c 3 -W 3 $host_ip") || fail "$mode round $round: guest ping $host_ip failed after the restart: $out"
         grep -q ' 3 packets received' <<<"$out" || fail "$mode round $round: guest ping lost packets after the restart (vdpad: $(device_counts)): $out"
         # The same guest, not rebooted.
-        [[ ${PIDS[vm]} == "$qemu_pid" ]] && alive vm || fail "$mode round $round: QEMU $qemu_pid is gone"
+        if [[ ${PIDS[vm]} != "$qemu_pid" ]] || ! alive vm; then fail "$mode round $round: QEMU $qemu_pid is gone"; fi
         marker=$(guest_exec vm 'cat /tmp/restart-marker' | tr -d '\r' | head -n 1)
         [[ $marker == "$token" ]] || fail "$mode round $round: the guest's marker is '$marker', expected '$token' (guest rebooted?)"
         up1=$(guest_uptime)
@@ -236,4 +238,5 @@ for mode in $modes; do
     stop vdpad TERM 10 || fail "vdpad did not exit cleanly on SIGTERM after the $mode rounds"
 done
 
-pass "$(IFS=';'; echo "${results[*]}" | sed 's/;/; /g')"
+summary=$(printf '%s; ' "${results[@]}")
+pass "${summary%; }"
