@@ -10,8 +10,9 @@
 # (timestamped replies). Then,
 # RESTART_ROUNDS times per direction, while the replies flow:
 #   - a marker file is written in the guest and its uptime read;
-#   - vdpad is killed with SIGKILL (no cleanup: its sockets stay behind as stale files) and
-#     started again at once with the same arguments;
+#   - vdpad is killed with SIGKILL (no cleanup: its control socket, and in server mode its
+#     port socket, stay behind as stale files; checked) and started again at once with the
+#     same arguments;
 #   - within RESTART_RESUME_MAX seconds a reply must arrive to a request sent after vdpad
 #     died (so it went through the new daemon); the gap from the kill to that reply is
 #     printed ("gap MODE round N: ... ms") and replies must keep coming afterwards;
@@ -154,6 +155,9 @@ for mode in $modes; do
         wait "$vpid" 2>/dev/null
         t_dead=$(now)
         unset "PIDS[vdpad]"
+        # SIGKILL leaves vdpad's sockets behind: the new vdpad must replace the stale files.
+        [[ -S $CONTROL ]] || fail "$mode round $round: no stale control socket after SIGKILL (did vdpad really die uncleanly?)"
+        if [[ $mode == server && ! -S $sock ]]; then fail "$mode round $round: no stale port socket after SIGKILL"; fi
         log "$mode round $round: vdpad $vpid killed ($(ms "$t_kill" "$t_dead") ms to reap)"
         read -r last_before last_seq_before < <(awk -v t="$t_kill" '$1 == "reply" && $4 <= t { r = $4; q = $2 } END { print r, q }' "$TMP/pinger.log")
 
