@@ -29,7 +29,8 @@
 #   RESTART_PING_INTERVAL  seconds between echo requests (default 0.002: 500 a second)
 #   RESTART_GUEST_ARP    "pin" (default): the guest's ARP entry for 10.79.0.1 is permanent;
 #                        "dynamic": left as it is (see tests/peers/README.md: QEMU's link flap
-#                        then adds the guest's 1 s ARP retry to some gaps)
+#                        then adds the guest's 1 s ARP retry to some gaps, and replies the
+#                        guest drops meanwhile are reported instead of failing the test)
 #   RESTART_BREAK        for showing that the test fails: "no-restart" (vdpad is not started
 #                        again) or "other-socket" (started again on another socket path)
 set -uo pipefail
@@ -241,10 +242,18 @@ for mode in $modes; do
             print outage + 0, other + 0
         }' "$TMP/pinger.log")
     mv "$TMP/pinger.log" "$TMP/pinger-$mode.log"
-    ((lost_other == 0)) || fail "$mode: $lost_other echo requests unanswered outside the restarts ($lost_outage during them; $end; last vdpad: $(device_counts))"
+    if [[ ${RESTART_GUEST_ARP:-pin} == pin ]]; then
+        ((lost_other == 0)) || fail "$mode: $lost_other echo requests unanswered outside the restarts ($lost_outage during them; $end; last vdpad: $(device_counts))"
+        other="none outside"
+    else
+        # Dynamic ARP: after the link flap the guest queues its replies while it resolves
+        # 10.79.0.1 again and drops what overflows its neighbour queue, also after the first
+        # reply came back. Reported only.
+        other="$lost_other outside (guest ARP dynamic)"
+    fi
     # Duplicates are allowed (frames the killed vdpad sent but did not mark used are sent
     # again by the new one, as vhost-user restarts from the used index), and reported.
-    results+=("$mode: $replied of $sent answered, $lost_outage lost during the restarts, none outside, $dups duplicated")
+    results+=("$mode: $replied of $sent answered, $lost_outage lost during the restarts, $other, $dups duplicated")
     stop_qemu vm
     wait_status 15 --port vdpa0 --connection "$([[ $mode == client ]] && echo connecting || echo listening)"
     stop vdpad TERM 10 || fail "vdpad did not exit cleanly on SIGTERM after the $mode rounds"
