@@ -44,8 +44,9 @@
 # Environment: MQ_RATE (frames/s of the source link, default 100: see qemu-migration.sh for
 # why 1400 bytes at a low rate make a lost mark show in the RAM), MQ_FRAME_SIZE (1400),
 # MQ_SLOW_BANDWIDTH (max-bandwidth while the guest acts, default 1M), MQ_RING2_MIN (relayed
-# frames wanted on ring 2 before the migration may finish, default 20). MIGRATION_KEEP_RAM=1
-# with VDPA_KEEP_TMP=1 keeps the RAM files.
+# frames wanted on ring 2 before the migration may finish, default 20), MQ_SOURCE_ENV (more
+# VAR=VALUE words for the source vdpad's environment, e.g. VDPAD_TEST_SKIP_BUFFER_MARKING=1 to
+# see the test fail). MIGRATION_KEEP_RAM=1 with VDPA_KEEP_TMP=1 keeps the RAM files.
 set -uo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -101,8 +102,10 @@ line_no() { since "$1" "$2" | grep -naE "$3" | head -n 1 | awk -F: -v b="$2" '{ 
 SLOG=$TMP/vsrc.log SCTL=$TMP/src.ctl DCTL=$TMP/dst.ctl
 
 # --- 1. source and destination ----------------------------------------------------------------
+T0=$SECONDS
 echo "--- $TEST_NAME: source link $RATE frames/s of $FSIZE B, 2 queue pairs, pc (virtio-net-pci mq=on, INTx)"
-vd_start vsrc "$SCTL" "$TMP/src.sock" "VDPAD_TEST_JOURNAL=$TMP/src.journal"
+read -r -a SRC_ENV <<<"${MQ_SOURCE_ENV:-}"
+vd_start vsrc "$SCTL" "$TMP/src.sock" "VDPAD_TEST_JOURNAL=$TMP/src.journal" "${SRC_ENV[@]}"
 start_qemu src --socket "$TMP/src.sock" --connect --mac "$MAC" --queues 2 --ip "$GUEST_IP"
 SRC_SHM=$SHM
 wait_guest src 90
@@ -279,6 +282,7 @@ fi
 say "$dest"
 
 stop_qemu dst; stop_qemu src
+say "run time $((SECONDS - T0)) s"
 if ((${#PROBLEMS[@]})); then
     fail "${#PROBLEMS[@]} problem(s): $(printf '%s; ' "${PROBLEMS[@]}")"
 fi
