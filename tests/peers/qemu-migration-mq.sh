@@ -30,8 +30,8 @@
 #   5. the guest runs `ethtool -L eth0 combined 2`: SET_VRING_ENABLE 1 for ring 2 while it is
 #      relayed, and frames flow on ring 2 through the relay (its relayed count grows);
 #   6. the migration must still be running (else the steps did not land during it); then
-#      max-bandwidth is restored, QEMU iterates for MQ_SETTLE_SECONDS with downtime-limit
-#      MQ_SETTLE_DOWNTIME_MS (so that frames land in pages it has already sent: a missing mark
+#      max-bandwidth is restored, QEMU iterates for MQ_SETTLE_SYNCS more dirty syncs (at most
+#      MQ_SETTLE_SECONDS) with downtime-limit MQ_SETTLE_DOWNTIME_MS (so that frames land in pages it has already sent: a missing mark
 #      then shows in the RAM files), and with its downtime-limit restored it completes;
 #   7. lib/migration-oracle.py on the two RAM files: journal check (every line marked, every
 #      device range the source still holds identical on the destination, used indexes =
@@ -47,7 +47,8 @@
 # why 1400 bytes at a low rate make a lost mark show in the RAM), MQ_FRAME_SIZE (1400),
 # MQ_SLOW_BANDWIDTH (max-bandwidth while the guest acts, default 1M), MQ_RING2_MIN (relayed
 # frames wanted on ring 2 before the migration may finish, default 20), MQ_SETTLE_SECONDS
-# (default 4; 0: none), MQ_SETTLE_DOWNTIME_MS (default 1), MQ_SOURCE_ENV (more
+# (default 4; 0: none), MQ_SETTLE_SYNCS (default 2), MQ_SETTLE_DOWNTIME_MS (default 1),
+# MQ_SOURCE_ENV (more
 # VAR=VALUE words for the source vdpad's environment, e.g. VDPAD_TEST_SKIP_BUFFER_MARKING=1 to
 # see the test fail). MIGRATION_KEEP_RAM=1 with VDPA_KEEP_TMP=1 keeps the RAM files.
 set -uo pipefail
@@ -60,6 +61,7 @@ SLOW_BW=${MQ_SLOW_BANDWIDTH:-1M}
 RING2_MIN=${MQ_RING2_MIN:-20}
 SETTLE=${MQ_SETTLE_SECONDS:-4}
 SETTLE_DL=${MQ_SETTLE_DOWNTIME_MS:-1}
+SETTLE_SYNCS=${MQ_SETTLE_SYNCS:-2}
 MAC=52:54:00:12:34:56
 GUEST_IP=10.0.2.15/24
 ORACLE=$PEERS_DIR/lib/migration-oracle.py
@@ -202,18 +204,23 @@ say "after ethtool -L: ring 2 [$(vd_q "$SCTL" 2)]; migration $st after $((SECOND
 # device's frames, and only the marks make it send them again (without this the migration
 # converges right after its first pass and a missing mark rarely shows in the RAM files).
 dl=$(monitor src "info migrate_parameters" 2>&1 | sed -n 's/^downtime-limit: *\([0-9]*\).*/\1/p')
-monitor src "migrate_set_parameter max-bandwidth ${bw:-134217728}" >/dev/null 2>&1
+# (downtime-limit first: at full bandwidth QEMU would converge at once)
 if ((SETTLE > 0)); then
     monitor src "migrate_set_parameter downtime-limit $SETTLE_DL" >/dev/null 2>&1
+    monitor src "migrate_set_parameter max-bandwidth ${bw:-134217728}" >/dev/null 2>&1
     s0=$(info_field "$(monitor src "info migrate" 2>&1)" "dirty sync count")
     deadline=$((SECONDS + SETTLE))
     while ((SECONDS < deadline)); do
-        [[ $(mig_status) == active ]] || break
-        sleep 0.3
+        info=$(monitor src "info migrate" 2>&1)
+        [[ $(info_field "$info" "Migration status") == active ]] || break
+        (($(info_field "$info" "dirty sync count") >= ${s0:-0} + SETTLE_SYNCS)) && break
+        sleep 0.2
     done
     info=$(monitor src "info migrate" 2>&1)
-    say "settle: ${SETTLE} s at downtime-limit $SETTLE_DL ms: dirty syncs ${s0:-?} -> $(info_field "$info" "dirty sync count"), status $(info_field "$info" "Migration status"); ring 0 [$(vd_q "$SCTL" 0)] ring 2 [$(vd_q "$SCTL" 2)]"
+    say "settle: up to ${SETTLE} s or $SETTLE_SYNCS dirty syncs at downtime-limit $SETTLE_DL ms: dirty syncs ${s0:-?} -> $(info_field "$info" "dirty sync count"), status $(info_field "$info" "Migration status"); ring 0 [$(vd_q "$SCTL" 0)] ring 2 [$(vd_q "$SCTL" 2)]"
     monitor src "migrate_set_parameter downtime-limit ${dl:-300}" >/dev/null 2>&1
+else
+    monitor src "migrate_set_parameter max-bandwidth ${bw:-134217728}" >/dev/null 2>&1
 fi
 deadline=$((SECONDS + 60))
 while :; do
