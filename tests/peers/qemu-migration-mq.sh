@@ -59,7 +59,9 @@ RATE=${MQ_RATE:-100}
 FSIZE=${MQ_FRAME_SIZE:-1400}
 SLOW_BW=${MQ_SLOW_BANDWIDTH:-1M}
 RING2_MIN=${MQ_RING2_MIN:-20}
-SETTLE=${MQ_SETTLE_SECONDS:-4}
+RESTART=${MQ_RESTART:-link}
+[[ $RESTART == link || $RESTART == rebind ]] || { echo "MQ_RESTART must be link or rebind" >&2; exit 2; }
+SETTLE=${MQ_SETTLE_SECONDS:-0}
 SETTLE_DL=${MQ_SETTLE_DOWNTIME_MS:-1}
 SETTLE_SYNCS=${MQ_SETTLE_SYNCS:-2}
 MAC=52:54:00:12:34:56
@@ -141,16 +143,31 @@ until [[ $(vd_json "$DCTL" status 2>/dev/null | jq -r '.ports[0].connection' 2>/
 done
 vd_json "$SCTL" status >"$TMP/src-status.json" || fail "vdpactl status failed"
 
-# --- 2. the guest stops its device ------------------------------------------------------------
-# shellcheck disable=SC2016  # expanded by the guest's shell
-dev=$(GUEST_EXEC_TIMEOUT=20 guest_exec src 'basename "$(readlink /sys/class/net/eth0/device)"' 2>&1 | tail -n 1)
-[[ $dev =~ ^virtio[0-9]+$ ]] || fail "cannot find eth0's virtio device in the guest: '$dev'"
+# --- 2. the device stops -------------------------------------------------------------------------
 mark=$(wc -l <"$SLOG")
-GUEST_EXEC_TIMEOUT=20 guest_exec src "echo $dev > /sys/bus/virtio/drivers/virtio_net/unbind" >"$TMP/unbind.log" 2>&1 ||
-    fail "unbinding virtio_net failed: $(cat "$TMP/unbind.log")"
+if [[ $RESTART == link ]]; then
+    # Ring 2 gets its buffers now (the second queue pair on, then off again: the guest leaves them
+    # posted), so that both RX rings hold buffers from before the migration, as ring 0 does.
+    # shellcheck disable=SC2016  # expanded by the guest's shell
+    GUEST_EXEC_TIMEOUT=30 guest_exec src 'ethtool -L eth0 combined 2 && sleep 1 && ethtool -L eth0 combined 1 &&
+        arp -s 10.0.2.99 02:00:00:00:00:99 && (ping -q -i 0.01 -s 512 10.0.2.99 </dev/null >/dev/null 2>&1 &) && echo ok' \
+        >"$TMP/prefill.log" 2>&1 || fail "guest: ethtool -L 2 then 1, or starting TX, failed: $(tail -n 3 "$TMP/prefill.log")"
+    say "ring 2 got its buffers (combined 2, then 1): [$(vd_q "$SCTL" 2)]"
+    mark=$(wc -l <"$SLOG")
+    reply=$(monitor src "set_link net0 off" 2>&1)
+    [[ -n ${reply//[[:space:]]/} ]] && fail "set_link net0 off: $reply"
+    what="set_link net0 off on the source monitor"
+else
+    # shellcheck disable=SC2016  # expanded by the guest's shell
+    dev=$(GUEST_EXEC_TIMEOUT=20 guest_exec src 'basename "$(readlink /sys/class/net/eth0/device)"' 2>&1 | tail -n 1)
+    [[ $dev =~ ^virtio[0-9]+$ ]] || fail "cannot find eth0's virtio device in the guest: '$dev'"
+    GUEST_EXEC_TIMEOUT=20 guest_exec src "echo $dev > /sys/bus/virtio/drivers/virtio_net/unbind" >"$TMP/unbind.log" 2>&1 ||
+        fail "unbinding virtio_net failed: $(cat "$TMP/unbind.log")"
+    what="the guest unbound virtio_net from $dev"
+fi
 wait_for_log "$SLOG" '\] ring 2 stopped at' 20 vsrc
-since "$SLOG" "$mark" | grep -qaE '\] ring 0 stopped at' || fail "ring 0 did not stop when the guest unbound its driver"
-say "guest unbound virtio_net from $dev: QEMU stopped the rings"
+since "$SLOG" "$mark" | grep -qaE '\] ring 0 stopped at' || fail "ring 0 did not stop after $what"
+say "$what: QEMU stopped the rings"
 
 # --- 3. slow migration --------------------------------------------------------------------------
 bw=$(monitor src "info migrate_parameters" 2>&1 | sed -n 's/^max-bandwidth: *\([0-9]*\).*/\1/p')
@@ -166,17 +183,22 @@ until [[ $(mig_status) == active ]]; do
 done
 say "migration active (max-bandwidth $SLOW_BW)"
 
-# --- 4. the guest starts its device again, while the migration runs -----------------------------
-# shellcheck disable=SC2016  # expanded by the guest's shell
-GUEST_EXEC_TIMEOUT=40 guest_exec src "echo $dev > /sys/bus/virtio/drivers/virtio_net/bind"'
-    i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
-    ip link set eth0 up && ip addr add '"$GUEST_IP"' dev eth0 && arp -s 10.0.2.99 02:00:00:00:00:99 &&
-    (ping -q -i 0.01 -s 512 10.0.2.99 </dev/null >/dev/null 2>&1 &) && echo rebound' >"$TMP/bind.log" 2>&1 ||
-    fail "rebinding virtio_net in the guest failed: $(tail -n 5 "$TMP/bind.log")"
+# --- 4. the device starts again, while the migration runs ---------------------------------------
+if [[ $RESTART == link ]]; then
+    reply=$(monitor src "set_link net0 on" 2>&1)
+    [[ -n ${reply//[[:space:]]/} ]] && fail "set_link net0 on: $reply"
+else
+    # shellcheck disable=SC2016  # expanded by the guest's shell
+    GUEST_EXEC_TIMEOUT=40 guest_exec src "echo $dev > /sys/bus/virtio/drivers/virtio_net/bind"'
+        i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
+        ip link set eth0 up && ip addr add '"$GUEST_IP"' dev eth0 && arp -s 10.0.2.99 02:00:00:00:00:99 &&
+        (ping -q -i 0.01 -s 512 10.0.2.99 </dev/null >/dev/null 2>&1 &) && echo rebound' >"$TMP/bind.log" 2>&1 ||
+        fail "rebinding virtio_net in the guest failed: $(tail -n 5 "$TMP/bind.log")"
+fi
 # Ring 0 receives through the relay (bounded wait: a daemon that leaves it direct is reported).
 deadline=$((SECONDS + 20))
 until [[ $(vd_q "$SCTL" 0) =~ ^relay\ [0-9]+\ [1-9] ]]; do
-    ((SECONDS < deadline)) || { problem "ring 0 not relayed with frames 20 s after the guest's driver started the device: [$(vd_q "$SCTL" 0)]"; break; }
+    ((SECONDS < deadline)) || { problem "ring 0 not relayed with frames 20 s after the device started again: [$(vd_q "$SCTL" 0)]"; break; }
     sleep 0.2
 done
 say "device started again during the migration: ring 0 [$(vd_q "$SCTL" 0)] (mode packets relayed pagesMarked switchovers gapMicros faults)"
