@@ -201,11 +201,13 @@ else
         (ping -q -i 0.01 -s 512 10.0.2.99 </dev/null >/dev/null 2>&1 &) && echo rebound' >"$TMP/bind.log" 2>&1 ||
         fail "rebinding virtio_net in the guest failed: $(tail -n 5 "$TMP/bind.log")"
 fi
-# Ring 0 receives through the relay (bounded wait: a daemon that leaves it direct is reported).
-deadline=$((SECONDS + 20))
+# Ring 0 receives through the relay (judged after the migration from its counters; this short
+# wait does not fail: a daemon that leaves it direct must still meet the oracle, and a long wait
+# would let the guest recycle the buffers whose loss would show in the RAM files).
+deadline=$((SECONDS + 3))
 until [[ $(vd_q "$SCTL" 0) =~ ^relay\ [0-9]+\ [1-9] ]]; do
-    ((SECONDS < deadline)) || { problem "ring 0 not relayed with frames 20 s after the device started again: [$(vd_q "$SCTL" 0)]"; break; }
-    sleep 0.2
+    ((SECONDS < deadline)) || break
+    sleep 0.1
 done
 say "device started again during the migration: ring 0 [$(vd_q "$SCTL" 0)] (mode packets relayed pagesMarked switchovers gapMicros faults)"
 
@@ -224,7 +226,7 @@ if ((Q == 2)); then
         sleep 0.3
     done
 fi
-((Q == 1)) && sleep 2  # frames on ring 0 while the migration runs
+((Q == 1)) && sleep 1  # frames on ring 0 while the migration runs
 st=$(mig_status)
 ((Q == 2)) && say "after ethtool -L: ring 2 [$(vd_q "$SCTL" 2)]; migration $st after $((SECONDS - t_mig)) s"
 [[ $st == active ]] || fail "the migration ended ($st) before the guest's steps were done: lower MQ_SLOW_BANDWIDTH"
@@ -267,6 +269,14 @@ transferred=$(info_field "$info" "transferred ram") syncs=$(info_field "$info" "
 say "migration completed: total $total ms, downtime $downtime ms, transferred $transferred kB, dirty syncs $syncs"
 A0=$(vd_q "$SCTL" 0) A2=$(vd_q "$SCTL" 2)
 say "source rings after: 0 [$A0] 2 [$A2]; relay: $(vd_json "$SCTL" stats 2>/dev/null | jq -c '.ports[0].relay' 2>/dev/null)"
+read -r -a RA0 <<<"$A0"
+[[ ${RA0[4]:-0} -ge 1 && ${RA0[2]:-0} -gt 0 && ${RA0[3]:-0} -gt 0 && ${RA0[6]:-1} == 0 ]] ||
+    problem "source ring 0 did not go through the relay without faults: [$A0] (want switchovers >= 1, relayed > 0, pagesMarked > 0, faults 0)"
+if ((Q == 2)); then
+    read -r -a RA2 <<<"$A2"
+    [[ ${RA2[4]:-0} -ge 1 && ${RA2[2]:-0} -ge $RING2_MIN && ${RA2[3]:-0} -gt 0 && ${RA2[6]:-1} == 0 ]] ||
+        problem "source ring 2 did not go through the relay without faults: [$A2] (want switchovers >= 1, relayed >= $RING2_MIN, pagesMarked > 0, faults 0)"
+fi
 
 # --- the path taken (vdpad's log, from the migrate command on) ----------------------------------
 L_ON=$(line_no "$SLOG" "$mark" 'dirty logging \(LOG_ALL\) on')
