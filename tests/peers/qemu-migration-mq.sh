@@ -1,38 +1,51 @@
 #!/usr/bin/env bash
 # Live migration of a multi-queue guest (vdpad port queues=2, QEMU vhost-user queues=2,
-# virtio-net-pci mq=on with vectors=0: INTx works for several queues under TCG) while the
-# source link streams frames into it, with the guest (re)starting its device and enabling its
-# second queue pair (`ethtool -L eth0 combined 2`) while the migration runs. It checks that
-# vdpad logs every device write of both RX rings (0 and 2), including rings that QEMU starts
-# while dirty logging is already on, in its vhost_dev_start order: SET_FEATURES with LOG_ALL,
-# SET_MEM_TABLE, the rings with the log flag, then SET_LOG_BASE, then SET_VRING_ENABLE.
+# virtio-net-pci mq=on with vectors=0: INTx serves several queues under TCG, no MSI-X needed)
+# while the source link streams frames into it; during the migration QEMU (re)starts the
+# vhost-user device and the guest enables its second queue pair (`ethtool -L eth0 combined 2`).
+# It checks that vdpad logs every device write of both RX rings (0 and 2), including a ring
+# that QEMU starts while dirty logging is already on, in its vhost_dev_start order:
+# SET_FEATURES with LOG_ALL, SET_MEM_TABLE, the rings with the log flag, SET_LOG_BASE, then
+# SET_VRING_ENABLE (vdpad must hold such a ring until the log arrives, then relay it).
 #
-# Why the guest rebinds its driver: measured with QEMU 7.2, `ethtool -L eth0 combined 2` alone
-# does not restart anything. QEMU starts every queue pair's vhost device at DRIVER_OK (rings 2
-# and 3 too, disabled), and the guest's MQ_VQ_PAIRS_SET only makes it send SET_VRING_ENABLE 1
-# for rings 2 and 3 (virtio_net_handle_mq: vhost is already started). A device start while
-# logging is on happens when the guest starts the device during the migration: with the
-# device stopped when the migration begins, QEMU sends no LOG_ALL and no log then
-# (vhost_migration_log only records it for a stopped vhost device); when the guest's driver
-# binds again, QEMU starts both queue pairs with LOG_ALL before SET_LOG_BASE.
+# What QEMU 7.2 does (measured here, see the vdpad trace logs): `ethtool -L eth0 combined 2`
+# alone restarts nothing. QEMU starts every queue pair's vhost device at DRIVER_OK (rings 2 and
+# 3 too, disabled); the guest's MQ_VQ_PAIRS_SET only makes it send SET_VRING_ENABLE 1 for rings
+# 2 and 3 (virtio_net_handle_mq: vhost is already started). QEMU starts the device with
+# LOG_ALL before SET_LOG_BASE when it starts it during a migration that began while it was
+# stopped (vhost_migration_log only records logging for a stopped vhost device, it sends
+# nothing): here `set_link net0 off` before the migration and `set_link net0 on` during it
+# (MQ_RESTART=link, the default: the guest keeps its posted RX buffers, so frames written
+# during the migration land in buffers older than it, which makes a missing mark show in the
+# RAM files), or the guest unbinding virtio_net before and binding it again during the
+# migration (MQ_RESTART=rebind: fresh buffers; a missing mark then shows only with more dirty
+# syncs, MQ_SETTLE_SECONDS=4, and those made QEMU lose guest pages in every run measured).
+# QEMU starts queue pair 0's vhost device (rings 0, 1, SET_LOG_BASE), then queue pair 1's
+# (SET_FEATURES with LOG_ALL again, rings 2, 3, SET_LOG_BASE): ring 0 is the one started before
+# the log; ring 2 starts after it and goes to the relay at once.
 #
 # One run:
 #   1. source vdpad (link=source, 1400-byte frames at MQ_RATE/s, journal on) and QEMU; the
 #      guest (-smp 1, so Linux uses 1 of the 2 queue pairs) is up and ring 0 receives;
 #      destination vdpad and QEMU (-incoming, -S) wait;
-#   2. the guest unbinds virtio_net (device reset: QEMU stops all four rings);
+#   2. link: the guest runs `ethtool -L eth0 combined 2`, then `combined 1` (ring 2 gets
+#      buffers, then is disabled again) and pings a dummy neighbour (guest TX); `set_link net0
+#      off` on the source monitor: QEMU stops all four rings (rebind: the guest unbinds
+#      virtio_net);
 #   3. migration with max-bandwidth MQ_SLOW_BANDWIDTH (slow, so that what follows lands while
 #      it runs);
-#   4. the guest binds virtio_net again, brings eth0 up and pings a dummy neighbour (guest TX).
-#      vdpad must log "ring 0: started while LOG_ALL is on but before SET_LOG_BASE: held until
-#      the log arrives", then switch ring 0 to the relay, and switch ring 2 to the relay when it
-#      starts (after the log exists), all after "dirty logging (LOG_ALL) on";
+#   4. `set_link net0 on` (rebind: the guest binds virtio_net again, brings eth0 up, pings).
+#      vdpad must log, after "dirty logging (LOG_ALL) on", "ring 0: started while LOG_ALL is
+#      on but before SET_LOG_BASE: held until the log arrives" before the first "dirty log
+#      set", then switch ring 0 to the relay, and switch ring 2 to the relay when it starts
+#      (after its SET_VRING_KICK);
 #   5. the guest runs `ethtool -L eth0 combined 2`: SET_VRING_ENABLE 1 for ring 2 while it is
-#      relayed, and frames flow on ring 2 through the relay (its relayed count grows);
+#      relayed, and frames flow on ring 2 through the relay (MQ_RING2_MIN relayed);
 #   6. the migration must still be running (else the steps did not land during it); then
-#      max-bandwidth is restored, QEMU iterates for MQ_SETTLE_SYNCS more dirty syncs (at most
-#      MQ_SETTLE_SECONDS) with downtime-limit MQ_SETTLE_DOWNTIME_MS (so that frames land in pages it has already sent: a missing mark
-#      then shows in the RAM files), and with its downtime-limit restored it completes;
+#      max-bandwidth is restored (with MQ_SETTLE_SECONDS > 0, QEMU first iterates for
+#      MQ_SETTLE_SYNCS more dirty syncs at downtime-limit MQ_SETTLE_DOWNTIME_MS) and it
+#      completes; rings 0 and 2 went through the relay (switchovers, relayed, pagesMarked, no
+#      faults);
 #   7. lib/migration-oracle.py on the two RAM files: journal check (every line marked, every
 #      device range the source still holds identical on the destination, used indexes =
 #      stop bases), journal lines on ring 0 and on ring 2, no differing page in a used ring or
@@ -41,16 +54,20 @@
 #   8. the destination continues: rings 0 and 2 direct, both receive, guest counters grow
 #      (judged only when QEMU lost no page).
 # Every check is made and reported before the verdict, so a run against a daemon that gets
-# this wrong still prints what the oracle found.
+# this wrong still prints what the oracle found. MQ_QUEUES=1 runs the same restart on a
+# single-queue guest (no ring 2, no ethtool): a control that shows the bug this guards against
+# (a ring started with LOG_ALL before the log ran direct, unlogged) in the RAM files, since with
+# one queue pair no second SET_FEATURES comes to move ring 0 to the relay; use MQ_RATE=30 there
+# so that the guest's buffers outlive the slower failing run.
 #
-# Environment: MQ_RATE (frames/s of the source link, default 100: see qemu-migration.sh for
-# why 1400 bytes at a low rate make a lost mark show in the RAM), MQ_FRAME_SIZE (1400),
-# MQ_SLOW_BANDWIDTH (max-bandwidth while the guest acts, default 1M), MQ_RING2_MIN (relayed
-# frames wanted on ring 2 before the migration may finish, default 20), MQ_SETTLE_SECONDS
-# (default 4; 0: none), MQ_SETTLE_SYNCS (default 2), MQ_SETTLE_DOWNTIME_MS (default 1),
-# MQ_SOURCE_ENV (more
-# VAR=VALUE words for the source vdpad's environment, e.g. VDPAD_TEST_SKIP_BUFFER_MARKING=1 to
-# see the test fail). MIGRATION_KEEP_RAM=1 with VDPA_KEEP_TMP=1 keeps the RAM files.
+# Environment: MQ_RESTART (link | rebind), MQ_QUEUES (2 | 1), MQ_RATE (frames/s of the source
+# link, default 100: see qemu-migration.sh for why 1400 bytes at a low rate make a lost mark
+# show in the RAM), MQ_FRAME_SIZE (1400), MQ_SLOW_BANDWIDTH (max-bandwidth until the steps are
+# done, default 1M), MQ_RING2_MIN (relayed frames wanted on ring 2, default 20),
+# MQ_SETTLE_SECONDS (default 0: none), MQ_SETTLE_SYNCS (default 2), MQ_SETTLE_DOWNTIME_MS
+# (default 1), MQ_SOURCE_ENV (more VAR=VALUE words for the source vdpad's environment, e.g.
+# VDPAD_TEST_SKIP_BUFFER_MARKING=1 to see the test fail). MIGRATION_KEEP_RAM=1 with
+# VDPA_KEEP_TMP=1 keeps the RAM files.
 set -uo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
