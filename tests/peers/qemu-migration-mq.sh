@@ -188,7 +188,11 @@ else
         fail "unbinding virtio_net failed: $(cat "$TMP/unbind.log")"
     what="the guest unbound virtio_net from $dev"
 fi
-wait_for_log "$SLOG" "\\] ring $((2 * Q - 1)) stopped at" 20 vsrc
+deadline=$((SECONDS + 20))
+until since "$SLOG" "$mark" | grep -qaE "\\] ring $((2 * Q - 1)) stopped at"; do
+    ((SECONDS < deadline)) || fail "QEMU did not stop ring $((2 * Q - 1)) within 20 s after $what"
+    sleep 0.1
+done
 since "$SLOG" "$mark" | grep -qaE '\] ring 0 stopped at' || fail "ring 0 did not stop after $what"
 say "$what: QEMU stopped the rings"
 
