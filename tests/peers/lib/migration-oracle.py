@@ -29,6 +29,17 @@ holds, 1 when it does not, 2 on a usage or input error.
    QEMU's own losses (QEMU 7.2 under TCG, see /work/shared/TESTBED.md). "neither" pages whose source bytes look like the source link's
    frames (0xA5 filler, or the guest MAC followed by ethertype 0x88B5) are counted apart as
    "frame-like": device writes that no journal line covers.
+   Among the "neither" pages, "frame-lost" ones are those where at least 64 of the differing
+   bytes lie in a frame as the device writes it into an RX buffer (virtio-net header with
+   num_buffers = 1 right before the link's frame) and are the link's 0xA5 filler on the source
+   and something else on the destination: frame payload that no journal line covers is missing
+   on the destination (an RX ring that ran direct, unlogged, while logging was on). The guest's
+   own copies of frames have no such header, so QEMU's losses do not count. A test may fail
+   on them.
+
+   Every RX ring counts (0, 2, 4, ...: queue pairs beyond the first too): the journal figures
+   are also given per ring (o_jlines_ringN, o_verified_ringN, o_jbad_ringN), the used rings
+   of every ring are located, and each ring's used index is checked against its stop base.
    Ring addresses come from vdpad's trace log (SET_VRING_ADDR: log_guest_addr is the used
    ring's guest-physical address; desc/avail user addresses are translated with the memory
    regions of --status, a `vdpactl status --json` reply) and the ring sizes from --status.
@@ -227,6 +238,33 @@ def spans(offsets):
     return out
 
 
+VNET_HDR_ONE_BUFFER = b"\0" * 10 + b"\x01\x00"  # virtio_net_hdr_mrg_rxbuf, num_buffers = 1
+
+
+def device_frame_bytes_lost(src, dst, base, offs, mac):
+    """Differing bytes of page `base` that lie in a frame as the device writes it into an RX
+    buffer (a 12-byte virtio-net header with num_buffers = 1 right before the link's frame: guest
+    MAC, then ethertype 0x88B5 at +12), hold the link's 0xA5 filler on the source and something
+    else on the destination. The guest's own copies of frames (skb data) have no such header
+    before them, so QEMU losing one of those does not count here."""
+    lo = max(0, base - 1536)
+    win = bytes(src[lo:base + PAGE])
+    frames = []
+    i = win.find(mac)
+    while i >= 0:
+        if i >= 12 and win[i - 12:i] == VNET_HDR_ONE_BUFFER and win[i + 12:i + 14] == b"\x88\xb5":
+            frames.append((lo + i - 12, lo + i + 1536))
+        i = win.find(mac, i + 1)
+    if not frames:
+        return 0
+    n = 0
+    for o in offs:
+        g = base + o
+        if src[g] == 0xA5 and dst[g] != 0xA5 and any(s0 <= g < e0 for s0, e0 in frames):
+            n += 1
+    return n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", required=True)
@@ -290,6 +328,21 @@ def main() -> int:
             if not same_cache[key]:
                 bad.append(l)
         bad_ranges = sorted({(l[1], l[2]) for l in bad})
+        per_ring = {}
+        for l in jlines:
+            per_ring.setdefault(l[0], [0, 0, 0, 0])[0] += 1
+        for l in inside:
+            if sums[(l[1], l[2])] == l[3]:
+                per_ring[l[0]][1] += 1
+        for l in bad:
+            per_ring[l[0]][2] += 1
+        for l in unmarked:
+            per_ring[l[0]][3] += 1
+        for r, (n, v, b, u) in per_ring.items():
+            out[f"o_jlines_ring{r}"] = n
+            out[f"o_verified_ring{r}"] = v
+            out[f"o_jbad_ring{r}"] = b
+            out[f"o_unmarked_ring{r}"] = u
         # What do ranges whose latest journaled bytes are gone hold now? A later overlapping
         # journaled write, an earlier journaled content, one of the link's frames that no line
         # journaled there (a device write the relay never exposed), or other (guest) bytes.
@@ -345,6 +398,9 @@ def main() -> int:
                       + (f"; unparsable lines: {jbad}" if jbad else "")
                       + (f"; outside the RAM file: {len(outside)}" if outside else ""))
         report.extend(fate_lines)
+        report.append("journal per ring: " + "; ".join(
+            f"ring {r}: {n} lines, {v} verified, {b} verified but different, {u} marked=0"
+            for r, (n, v, b, u) in sorted(per_ring.items())))
         if jlines:
             t0 = min(l[6] for l in jlines)
             t1 = max(l[6] for l in jlines)
@@ -402,6 +458,7 @@ def main() -> int:
     mac = bytes(int(x, 16) for x in a.mac.split(":"))
     cats = {"used-ring": 0, "device": 0, "device-superseded": 0, "driver-ring": 0, "neither": 0}
     frame_like = 0
+    frame_lost = 0
     diff_bytes_total = 0
     details = []
     for p in pages:
@@ -438,7 +495,7 @@ def main() -> int:
         else:
             cat = "neither"
         cats[cat] += 1
-        frame = False
+        frame = lost = False
         if cat == "neither":
             a5 = sum(1 for o in offs if sp[o] == 0xA5)
             hdr = False
@@ -450,12 +507,14 @@ def main() -> int:
                 i = sp.find(mac, i + 1)
             frame = a5 >= 16 or hdr
             frame_like += frame
+            lost = device_frame_bytes_lost(src, dst, base, offs, mac) >= 64
+            frame_lost += lost
         if len(details) < a.detail:
             sp_list = spans(offs)
             shown = ", ".join(f"+0x{s:x}" + (f"..+0x{e - 1:x}" if e - s > 1 else "") for s, e in sp_list[:6])
             more = f" (+{len(sp_list) - 6} more spans)" if len(sp_list) > 6 else ""
             sample = sp_list[0][0]
-            what = cat + (" frame-like" if frame else "")
+            what = cat + (" frame-like" if frame else "") + (" FRAME-LOST" if cat == "neither" and lost else "")
             if labels:
                 what += " [" + ",".join(sorted(labels)) + "]"
             if outside_all and cat != "neither":
@@ -465,14 +524,15 @@ def main() -> int:
     report.append(f"RAM: {size >> 20} MiB compared, {len(pages)} differing 4 KiB pages ({diff_bytes_total} bytes): "
                   f"used-ring {cats['used-ring']}, device (journaled bytes the source still holds) {cats['device']}, "
                   f"device-superseded (journaled range the guest wrote since) {cats['device-superseded']}, "
-                  f"driver-ring {cats['driver-ring']}, neither {cats['neither']} (frame-like {frame_like})")
+                  f"driver-ring {cats['driver-ring']}, neither {cats['neither']} (frame-like {frame_like}, "
+                  f"frame payload lost outside the journal {frame_lost})")
     report.extend(details)
     if len(pages) > len(details):
         report.append(f"  ... {len(pages) - len(details)} more differing pages")
     out.update(o_pages=len(pages), o_page_bytes=diff_bytes_total, o_pages_used=cats["used-ring"],
                o_pages_device=cats["device"], o_pages_superseded=cats["device-superseded"],
                o_pages_driver=cats["driver-ring"], o_pages_neither=cats["neither"],
-               o_pages_framelike=frame_like, o_journal_ok=int(ok), o_rings_located=int(bool(areas)))
+               o_pages_framelike=frame_like, o_pages_frame_lost=frame_lost, o_journal_ok=int(ok), o_rings_located=int(bool(areas)))
 
     print("\n".join(report))
     if a.vars:
