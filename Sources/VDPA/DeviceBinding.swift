@@ -48,6 +48,15 @@ final class DeviceBinding: VhostUserDeviceHooks {
     /// The device holds them disabled: none of their completions can be logged yet. They go to
     /// the relay when the log arrives.
     private var awaitingLog: Set<Int> = []
+    /// The log in force when the last running ring stopped. QEMU frees its log when it stops the
+    /// device (vhost_dev_stop) and sends a new one when it starts it again, after the rings; until
+    /// then the old one must not be marked (the marks would be lost). Rings that start while
+    /// LOG_ALL is on wait for a new log; a frontend that enables them without sending one keeps
+    /// its old log, which is then used.
+    private var staleLog: DirtyLog?
+
+    /// Whether `session.log` may be marked now.
+    func hasUsableLog(_ session: BackendSession) -> Bool { session.log != nil && session.log !== staleLog }
 
     init(device: any VDPADevice, portID: String, relayMode: RelayLoopMode, migration: MigrationStatsTable,
          testSwitches: TestSwitches, logger: Logger) {
@@ -103,7 +112,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
             // log has not arrived yet, it stays held until it does.
             try dev(request) { () throws(DeviceError) in try device.startRing(ringConfig(session, index, enabled: false)) }
             started.insert(index)
-            guard session.log != nil else {
+            guard hasUsableLog(session) else {
                 awaitingLog.insert(index)
                 logger.info("ring \(index): started while LOG_ALL is on but before SET_LOG_BASE: held until the log arrives")
                 return
@@ -129,15 +138,23 @@ final class DeviceBinding: VhostUserDeviceHooks {
             if let relay { try rel(request) { () throws(SystemError) in try relay.detach(index) } }
             try dev(request) { () throws(DeviceError) in try device.unmapIOVA(MediatedUsedRing.iova(forRing: index)) }
             try releaseRelayStateIfIdle(request)
-        } else if session.logAllEnabled, let log = session.log {
+        } else if session.logAllEnabled, hasUsableLog(session), let log = session.log {
             // A ring kept direct while logging (TX: the device only writes its used ring there):
             // its whole used ring is marked now, so the final log is complete.
             log.mark(gpa: usedLogGPA(session, index), length: UInt64(6 + 8 * Int(session.vrings[index].size)))
         }
+        if started.isEmpty, let log = session.log { staleLog = log }
         return UInt32(base)
     }
 
     func vringEnableChanged(_ session: BackendSession, index: Int, enabled: Bool) throws(VhostUserError) {
+        if enabled && awaitingLog.contains(index) && session.logAllEnabled && session.log != nil && session.log === staleLog {
+            // Enabled without a new SET_LOG_BASE since the device stopped: this frontend keeps its
+            // log across a restart (QEMU sends a new one before enabling), so it is marked.
+            staleLog = nil
+            try relayRingsAwaitingLog(session)
+            return
+        }
         // A ring held for the log stays disabled; the enable takes effect once it is relayed.
         if started.contains(index) && !awaitingLog.contains(index) {
             try dev("SET_VRING_ENABLE") { () throws(DeviceError) in try device.setRingEnabled(index, enabled) }
@@ -161,7 +178,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
             try dev(request) { () throws(DeviceError) in try device.setRingEnabled(i, session.vrings[i].enabled) }
         }
         if session.logAllEnabled {
-            guard session.log != nil else {
+            guard hasUsableLog(session) else {
                 // Logging on before the log exists: hold every running RX ring (what it completed
                 // so far is published) until SET_LOG_BASE, then relay it.
                 for i in started.sorted() where i % 2 == 0 && relayed[i] == nil && !awaitingLog.contains(i) {
@@ -198,7 +215,8 @@ final class DeviceBinding: VhostUserDeviceHooks {
                 try rel(request) { () throws(SystemError) in try relay.setUsedLogAddress(i, gpa) }
             }
         }
-        if session.logAllEnabled && session.log != nil { try relayRingsAwaitingLog(session) }
+        if session.log !== staleLog { staleLog = nil }
+        if session.logAllEnabled && hasUsableLog(session) { try relayRingsAwaitingLog(session) }
     }
 
     /// The log has arrived while LOG_ALL is on: rings held for it switch to the relay, then take
@@ -237,6 +255,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
         relayed.removeAll()
         started.removeAll()
         awaitingLog.removeAll()
+        staleLog = nil
         do throws(VhostUserError) { try releaseRelayStateIfIdle("reset") } catch { logger.error("reset: \(error)") }
         // Stops every ring and drops every IOVA mapping, the mediated rings' included.
         device.reset()

@@ -294,6 +294,68 @@ final class HardeningTests: XCTestCase {
         XCTAssertEqual(d.queue("vm", 0).mode, "relay")
     }
 
+    /// QEMU restarts the device during a migration (guest reset, link toggled, driver rebound):
+    /// it stops every ring, frees its log, then starts the rings again with LOG_ALL and only then
+    /// sends a new log. Until the new log arrives the old one must not be marked (QEMU no longer
+    /// reads it): the restarted ring is held, and every page it writes lands in the new log.
+    func testDeviceRestartDuringMigrationWaitsForTheNewLog() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
+        daemon = d
+        let g = try d.connect("vm")
+        try g.startRing(0)
+        try g.startRing(1)
+        let old = try g.frontend.enableLogging(requireU64Reply: true)
+        g.postRX(count: 16)
+        XCTAssertEqual(g.receive(16).count, 16)
+        _ = try g.stopRing(0)
+        _ = try g.stopRing(1)
+        // vhost_dev_start with logging on: features, memory, rings, then the new log, then enable.
+        try g.frontend.setFeatures(g.features | VirtioFeature.vhostLogAll)
+        try g.frontend.setMemTable(g.ram)
+        try g.startRing(0, enable: false)
+        try g.startRing(1, enable: false)
+        XCTAssertEqual(d.queue("vm", 0).mode, "held", "a ring restarted before the new log must wait for it")
+        g.postRX(count: 64, publish: false)
+        let before = try g.ram[0].read(at: g.ram[0].baseGPA, count: Int(g.ram[0].size))
+        g.ring(0).publish()
+        g.kick(0)
+        old.clearLog()
+        let log = try DirtyLogBuffer(covering: g.frontend.memoryTable)
+        try g.frontend.setLogBase(log, requireU64Reply: true)
+        try g.frontend.setVringEnable(index: 0, true)
+        try g.frontend.setVringEnable(index: 1, true)
+        let unmarked = unmarkedPages(g, log, before: before, count: 64)
+        XCTAssertTrue(unmarked.isEmpty, "pages the device wrote that the new log misses: \(unmarked.sorted())")
+        XCTAssertTrue(old.dirtyPages().isEmpty, "the freed log was marked after the restart: \(old.dirtyPages().count) pages")
+        XCTAssertEqual(d.queue("vm", 0).mode, "relay")
+    }
+
+    /// A frontend that keeps its log across a device restart (enables the rings without a new
+    /// SET_LOG_BASE) is served: the held ring is relayed into that log when it is enabled.
+    func testRestartWithoutANewLogUsesTheKeptLog() throws {
+        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
+        daemon = d
+        let g = try d.connect("vm")
+        try g.startRing(0)
+        try g.startRing(1)
+        let log = try g.frontend.enableLogging(requireU64Reply: true)
+        _ = try g.stopRing(0)
+        _ = try g.stopRing(1)
+        try g.startRing(0, enable: false)
+        try g.startRing(1, enable: false)
+        XCTAssertEqual(d.queue("vm", 0).mode, "held")
+        g.postRX(count: 32, publish: false)
+        let before = try g.ram[0].read(at: g.ram[0].baseGPA, count: Int(g.ram[0].size))
+        g.ring(0).publish()
+        log.clearLog()
+        try g.frontend.setVringEnable(index: 0, true)
+        try g.frontend.setVringEnable(index: 1, true)
+        g.kick(0)
+        XCTAssertEqual(d.queue("vm", 0).mode, "relay")
+        let unmarked = unmarkedPages(g, log, before: before, count: 32)
+        XCTAssertTrue(unmarked.isEmpty, "pages the device wrote that the kept log misses: \(unmarked.sorted())")
+    }
+
     // MARK: class 6: nothing kept after the frontend goes
 
     /// After the migration ends no mapping of the log remains; after the disconnect none of the
