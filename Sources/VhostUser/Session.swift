@@ -235,6 +235,7 @@ public final class BackendSession {
 
         case (.setMemTable, .memoryTable(let descs)):
             try validateRegions(descs, against: [], request: name)
+            try checkAnnouncedBytes(descs.map(\.size) + [UInt64(log?.byteCount ?? 0)], request: name)
             var regions: [MemoryRegion] = []
             for (i, d) in descs.enumerated() {
                 guard let fd = fds.take(i) else {
@@ -258,6 +259,7 @@ public final class BackendSession {
                 throw VhostUserError(.semantics, name, field: "regions", "all \(config.maxMemSlots) memory slots in use")
             }
             try validateRegions([d], against: current.map(\.description), request: name)
+            try checkAnnouncedBytes(current.map(\.size) + [d.size, UInt64(log?.byteCount ?? 0)], request: name)
             guard let fd = fds.take(0) else { throw VhostUserError(.fds, name, field: "fds", "no fd") }
             let region = try MemoryRegion(d, fd: fd, faultNotify: faultNotify, request: name)
             try checkMappedBytes(current + [region], log: log, request: name)
@@ -279,6 +281,7 @@ public final class BackendSession {
             guard l.size >= needed else {
                 throw VhostUserError(.semantics, name, field: "mmap_size", "log of \(l.size) bytes cannot cover guest RAM (needs \(needed))")
             }
+            try checkAnnouncedBytes(memory.current().regions.map(\.size) + [l.size], request: name)
             guard let fd = fds.take(0) else { throw VhostUserError(.fds, name, field: "fds", "no fd") }
             let newLog = try DirtyLog(fd: fd, size: l.size, offset: l.offset, faultNotify: faultNotify)
             try checkMappedBytes(memory.current().regions, log: newLog, request: name)
@@ -487,10 +490,27 @@ public final class BackendSession {
         return SharedFD(fd)
     }
 
-    /// The per-session cap on mapped bytes (guest memory plus log).
+    func withinCap(_ bytes: UInt64) -> Bool { bytes <= config.maxMappedBytes }
+
+    /// The per-session cap, from the sizes the frontend announced, before anything is mapped (a
+    /// huge sparse file must not take the daemon's address space even for a moment).
+    func checkAnnouncedBytes(_ sizes: [UInt64], request: String) throws(VhostUserError) {
+        var total: UInt64 = 0
+        for size in sizes {
+            let (sum, overflow) = total.addingReportingOverflow(size)
+            guard !overflow, withinCap(sum) else {
+                throw VhostUserError(.semantics, request, field: "memory_size",
+                                     "the session would map more than the limit of \(config.maxMappedBytes) bytes of the frontend's files")
+            }
+            total = sum
+        }
+    }
+
+    /// The per-session cap on mapped bytes (guest memory plus log), exact after mapping (each
+    /// window rounded out to whole pages).
     func checkMappedBytes(_ regions: [MemoryRegion], log: DirtyLog?, request: String) throws(VhostUserError) {
         let total = regions.reduce(UInt64(0)) { $0 + UInt64($1.mappedBytes) } + UInt64(log?.mappedBytes ?? 0)
-        guard total <= config.maxMappedBytes else {
+        guard withinCap(total) else {
             throw VhostUserError(.semantics, request, field: "memory_size",
                                  "the session would map \(total) bytes of the frontend's files, more than the limit of \(config.maxMappedBytes)")
         }

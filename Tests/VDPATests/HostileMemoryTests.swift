@@ -48,7 +48,7 @@ extension HostileFrontendTests {
                      expect: "overflows")
         try memTable(MemoryRegionDescription(guestPhysAddr: 0, size: 0x1000, userAddr: 0x1000_0000, mmapOffset: UInt64.max - 0x800), fd: m.raw,
                      expect: "overflows")
-        try memTable(MemoryRegionDescription(guestPhysAddr: 0, size: 1 << 45, userAddr: 0x1000_0000, mmapOffset: 1 << 62), fd: m.raw,
+        try memTable(MemoryRegionDescription(guestPhysAddr: 0, size: 0x1000, userAddr: 0x1000_0000, mmapOffset: 1 << 62), fd: m.raw,
                      expect: "overflows")
     }
 
@@ -86,6 +86,16 @@ extension HostileFrontendTests {
             MemoryRegionDescription(guestPhysAddr: 0, size: big, userAddr: 0x1000_0000_0000, mmapOffset: 0),
             MemoryRegionDescription(guestPhysAddr: big, size: big, userAddr: 0x2000_0000_0000, mmapOffset: 0),
         ]), fds: [a.raw, b.raw], expect: "more than the limit of \(BackendConfig.defaultMaxMappedBytes)")
+    }
+
+    /// Class 1: a huge sparse log is refused from its announced size, before it is mapped.
+    func testHugeLogIsRefusedBeforeMapping() throws {
+        let name = "huge-log-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let log = try makeMemfd(name: name, size: 2 << 40)
+        try withMemory(expect: "SET_LOG_BASE: memory_size: the session would map more than the limit") { f in
+            try f.request(.setLogBase, .log(LogDescription(size: 2 << 40, offset: 0)), fds: [log.raw])
+        }
+        XCTAssertEqual(ProcessMaps.sizes(ofMemfdNamed: name), [], "the log must not have been mapped")
     }
 
     /// Class 1: only the pages that hold a region are mapped, not the file from its start.
