@@ -295,7 +295,8 @@ final class HostileSocketTests: XCTestCase {
         let client = try Port(spec: PortSpec(id: "c0", socketPath: frontendPath, client: true), device: nil, logger: logger)
         try client.start()
         let raw = listener.raw
-        XCTAssertTrue(returns(within: Self.stopBound, { client.stop() }, unblock: { _ = shutdown(raw, Int32(SHUT_RDWR)) }),
+        // Unblocking: accepting one queued connection makes room, which wakes a blocked connect().
+        XCTAssertTrue(returns(within: Self.stopBound, { client.stop() }, unblock: { _ = Glibc.close(Glibc.accept(raw, nil, nil)) }),
                       "Port.stop() was held by a connect() to a frontend that never accepts")
         _ = consume listener
     }
