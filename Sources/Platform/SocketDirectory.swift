@@ -129,15 +129,19 @@ public struct SocketDirectory: ~Copyable, Sendable {
     }
 
     /// True when a process listens on the socket `name` (a non-blocking connect succeeds or finds
-    /// the backlog full).
+    /// the backlog full), false when nobody does (ECONNREFUSED: a stale socket). Any other
+    /// failure is an error, so that a socket is never taken for stale when it was not probed.
     public func isListening(_ name: String) throws(PathSafetyError) -> Bool {
         guard let p = pinnedPath(name) else { throw PathSafetyError("socket name too long: \(name)") }
         do {
             _ = try UnixSocket.connect(path: p, nonBlocking: true)
             return true
         } catch {
-            if case .system(let e) = error, e.errno == EAGAIN { return true }
-            return false
+            if case .system(let e) = error {
+                if e.errno == EAGAIN { return true }
+                if e.errno == ECONNREFUSED { return false }
+            }
+            throw PathSafetyError("cannot tell whether \(path)/\(name) is in use: \(error)")
         }
     }
 
@@ -208,6 +212,8 @@ public struct SocketDirectory: ~Copyable, Sendable {
     }
 
     // Syscall wrappers: @inline(never) so nothing runs between the call and reading errno.
+    // Safety: String arguments are bridged to NUL-terminated C strings valid for the call only;
+    // `&st` points at a local stat for the call only.
     @inline(never) static func openRaw(_ p: String, _ flags: Int32) -> Int32 { Glibc.open(p, flags) }
     @inline(never) static func openatRaw(_ d: Int32, _ p: String, _ flags: Int32) -> Int32 { openat(d, p, flags) }
     @inline(never) static func mkdiratRaw(_ d: Int32, _ p: String, _ m: mode_t) -> Int32 { mkdirat(d, p, m) }

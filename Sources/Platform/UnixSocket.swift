@@ -105,6 +105,7 @@ public enum UnixSocket {
     /// `.cancelled`).
     static func waitReady(_ fd: Int32, events: Int16, deadline: Deadline, cancel: Int32?,
                           operation: String, done: Int, total: Int) throws(SocketError) {
+        // A negative fd in the second slot is ignored by poll (no cancel fd).
         var pfds = [pollfd(fd: fd, events: events, revents: 0), pollfd(fd: cancel ?? -1, events: Int16(POLLIN), revents: 0)]
         while true {
             let left = deadline.remainingMillis
@@ -121,6 +122,7 @@ public enum UnixSocket {
         }
     }
 
+    // Safety: `&pfds` passes the array's storage for the duration of the call only.
     @inline(never)
     static func pollRaw(_ pfds: inout [pollfd], _ timeout: Int32) -> Int32 {
         poll(&pfds, nfds_t(pfds.count), timeout)
@@ -155,6 +157,7 @@ public enum UnixSocket {
     public static func send(_ fd: borrowing FileDescriptor, _ data: [UInt8], fds: [Int32] = [],
                             deadline: Deadline, cancel: Int32? = nil) throws(SocketError) {
         var result: SocketError?
+        // Safety: `bytes` is used only inside the closure; sendAll does not keep the pointer.
         data.withUnsafeBytes { bytes in
             do throws(SocketError) { try sendAll(fd, bytes: bytes, fds: fds, deadline: deadline, cancel: cancel) } catch { result = error }
         }
@@ -177,6 +180,7 @@ public enum UnixSocket {
     /// Sends what the socket takes now of `data` without blocking (see `sendAvailable(_:bytes:)`).
     public static func sendAvailable(_ fd: borrowing FileDescriptor, _ data: [UInt8]) throws(SocketError) -> Int {
         var result: Result<Int, SocketError> = .success(0)
+        // Safety: `bytes` is used only inside the closure; one send() call, pointer not kept.
         data.withUnsafeBytes { bytes in
             do throws(SocketError) { result = .success(try sendAvailable(fd, bytes: bytes)) } catch { result = .failure(error) }
         }

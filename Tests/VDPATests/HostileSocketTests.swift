@@ -81,6 +81,7 @@ final class Dribbler: Sendable {
 
     init(path: String, bytes: [UInt8], first: Int, interval: Double = 1.0) throws {
         fd = try UnixSocket.connect(path: path).take()
+        // Safety: the pointer is used only for this one send() call inside the closure.
         _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, first, Int32(MSG_NOSIGNAL)) }
         sentCount.store(first, ordering: .relaxed)
         Thread.detachNewThread { [self] in
