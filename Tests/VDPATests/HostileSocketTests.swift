@@ -23,10 +23,10 @@ func peerHangsUp(_ fd: Int32, within seconds: Double) -> Bool {
     var pfd = pollfd(fd: fd, events: pollRDHUP, revents: 0)
     while true {
         let left = deadline.remainingMillis
-        if left == 0 { return false }
         let r = poll(&pfd, 1, left)
         if r > 0, pfd.revents & (Int16(POLLHUP | POLLERR) | pollRDHUP) != 0 { return true }
         if r < 0 && errno != EINTR { return false }
+        if left == 0 { return false }
     }
 }
 
@@ -339,6 +339,39 @@ final class HostileSocketTests: XCTestCase {
         _ = consume hostile  // without the fix, this is what frees the control thread
     }
 
+    /// A control client that keeps sending requests and never reads is closed once its unread
+    /// replies pass the limit, while it is still sending (the buffer is bounded; the idle timeout
+    /// has nothing to do with it).
+    func testControlClientPilingUpRepliesIsClosed() throws {
+        let hostile = try controlClient()
+        try UnixSocket.setBlocking(hostile, false)
+        let line = Array(#"{"command":"status"}"#.utf8) + [0x0A]
+        let perReply = try ControlClient.request("status", controlPath: controlPath).count + 1
+        // Enough requests for several times the limit of unread replies.
+        let needed = 4 * ControlOptions().maxUnreadReplyBytes / perReply
+        var sent = 0
+        var closedWhileSending = false
+        while sent < needed {
+            let n: Int
+            do { n = try UnixSocket.sendAvailable(hostile, line) } catch {
+                closedWhileSending = true  // EPIPE/ECONNRESET: the server closed us
+                break
+            }
+            if n == 0 {
+                // The server reads whatever it is sent; room comes back at once unless it closed us.
+                if peerHangsUp(hostile.raw, within: 0) { closedWhileSending = true; break }
+                var pfd = pollfd(fd: hostile.raw, events: Int16(POLLOUT), revents: 0)
+                _ = poll(&pfd, 1, 1000)
+                continue
+            }
+            XCTAssertEqual(n, line.count)
+            sent += 1
+        }
+        XCTAssertTrue(closedWhileSending, "a client sent \(sent) requests and left every reply unread without being closed")
+        XCTAssertNotNil(try? ControlClient.request("status", controlPath: controlPath), "the control socket serves others")
+        _ = consume hostile
+    }
+
     /// Clients beyond --control-max-clients get an error line and are closed; once one leaves,
     /// a new client is served.
     func testControlClientsBeyondTheLimitAreRefused() throws {
@@ -458,6 +491,30 @@ final class HostileSocketTests: XCTestCase {
         let below = startFails(dir + "/world/sub/p.sock")
         XCTAssertTrue(below?.contains(dir + "/world ") ?? false, "a directory above the socket's is checked too: \(below ?? "")")
         XCTAssertNil(startFails(dir + "/sticky/p.sock"), "a sticky directory is fine")
+    }
+
+    /// A live socket at the port's path whose listener never accepts (backlog full): the
+    /// daemon refuses to take it over, and the check does not hang start-up in connect().
+    func testLiveSocketWithFullBacklogIsRefusedWithoutHanging() throws {
+        daemon?.stop()
+        daemon = nil
+        let path = dir + "/busy.sock"
+        let listener = try UnixSocket.listen(path: path, backlog: 0)
+        var fillers: [Int32] = []
+        defer { for f in fillers { Glibc.close(f) } }
+        while fillers.count < 16, let f = try? UnixSocket.connect(path: path, nonBlocking: true) { fillers.append(f.take()) }
+        let result = Mutex<String?>(nil)
+        let raw = listener.raw
+        let log = logger
+        XCTAssertTrue(returns(within: Self.stopBound, {
+            do {
+                let d = try Daemon(specs: [PortSpec(id: "p", socketPath: path)], controlPath: nil, logger: log)
+                do { try d.start(); d.stop() } catch { result.withLock { $0 = "\(error)" } }
+            } catch { result.withLock { $0 = "unexpected: \(error)" } }
+        }, unblock: { _ = Glibc.close(Glibc.accept(raw, nil, nil)) }), "start-up hung probing a live socket that never accepts")
+        let err = result.withLock { $0 } ?? ""
+        XCTAssertTrue(err.contains("in use"), "error: \(err)")
+        _ = consume listener
     }
 
     /// A socket directory owned by another user is refused.
