@@ -118,7 +118,9 @@ public final class ControlServer: Sendable {
         var running = true
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
         defer { buffer.deallocate() }
-        let idleNanos = UInt64(options.idleTimeoutSeconds * 1e9)
+        // Clamped (1 ms to a year; NaN means the default) so that no value can trap the conversion.
+        let idle = options.idleTimeoutSeconds.isNaN ? 30 : max(0.001, min(options.idleTimeoutSeconds, 365 * 86400))
+        let idleNanos = UInt64(idle * 1e9)
 
         func close(_ raw: Int32, _ why: String?) {
             if let why { logger.warning("control client closed: \(why)") }

@@ -64,7 +64,9 @@ struct Vdpad: ParsableCommand {
             throw ValidationError("unknown --relay-loop '\(relayLoop)'; use event, poll or hybrid")
         }
         guard controlMaxClients >= 1 else { throw ValidationError("--control-max-clients must be at least 1") }
-        guard controlIdleTimeout > 0 else { throw ValidationError("--control-idle-timeout must be more than 0 seconds") }
+        guard controlIdleTimeout > 0, controlIdleTimeout <= 365 * 86400 else {
+            throw ValidationError("--control-idle-timeout must be more than 0 seconds and at most a year")
+        }
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("unknown --log-level '\(logLevel)'; use trace, debug, info, notice, warning, error or critical")
         }
