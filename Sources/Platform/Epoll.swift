@@ -9,11 +9,13 @@ public struct Epoll: ~Copyable {
         public let token: UInt64
         public let events: UInt32
         public var readable: Bool { events & (CVDPA_EPOLLIN | CVDPA_EPOLLHUP | CVDPA_EPOLLERR) != 0 }
+        public var writable: Bool { events & CVDPA_EPOLLOUT != 0 }
         public var hangup: Bool { events & (CVDPA_EPOLLHUP | CVDPA_EPOLLERR | CVDPA_EPOLLRDHUP) != 0 }
     }
 
     public static let readable: UInt32 = CVDPA_EPOLLIN
     public static let readHangup: UInt32 = CVDPA_EPOLLRDHUP
+    public static let writable: UInt32 = CVDPA_EPOLLOUT
 
     private let fd: FileDescriptor
     private let buffer: UnsafeMutablePointer<epoll_event>
@@ -33,6 +35,14 @@ public struct Epoll: ~Copyable {
         ev.events = events
         ev.data.u64 = token
         try syscallRetrying("epoll_ctl(ADD)") { epoll_ctl(fd.raw, EPOLL_CTL_ADD, target, &ev) }
+    }
+
+    /// Changes the events watched on `target` (and its token).
+    public func modify(_ target: Int32, events: UInt32, token: UInt64) throws(SystemError) {
+        var ev = epoll_event()
+        ev.events = events
+        ev.data.u64 = token
+        try syscallRetrying("epoll_ctl(MOD)") { epoll_ctl(fd.raw, EPOLL_CTL_MOD, target, &ev) }
     }
 
     public func remove(_ target: Int32) {

@@ -11,6 +11,11 @@ public enum SocketError: Error, CustomStringConvertible, Equatable {
     /// A path that does not fit in sockaddr_un.
     case pathTooLong(String)
     case system(SystemError)
+    /// A deadline passed before the operation (`sendmsg`, `recvmsg`) was complete: the peer
+    /// stopped reading, or stopped sending mid-message.
+    case timedOut(operation: String, seconds: Double, done: Int, total: Int)
+    /// The cancel fd became readable (the owner is stopping) while waiting on the peer.
+    case cancelled
 
     public var description: String {
         switch self {
@@ -18,6 +23,10 @@ public enum SocketError: Error, CustomStringConvertible, Equatable {
         case .truncatedControl: return "ancillary data truncated (too many fds); received fds closed"
         case .pathTooLong(let p): return "socket path too long (max 107 bytes): \(p)"
         case .system(let e): return e.description
+        case .timedOut(let op, let seconds, let done, let total):
+            let verb = op == "sendmsg" ? "sent" : "received"
+            return "\(op): deadline of \(seconds) s passed with \(done) of \(total) bytes \(verb)"
+        case .cancelled: return "cancelled: the daemon is stopping"
         }
     }
 }
@@ -43,9 +52,10 @@ public enum UnixSocket {
         }
     }
 
-    static func makeSocket() throws(SocketError) -> FileDescriptor {
+    static func makeSocket(nonBlocking: Bool = false) throws(SocketError) -> FileDescriptor {
+        let type = CVDPA_SOCK_STREAM | CVDPA_SOCK_CLOEXEC | (nonBlocking ? CVDPA_SOCK_NONBLOCK : 0)
         do {
-            let raw = try syscallRetrying("socket") { socket(AF_UNIX, Int32(CVDPA_SOCK_STREAM | CVDPA_SOCK_CLOEXEC), 0) }
+            let raw = try syscallRetrying("socket") { socket(AF_UNIX, Int32(type), 0) }
             return FileDescriptor(owning: raw)
         } catch { throw .system(error) }
     }
@@ -59,15 +69,63 @@ public enum UnixSocket {
         return fd
     }
 
-    public static func connect(path: String) throws(SocketError) -> FileDescriptor {
-        let fd = try makeSocket()
+    /// Connects to the listener at `path`. With `nonBlocking`, a listener whose backlog is full
+    /// (one that never accepts) fails at once with EAGAIN instead of holding the caller until it
+    /// accepts; a unix connect either completes at once or fails, so there is nothing to wait for.
+    /// The returned fd is in blocking mode either way.
+    public static func connect(path: String, nonBlocking: Bool = false) throws(SocketError) -> FileDescriptor {
+        let fd = try makeSocket(nonBlocking: nonBlocking)
         while true {
-            let r = try withAddress(path) { addr, len in Glibc.connect(fd.raw, addr, len) }
-            if r == 0 { return fd }
+            let r = try withAddress(path) { addr, len in connectRaw(fd.raw, addr, len) }
+            if r == 0 { break }
             let e = cvdpa_errno()
             if e == EINTR { continue }
             throw .system(SystemError("connect(\(path))", errno: e))
         }
+        if nonBlocking {
+            do { try setBlocking(fd, true) } catch { throw .system(error) }
+        }
+        return fd
+    }
+
+    @inline(never)
+    static func connectRaw(_ fd: Int32, _ addr: UnsafePointer<sockaddr>, _ len: socklen_t) -> Int32 {
+        Glibc.connect(fd, addr, len)
+    }
+
+    /// Sets or clears O_NONBLOCK.
+    public static func setBlocking(_ fd: borrowing FileDescriptor, _ blocking: Bool) throws(SystemError) {
+        let flags = try syscallRetrying("fcntl(F_GETFL)") { fcntl(fd.raw, F_GETFL) }
+        let wanted = blocking ? flags & ~O_NONBLOCK : flags | O_NONBLOCK
+        if wanted != flags { try syscallRetrying("fcntl(F_SETFL)") { fcntl(fd.raw, F_SETFL, wanted) } }
+    }
+
+    /// Waits until `fd` has `events` (POLLIN or POLLOUT) ready, the deadline passes (throws
+    /// `.timedOut` with `done`/`total` for the message), or `cancel` becomes readable (throws
+    /// `.cancelled`).
+    static func waitReady(_ fd: Int32, events: Int16, deadline: Deadline, cancel: Int32?,
+                          operation: String, done: Int, total: Int) throws(SocketError) {
+        // A negative fd in the second slot is ignored by poll (no cancel fd).
+        var pfds = [pollfd(fd: fd, events: events, revents: 0), pollfd(fd: cancel ?? -1, events: Int16(POLLIN), revents: 0)]
+        while true {
+            let left = deadline.remainingMillis
+            if left == 0 { throw .timedOut(operation: operation, seconds: deadline.budgetSeconds, done: done, total: total) }
+            let r = pollRaw(&pfds, left)
+            if r < 0 {
+                let e = cvdpa_errno()
+                if e == EINTR { continue }
+                throw .system(SystemError("poll", errno: e))
+            }
+            if pfds[1].revents != 0 { throw .cancelled }
+            // Readiness, or an error/hangup that the next call reports with its errno.
+            if pfds[0].revents != 0 { return }
+        }
+    }
+
+    // Safety: `&pfds` passes the array's storage for the duration of the call only.
+    @inline(never)
+    static func pollRaw(_ pfds: inout [pollfd], _ timeout: Int32) -> Int32 {
+        poll(&pfds, nfds_t(pfds.count), timeout)
     }
 
     public static func accept(_ listener: borrowing FileDescriptor) throws(SystemError) -> FileDescriptor {
@@ -81,8 +139,80 @@ public enum UnixSocket {
         _ = setsockopt(fd.raw, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
-    /// Sends all of `bytes`, with `fds` attached to the first segment.
+    /// Sends all of `bytes`, with `fds` attached to the first segment. Blocks while the peer does
+    /// not read: daemon threads use `send(_:bytes:fds:deadline:cancel:)` instead.
     public static func send(_ fd: borrowing FileDescriptor, bytes: UnsafeRawBufferPointer, fds: [Int32] = []) throws(SocketError) {
+        try sendAll(fd, bytes: bytes, fds: fds, deadline: nil, cancel: nil)
+    }
+
+    /// Sends all of `bytes` (fds attached to the first segment) by `deadline`, never blocking in
+    /// the kernel: a peer that does not read its replies gets `.timedOut`, and `cancel` becoming
+    /// readable ends the wait with `.cancelled`.
+    public static func send(_ fd: borrowing FileDescriptor, bytes: UnsafeRawBufferPointer, fds: [Int32] = [],
+                            deadline: Deadline, cancel: Int32? = nil) throws(SocketError) {
+        try sendAll(fd, bytes: bytes, fds: fds, deadline: deadline, cancel: cancel)
+    }
+
+    /// Sends a whole byte array by `deadline` (see `send(_:bytes:fds:deadline:cancel:)`).
+    public static func send(_ fd: borrowing FileDescriptor, _ data: [UInt8], fds: [Int32] = [],
+                            deadline: Deadline, cancel: Int32? = nil) throws(SocketError) {
+        var result: SocketError?
+        // Safety: `bytes` is used only inside the closure; sendAll does not keep the pointer.
+        data.withUnsafeBytes { bytes in
+            do throws(SocketError) { try sendAll(fd, bytes: bytes, fds: fds, deadline: deadline, cancel: cancel) } catch { result = error }
+        }
+        if let result { throw result }
+    }
+
+    /// Sends what the socket takes now without blocking; returns the number of bytes sent
+    /// (0 when the peer's buffer is full).
+    public static func sendAvailable(_ fd: borrowing FileDescriptor, bytes: UnsafeRawBufferPointer) throws(SocketError) -> Int {
+        while true {
+            let r = sendRaw(fd.raw, bytes.baseAddress, bytes.count, Int32(CVDPA_MSG_NOSIGNAL | CVDPA_MSG_DONTWAIT))
+            if r >= 0 { return r }
+            let e = cvdpa_errno()
+            if e == EINTR { continue }
+            if e == EAGAIN || e == EWOULDBLOCK { return 0 }
+            throw .system(SystemError("send", errno: e))
+        }
+    }
+
+    /// Sends what the socket takes now of `data` without blocking (see `sendAvailable(_:bytes:)`).
+    public static func sendAvailable(_ fd: borrowing FileDescriptor, _ data: [UInt8]) throws(SocketError) -> Int {
+        var result: Result<Int, SocketError> = .success(0)
+        // Safety: `bytes` is used only inside the closure; one send() call, pointer not kept.
+        data.withUnsafeBytes { bytes in
+            do throws(SocketError) { result = .success(try sendAvailable(fd, bytes: bytes)) } catch { result = .failure(error) }
+        }
+        return try result.get()
+    }
+
+    /// Receives what is there now without blocking: nil when nothing is (EAGAIN), 0 at EOF.
+    /// Fds a peer attaches are discarded by the kernel (no control buffer is passed).
+    public static func receiveAvailable(_ fd: borrowing FileDescriptor, into buffer: UnsafeMutableRawBufferPointer) throws(SocketError) -> Int? {
+        while true {
+            let r = recvRaw(fd.raw, buffer.baseAddress, buffer.count, Int32(CVDPA_MSG_DONTWAIT))
+            if r >= 0 { return r }
+            let e = cvdpa_errno()
+            if e == EINTR { continue }
+            if e == EAGAIN || e == EWOULDBLOCK { return nil }
+            throw .system(SystemError("recv", errno: e))
+        }
+    }
+
+    @inline(never)
+    static func recvRaw(_ fd: Int32, _ p: UnsafeMutableRawPointer?, _ n: Int, _ flags: Int32) -> Int {
+        recv(fd, p, n, flags)
+    }
+
+    @inline(never)
+    static func sendRaw(_ fd: Int32, _ p: UnsafeRawPointer?, _ n: Int, _ flags: Int32) -> Int {
+        Glibc.send(fd, p, n, flags)
+    }
+
+    static func sendAll(_ fd: borrowing FileDescriptor, bytes: UnsafeRawBufferPointer, fds: [Int32],
+                        deadline: Deadline?, cancel: Int32?) throws(SocketError) {
+        let flags = Int32(CVDPA_MSG_NOSIGNAL | (deadline == nil ? 0 : CVDPA_MSG_DONTWAIT))
         var sent = 0
         let controlLength = fds.isEmpty ? 0 : cvdpa_cmsg_space(fds.count * 4)
         let control = UnsafeMutableRawPointer.allocate(byteCount: max(controlLength, 1), alignment: 8)
@@ -106,16 +236,26 @@ public enum UnixSocket {
                         for (i, f) in fds.enumerated() { data.storeBytes(of: f, toByteOffset: i * 4, as: Int32.self) }
                     }
                 }
-                return sendmsg(fd.raw, &msg, Int32(CVDPA_MSG_NOSIGNAL))
+                return sendmsgRaw(fd.raw, &msg, flags)
             }
             if r < 0 {
                 let e = cvdpa_errno()
                 if e == EINTR { continue }
+                if let deadline, e == EAGAIN || e == EWOULDBLOCK {
+                    try waitReady(fd.raw, events: Int16(POLLOUT), deadline: deadline, cancel: cancel,
+                                  operation: "sendmsg", done: sent, total: bytes.count)
+                    continue
+                }
                 throw .system(SystemError("sendmsg", errno: e))
             }
             sent += r
             if bytes.count == 0 { break }
         }
+    }
+
+    @inline(never)
+    static func sendmsgRaw(_ fd: Int32, _ msg: UnsafePointer<msghdr>, _ flags: Int32) -> Int {
+        sendmsg(fd, msg, flags)
     }
 
     /// Sends a whole byte array (see `send(_:bytes:fds:)`).
@@ -132,6 +272,13 @@ public enum UnixSocket {
     /// Returns 0 bytes only when the peer closed the connection.
     public static func receive(_ fd: borrowing FileDescriptor, into buffer: UnsafeMutableRawBufferPointer,
                                fds: inout ReceivedFDs) throws(SocketError) -> Int {
+        try receiveOnce(fd, into: buffer, fds: &fds, dontWait: false)
+    }
+
+    /// One recvmsg; with `dontWait`, EAGAIN (nothing there yet) is thrown as `.system`.
+    static func receiveOnce(_ fd: borrowing FileDescriptor, into buffer: UnsafeMutableRawBufferPointer,
+                            fds: inout ReceivedFDs, dontWait: Bool) throws(SocketError) -> Int {
+        let flags = Int32(CVDPA_MSG_CMSG_CLOEXEC | (dontWait ? CVDPA_MSG_DONTWAIT : 0))
         let controlLength = cvdpa_cmsg_space(maxFDsPerMessage * 4)
         let control = UnsafeMutableRawPointer.allocate(byteCount: controlLength, alignment: 8)
         defer { control.deallocate() }
@@ -145,7 +292,7 @@ public enum UnixSocket {
                 msg.msg_iovlen = 1
                 msg.msg_control = control
                 msg.msg_controllen = controlLength
-                let n = recvmsg(fd.raw, &msg, Int32(CVDPA_MSG_CMSG_CLOEXEC))
+                let n = recvmsgRaw(fd.raw, &msg, flags)
                 if n < 0 { return n }
                 truncated = (msg.msg_flags & Int32(CVDPA_MSG_CTRUNC)) != 0
                 var c = cvdpa_cmsg_firsthdr(&msg)
@@ -171,6 +318,37 @@ public enum UnixSocket {
             }
             fds.adopt(got)
             return r
+        }
+    }
+
+    @inline(never)
+    static func recvmsgRaw(_ fd: Int32, _ msg: UnsafeMutablePointer<msghdr>, _ flags: Int32) -> Int {
+        recvmsg(fd, msg, flags)
+    }
+
+    /// Reads exactly `buffer.count` bytes by `deadline`, collecting fds, never blocking in the
+    /// kernel: bytes that trickle in slowly do not extend the deadline. EOF before the end throws
+    /// `.closed`; `done` bytes were already received before this call (for the error's count,
+    /// when a message is read in parts under one deadline), `total` is the whole message's size.
+    public static func receiveExactly(_ fd: borrowing FileDescriptor, into buffer: UnsafeMutableRawBufferPointer,
+                                      fds: inout ReceivedFDs, deadline: Deadline, cancel: Int32? = nil,
+                                      done before: Int = 0, total: Int? = nil) throws(SocketError) {
+        var done = 0
+        while done < buffer.count {
+            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
+            let n: Int
+            do {
+                n = try receiveOnce(fd, into: slice, fds: &fds, dontWait: true)
+            } catch {
+                if case .system(let e) = error, e.errno == EAGAIN || e.errno == EWOULDBLOCK {
+                    try waitReady(fd.raw, events: Int16(POLLIN), deadline: deadline, cancel: cancel,
+                                  operation: "recvmsg", done: before + done, total: total ?? before + buffer.count)
+                    continue
+                }
+                throw error
+            }
+            if n == 0 { throw .closed(partial: done) }
+            done += n
         }
     }
 

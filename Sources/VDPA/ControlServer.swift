@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import CVDPAShims
 import Logging
 import Platform
 import Synchronization
@@ -17,32 +18,60 @@ public struct ControlErrorReply: Codable, Sendable {
     public var error: String
 }
 
+/// Limits and permissions of the control socket (`--control-mode`, `--control-group`,
+/// `--control-max-clients`, `--control-idle-timeout`).
+public struct ControlOptions: Sendable, Equatable {
+    /// Mode and group of the control socket; independent of the ports' `--socket-mode`.
+    public var ownership: SocketOwnership
+    /// Clients connected at once; one more gets an error line and is closed.
+    public var maxClients: Int
+    /// A client that sends nothing for this long is closed.
+    public var idleTimeoutSeconds: Double
+    /// Reply bytes a client may leave unread; a client over it is closed.
+    public var maxUnreadReplyBytes: Int
+
+    public static let defaultMode: mode_t = 0o600
+
+    public init(ownership: SocketOwnership = SocketOwnership(mode: ControlOptions.defaultMode), maxClients: Int = 16,
+                idleTimeoutSeconds: Double = 30, maxUnreadReplyBytes: Int = 1 << 20) {
+        self.ownership = ownership
+        self.maxClients = maxClients
+        self.idleTimeoutSeconds = idleTimeoutSeconds
+        self.maxUnreadReplyBytes = maxUnreadReplyBytes
+    }
+}
+
 /// The control socket: one JSON request per line in, one JSON reply per line out.
+/// One thread serves every client and never blocks on one: replies go out without blocking
+/// (what the client does not take yet waits in a bounded buffer), clients beyond
+/// `maxClients` are refused with an error line, and idle clients are closed.
 public final class ControlServer: Sendable {
     public let path: String
+    public let options: ControlOptions
     private let logger: Logger
     private let handler: @Sendable (ControlRequest) -> Data
     private let wake: SharedFD
     private let thread = Mutex<OSThread?>(nil)
     static let maxLine = 64 * 1024
 
-    public init(path: String, logger: Logger, handler: @escaping @Sendable (ControlRequest) -> Data) throws(SystemError) {
+    public init(path: String, logger: Logger, options: ControlOptions = ControlOptions(),
+                handler: @escaping @Sendable (ControlRequest) -> Data) throws(SystemError) {
         self.path = path
         self.logger = logger
+        self.options = options
         self.handler = handler
         wake = SharedFD(try EventFD.make())
     }
 
-    public func start(ownership: SocketOwnership) throws {
-        try prepareSocketPath(path)
-        let listener: SharedFD
-        do { listener = SharedFD(try UnixSocket.listen(path: path)) } catch {
-            throw SocketPathError(message: "cannot listen on control socket \(path): \(error)")
+    /// Binds the control socket with `options.ownership` and starts its thread.
+    public func start() throws {
+        let (listener, file) = try createListeningSocket(path, ownership: options.ownership)
+        let t = try OSThread(name: "control") { [self] in
+            run(listener)
+            file.remove()
         }
-        try applyOwnership(path, ownership)
-        let t = try OSThread(name: "control") { [self] in run(listener) }
         thread.withLock { $0 = t }
-        logger.info("control socket at \(path)")
+        logger.info("control socket at \(path) (mode 0\(String(options.ownership.mode ?? 0o777, radix: 8)), at most \(options.maxClients) clients)")
     }
 
     public func stop() {
@@ -60,61 +89,160 @@ public final class ControlServer: Sendable {
         return d
     }
 
+    private static let wakeToken: UInt64 = 0
+    private static let listenerToken: UInt64 = 1
+
+    /// One client: bytes of a request line not complete yet, replies the client has not taken yet.
+    private struct Client {
+        let fd: SharedFD
+        var input: [UInt8] = []
+        var output: [UInt8] = []
+        var lastHeard: UInt64
+        var watchingWritable = false
+    }
+
     private func run(_ listener: SharedFD) {
-        guard let epoll = try? Epoll(capacity: 16) else { return }
-        try? epoll.add(wake.raw, token: 0)
-        try? epoll.add(listener.raw, token: 1)
-        var clients: [Int32: (SharedFD, [UInt8])] = [:]
+        let epoll: Epoll
+        do { epoll = try Epoll(capacity: 16) } catch {
+            logger.error("control socket loop cannot start: \(error)")
+            return
+        }
+        do {
+            try epoll.add(wake.raw, token: Self.wakeToken)
+            try epoll.add(listener.raw, token: Self.listenerToken)
+        } catch {
+            logger.error("control socket loop cannot start: \(error)")
+            return
+        }
+        var clients: [Int32: Client] = [:]
         var running = true
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
         defer { buffer.deallocate() }
+        // Clamped (1 ms to a year; NaN means the default) so that no value can trap the conversion.
+        let idle = options.idleTimeoutSeconds.isNaN ? 30 : max(0.001, min(options.idleTimeoutSeconds, 365 * 86400))
+        let idleNanos = UInt64(idle * 1e9)
+
+        func close(_ raw: Int32, _ why: String?) {
+            if let why { logger.warning("control client closed: \(why)") }
+            epoll.remove(raw)
+            clients[raw] = nil
+        }
+
+        /// Hands queued replies to the socket without blocking; watches for room when some are left.
+        func flush(_ raw: Int32) {
+            guard var c = clients[raw] else { return }
+            while !c.output.isEmpty {
+                let sent: Int
+                do {
+                    sent = try c.fd.withFD { fd throws(SocketError) in try UnixSocket.sendAvailable(fd, c.output) }
+                } catch {
+                    close(raw, nil)  // the client went away
+                    return
+                }
+                if sent == 0 { break }
+                c.output.removeFirst(sent)
+            }
+            if c.output.count > options.maxUnreadReplyBytes {
+                close(raw, "it left more than \(options.maxUnreadReplyBytes) bytes of replies unread")
+                return
+            }
+            let wantWritable = !c.output.isEmpty
+            if wantWritable != c.watchingWritable {
+                do {
+                    try epoll.modify(raw, events: Epoll.readable | Epoll.readHangup | (wantWritable ? Epoll.writable : 0),
+                                     token: UInt64(raw) + 2)
+                } catch {
+                    close(raw, "\(error)")
+                    return
+                }
+                c.watchingWritable = wantWritable
+            }
+            clients[raw] = c
+        }
+
+        func accept() {
+            let fd: FileDescriptor
+            do { fd = try listener.withFD { l throws(SystemError) in try UnixSocket.accept(l) } } catch {
+                logger.warning("control socket accept: \(error)")
+                return
+            }
+            if clients.count >= options.maxClients {
+                logger.warning("refused a control client: \(options.maxClients) already connected (--control-max-clients)")
+                let line = Self.encode(ControlErrorReply(ok: false, error: "too many control clients (limit \(options.maxClients)); try again later"))
+                do { _ = try UnixSocket.sendAvailable(fd, Array(line)) } catch {
+                    logger.debug("refused control client went away first: \(error)")
+                }
+                return
+            }
+            let raw = fd.raw
+            let shared = SharedFD(fd)
+            do { try epoll.add(raw, events: Epoll.readable | Epoll.readHangup, token: UInt64(raw) + 2) } catch {
+                logger.warning("cannot watch a control client: \(error)")
+                return
+            }
+            clients[raw] = Client(fd: shared, lastHeard: cvdpa_monotonic_ns())
+        }
+
+        func readFrom(_ raw: Int32) {
+            guard var c = clients[raw] else { return }
+            let n: Int?
+            do { n = try c.fd.withFD { fd throws(SocketError) in try UnixSocket.receiveAvailable(fd, into: buffer) } } catch {
+                close(raw, nil)
+                return
+            }
+            guard let n else { return }  // nothing yet
+            if n == 0 { close(raw, nil); return }
+            c.lastHeard = cvdpa_monotonic_ns()
+            c.input.append(contentsOf: buffer[0..<n])
+            while let nl = c.input.firstIndex(of: 0x0A) {
+                let line = Array(c.input[..<nl])
+                c.input.removeSubrange(...nl)
+                let reply: Data
+                if let req = try? JSONDecoder().decode(ControlRequest.self, from: Data(line)) {
+                    reply = handler(req)
+                } else {
+                    reply = Self.encode(ControlErrorReply(ok: false, error: "malformed request: expected one JSON object like {\"command\":\"status\"} per line"))
+                }
+                c.output.append(contentsOf: reply)
+            }
+            if c.input.count > Self.maxLine {
+                close(raw, "it sent a line over \(Self.maxLine) bytes")
+                return
+            }
+            clients[raw] = c
+            flush(raw)
+        }
+
         while running {
-            _ = try? epoll.wait(timeoutMillis: -1) { ev in
-                if ev.token == 0 { running = false; return }
-                if ev.token == 1 {
-                    guard let fd = try? listener.withFD({ l throws(SystemError) in try UnixSocket.accept(l) }) else { return }
-                    let shared = SharedFD(fd)
-                    if (try? epoll.add(shared.raw, token: UInt64(shared.raw) + 2)) != nil {
-                        clients[shared.raw] = (shared, [])
-                    }
-                    return
-                }
-                let raw = Int32(ev.token - 2)
-                guard let (client, oldPending) = clients[raw] else { return }
-                let n = read(raw, buffer.baseAddress, buffer.count)
-                if n <= 0 {
-                    epoll.remove(raw)
-                    clients[raw] = nil
-                    return
-                }
-                var pending = oldPending
-                pending.append(contentsOf: buffer[0..<n])
-                while let nl = pending.firstIndex(of: 0x0A) {
-                    let line = Array(pending[..<nl])
-                    pending.removeSubrange(...nl)
-                    let reply: Data
-                    if let req = try? JSONDecoder().decode(ControlRequest.self, from: Data(line)) {
-                        reply = handler(req)
-                    } else {
-                        reply = Self.encode(ControlErrorReply(ok: false, error: "malformed request: expected one JSON object like {\"command\":\"status\"} per line"))
-                    }
-                    do { try client.withFD { fd throws(SocketError) in try UnixSocket.send(fd, Array(reply)) } } catch {
-                        pending.removeAll()
-                        break
+            // Wake up for the first client to reach its idle timeout.
+            var timeout: Int32 = -1
+            if let oldest = clients.values.map(\.lastHeard).min() {
+                let now = cvdpa_monotonic_ns()
+                let due = oldest &+ idleNanos
+                timeout = due <= now ? 0 : Int32(clamping: (due - now + 999_999) / 1_000_000)
+            }
+            do {
+                try epoll.wait(timeoutMillis: timeout) { ev in
+                    switch ev.token {
+                    case Self.wakeToken: running = false
+                    case Self.listenerToken: accept()
+                    default:
+                        let raw = Int32(truncatingIfNeeded: ev.token - 2)
+                        if ev.writable { flush(raw) }
+                        if ev.readable || ev.hangup { readFrom(raw) }
                     }
                 }
-                if pending.count > Self.maxLine {
-                    logger.warning("control client sent a line over \(Self.maxLine) bytes; closing it")
-                    epoll.remove(raw)
-                    clients[raw] = nil
-                    return
-                }
-                clients[raw] = (client, pending)
+            } catch {
+                logger.error("control socket: \(error)")
+                running = false
+            }
+            let now = cvdpa_monotonic_ns()
+            for (raw, c) in clients where now &- c.lastHeard >= idleNanos {
+                close(raw, "idle for \(options.idleTimeoutSeconds) s (--control-idle-timeout)")
             }
         }
-        for (raw, _) in clients { epoll.remove(raw) }
+        for raw in clients.keys { epoll.remove(raw) }
         clients.removeAll()
-        unlink(path)
     }
 }
 

@@ -8,6 +8,7 @@ import Synchronization
 public final class Daemon: Sendable {
     public let ports: [Port]
     public let controlPath: String?
+    public let controlOptions: ControlOptions
     private let control = Mutex<ControlServer?>(nil)
     private let logger: Logger
 
@@ -15,7 +16,7 @@ public final class Daemon: Sendable {
 
     /// `makeDevice` creates each port's device (nil: a port with no device, control path only).
     public init(specs: [PortSpec], controlPath: String?, logger: Logger, options: PortOptions = PortOptions(),
-                makeDevice: DeviceFactory = { _ in nil }) throws {
+                controlOptions: ControlOptions = ControlOptions(), makeDevice: DeviceFactory = { _ in nil }) throws {
         var seenIDs = Set<String>()
         var seenPaths = Set<String>()
         for s in specs {
@@ -33,18 +34,21 @@ public final class Daemon: Sendable {
         }
         ports = made
         self.controlPath = controlPath
+        self.controlOptions = controlOptions
         self.logger = logger
     }
 
     /// Binds every socket and starts every port; on failure nothing is left running.
+    /// `ownership` is the ports' (`--socket-group`, `--socket-mode`); the control socket has its
+    /// own, in `controlOptions`.
     public func start(ownership: SocketOwnership = SocketOwnership()) throws {
         var started: [Port] = []
         do {
             if let controlPath {
-                let server = try ControlServer(path: controlPath, logger: logger) { [weak self] req in
+                let server = try ControlServer(path: controlPath, logger: logger, options: controlOptions) { [weak self] req in
                     self?.handleControl(req) ?? ControlServer.encode(ControlErrorReply(ok: false, error: "daemon stopping"))
                 }
-                try server.start(ownership: ownership)
+                try server.start()
                 control.withLock { $0 = server }
             }
             for p in ports {

@@ -31,8 +31,12 @@ public final class Port: Sendable {
     private let wake: SharedFD
     private let thread = Mutex<OSThread?>(nil)
 
-    /// How long a frontend may take to send the rest of a message it started.
-    static let messageTimeoutSeconds = 5
+    /// How long a frontend may take to send a whole message, from its first byte (a deadline
+    /// for the message, not per read: bytes that trickle in do not extend it).
+    static let messageTimeoutSeconds = 5.0
+    /// How long a reply may wait for the frontend to make room for it; a frontend that does
+    /// not read its replies is disconnected after this, not allowed to hold the port thread.
+    static let replyTimeoutSeconds = 5.0
 
     public init(spec: PortSpec, device: (any VDPADevice)?, options: PortOptions = PortOptions(), logger: Logger) throws(SystemError) {
         self.spec = spec
@@ -60,21 +64,17 @@ public final class Port: Sendable {
     /// errors: the socket path cannot be used.
     public func start(ownership: SocketOwnership = SocketOwnership()) throws {
         var listener: SharedFD?
+        var socketFile: SocketFile?
         if !spec.client {
-            try prepareSocketPath(spec.socketPath)
-            do {
-                listener = SharedFD(try UnixSocket.listen(path: spec.socketPath))
-            } catch {
-                throw SocketPathError(message: "cannot listen on \(spec.socketPath): \(error)")
-            }
-            try applyOwnership(spec.socketPath, ownership)
+            (listener, socketFile) = try createListeningSocket(spec.socketPath, ownership: ownership)
             logger.info("listening on \(spec.socketPath) (\(spec.queuePairs) queue pair(s))")
         } else {
             logger.info("client mode: connecting to \(spec.socketPath)")
         }
-        let boundListener = listener
+        let boundListener = listener, boundFile = socketFile
         let t = try OSThread(name: "port-\(spec.id)") { [self] in
             run(listener: boundListener)
+            boundFile?.remove()
         }
         thread.withLock { $0 = t }
     }
@@ -119,7 +119,6 @@ public final class Port: Sendable {
         var tryConnectPending = false
 
         func attach(_ fd: consuming FileDescriptor) {
-            UnixSocket.setReceiveTimeout(fd, seconds: Self.messageTimeoutSeconds)
             let shared = SharedFD(fd)
             // Signalled by the SIGBUS guard if the frontend shrinks a file the session mapped.
             let fault: SharedFD
@@ -165,10 +164,16 @@ public final class Port: Sendable {
             var fds = ReceivedFDs()
             let message: VhostUserMessage
             do {
-                message = try c.withFD { fd throws(MessageReader.ReadError) in try reader.read(from: fd, fds: &fds) }
+                // The first byte is there (epoll said so): the whole message is due by the deadline.
+                let deadline = Deadline(secondsFromNow: Self.messageTimeoutSeconds)
+                message = try c.withFD { fd throws(MessageReader.ReadError) in
+                    try reader.read(from: fd, fds: &fds, deadline: deadline, cancel: wake.raw)
+                }
             } catch {
                 switch error {
                 case .socket(.closed(partial: 0)): detach(reason: "peer closed", isError: false)
+                case .socket(.cancelled): detach(reason: "daemon stopping", isError: false)
+                case .socket(.timedOut): detach(reason: "no whole message within the deadline: \(error)", isError: true)
                 default: detach(reason: "\(error)", isError: true)
                 }
                 return
@@ -186,10 +191,13 @@ public final class Port: Sendable {
                     if let binding { for i in $0.queues.indices where $0.queues[i].started { $0.queues[i].mode = binding.mode(ofRing: i) } }
                 }
                 if let reply {
-                    try c.withFD { fd throws(SocketError) in try UnixSocket.send(fd, reply) }
+                    let deadline = Deadline(secondsFromNow: Self.replyTimeoutSeconds)
+                    try c.withFD { fd throws(SocketError) in try UnixSocket.send(fd, reply, deadline: deadline, cancel: wake.raw) }
                 }
             } catch let e as VhostUserError {
                 detach(reason: e.description, isError: true)
+            } catch SocketError.cancelled {
+                detach(reason: "daemon stopping", isError: false)
             } catch {
                 detach(reason: "sending reply: \(error)", isError: true)
             }
@@ -202,7 +210,9 @@ public final class Port: Sendable {
                 if backoffMillis == 0 || tryConnectPending {
                     tryConnectPending = false
                     do {
-                        let fd = try UnixSocket.connect(path: spec.socketPath)
+                        // Non-blocking: a frontend that listens but never accepts (full backlog)
+                        // makes this fail with EAGAIN and retry, instead of holding the port thread.
+                        let fd = try UnixSocket.connect(path: spec.socketPath, nonBlocking: true)
                         backoffMillis = 0
                         attach(fd)
                     } catch {
@@ -250,7 +260,6 @@ public final class Port: Sendable {
             }
         }
         if connection != nil { detach(reason: "daemon stopping", isError: false) }
-        if listener != nil { unlink(spec.socketPath) }
         device?.close()
         state.withLock { $0.connection = "closed" }
         logger.info("port closed")

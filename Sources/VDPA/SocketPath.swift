@@ -15,48 +15,78 @@ public struct SocketPathError: Error, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// Makes `path` ready to bind: creates its directory, replaces a stale socket left by a dead
-/// process, and refuses a live one or a file that is not a socket.
-public func prepareSocketPath(_ path: String) throws(SocketPathError) {
+/// Splits a socket path into its directory and its name.
+func splitSocketPath(_ path: String) throws(SocketPathError) -> (directory: String, name: String) {
     guard path.utf8.count < 108 else { throw SocketPathError(message: "socket path too long (max 107 bytes): \(path)") }
-    if let slash = path.lastIndex(of: "/"), slash != path.startIndex {
-        let dir = String(path[..<slash])
-        try makeDirectories(dir)
-    }
-    var st = stat()
-    guard lstat(path, &st) == 0 else { return }
-    guard (st.st_mode & S_IFMT) == S_IFSOCK else {
-        throw SocketPathError(message: "\(path) exists and is not a socket; refusing to replace it")
-    }
+    guard let slash = path.lastIndex(of: "/") else { return (".", path) }
+    let name = String(path[path.index(after: slash)...])
+    guard !name.isEmpty, name != ".", name != ".." else { throw SocketPathError(message: "socket path \(path) does not name a file") }
+    return (slash == path.startIndex ? "/" : String(path[..<slash]), name)
+}
+
+/// Makes `path` ready to bind and returns its directory, held open: creates the directory
+/// without following symlinks planted by others, refuses a directory others can write to,
+/// replaces a stale socket left by a dead process, and refuses a live one or a file that is not
+/// a socket (a symlink included: it is never followed nor removed).
+func openSocketDirectory(_ path: String) throws(SocketPathError) -> SocketDirectory {
+    let (dirPath, name) = try splitSocketPath(path)
+    let dir: SocketDirectory
+    do { dir = try SocketDirectory.open(dirPath, create: true) } catch { throw SocketPathError(message: "\(path): \(error)") }
     do {
-        _ = try UnixSocket.connect(path: path)
-        throw SocketPathError(message: "\(path) is in use by a running process; refusing to take it over")
+        switch try dir.entry(name) {
+        case .absent:
+            break
+        case .other(let kind):
+            throw SocketPathError(message: "\(path) exists and is not a socket (it is \(kind)); refusing to replace it")
+        case .socket:
+            if try dir.isListening(name) {
+                throw SocketPathError(message: "\(path) is in use by a running process; refusing to take it over")
+            }
+            // Nobody listens: a stale socket from a dead daemon. Replace it (the entry itself).
+            try dir.remove(name)
+        }
     } catch let e as SocketPathError {
         throw e
     } catch {
-        // Nobody listens: a stale socket from a dead daemon. Replace it.
-        guard unlink(path) == 0 || errno == ENOENT else {
-            throw SocketPathError(message: "cannot remove stale socket \(path): \(String(cString: strerror(errno)))")
-        }
+        throw SocketPathError(message: "\(error)")
     }
+    return dir
 }
 
-func makeDirectories(_ dir: String) throws(SocketPathError) {
-    var current = dir.hasPrefix("/") ? "" : "."
-    for part in dir.split(separator: "/") {
-        current += "/" + part
-        if mkdir(current, 0o755) != 0 && errno != EEXIST {
-            throw SocketPathError(message: "cannot create directory \(current): \(String(cString: strerror(errno)))")
-        }
-    }
+/// Makes `path` ready to bind (see `openSocketDirectory`).
+public func prepareSocketPath(_ path: String) throws(SocketPathError) {
+    _ = try openSocketDirectory(path)
 }
 
-/// Applies `--socket-group` / `--socket-mode` to a bound socket file.
-public func applyOwnership(_ path: String, _ ownership: SocketOwnership) throws(SocketPathError) {
-    if let g = ownership.group, chown(path, UInt32.max, g) != 0 {
-        throw SocketPathError(message: "cannot set group \(g) on \(path): \(String(cString: strerror(errno)))")
+/// A socket file the daemon created; removed at stop only if the entry is still that socket.
+public final class SocketFile: Sendable {
+    public let path: String
+    private let directory: SocketDirectory
+    private let name: String
+    private let identity: SocketIdentity
+
+    init(path: String, directory: consuming SocketDirectory, name: String, identity: SocketIdentity) {
+        self.path = path
+        self.directory = directory
+        self.name = name
+        self.identity = identity
     }
-    if let m = ownership.mode, chmod(path, m) != 0 {
-        throw SocketPathError(message: "cannot set mode \(String(m, radix: 8)) on \(path): \(String(cString: strerror(errno)))")
-    }
+
+    public func remove() { directory.removeSocket(name, identity) }
+}
+
+/// Binds a listening socket at `path` with `ownership` (`--socket-group`, `--socket-mode`)
+/// applied before the socket appears at `path` (see `SocketDirectory.bindListener`).
+/// `afterPublish` is for tests: it runs once the socket is visible at `path`.
+func createListeningSocket(_ path: String, ownership: SocketOwnership, backlog: Int32 = 8,
+                           afterPublish: (() -> Void)? = nil) throws(SocketPathError) -> (SharedFD, SocketFile) {
+    let name = try splitSocketPath(path).name
+    let dir = try openSocketDirectory(path)
+    var identity = SocketIdentity()
+    let listener: FileDescriptor
+    do {
+        listener = try dir.bindListener(name, mode: ownership.mode, group: ownership.group, backlog: backlog,
+                                        created: &identity, afterPublish: afterPublish)
+    } catch { throw SocketPathError(message: "cannot listen on \(path): \(error)") }
+    return (SharedFD(listener), SocketFile(path: path, directory: dir, name: name, identity: identity))
 }

@@ -25,16 +25,27 @@ public final class MessageReader {
 
     /// Reads and decodes one message; fds that came with it are added to `fds`.
     /// A decode failure leaves the fds in `fds` for the caller to drop (closing them).
-    public func read(from socket: borrowing FileDescriptor, fds: inout ReceivedFDs) throws(ReadError) -> VhostUserMessage {
+    /// With a `deadline`, the whole message (header and body) must arrive by then, however the
+    /// bytes trickle in, and `cancel` becoming readable ends the wait; without one, reads block.
+    public func read(from socket: borrowing FileDescriptor, fds: inout ReceivedFDs,
+                     deadline: Deadline? = nil, cancel: Int32? = nil) throws(ReadError) -> VhostUserMessage {
+        func receive(_ into: UnsafeMutableRawBufferPointer, done: Int, total: Int?,
+                     fds: inout ReceivedFDs) throws(SocketError) {
+            if let deadline {
+                try UnixSocket.receiveExactly(socket, into: into, fds: &fds, deadline: deadline, cancel: cancel, done: done, total: total)
+            } else {
+                try UnixSocket.receiveExactly(socket, into: into, fds: &fds)
+            }
+        }
         do {
-            try UnixSocket.receiveExactly(socket, into: header, fds: &fds)
+            try receive(header, done: 0, total: nil, fds: &fds)
         } catch { throw .socket(error) }
         let request: VhostUserRequest
         let h: VhostUserHeader
         do { (request, h) = try VhostUserCodec.decodeHeader(UnsafeRawBufferPointer(header)) } catch { throw .invalid(error) }
         let bodySlice = UnsafeMutableRawBufferPointer(rebasing: body[0..<Int(h.size)])
         if h.size > 0 {
-            do { try UnixSocket.receiveExactly(socket, into: bodySlice, fds: &fds) } catch {
+            do { try receive(bodySlice, done: VhostUserHeader.size, total: VhostUserHeader.size + Int(h.size), fds: &fds) } catch {
                 if case .closed = error {
                     throw .invalid(VhostUserError(.body, request.name, field: "size", "connection closed inside a \(h.size)-byte body"))
                 }

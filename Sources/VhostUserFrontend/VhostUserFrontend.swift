@@ -267,6 +267,10 @@ public final class VhostUserFrontend {
             return .backendClosed(during: during)
         case .system(let e):
             return .system(e)
+        case .timedOut(_, let seconds, _, _):
+            return .timedOut(during: during, seconds: timeout?.seconds ?? seconds)
+        case .cancelled:
+            return .backendClosed(during: during)
         case .truncatedControl, .pathTooLong:
             return .malformedReply(request: during, reason: error.description)
         }

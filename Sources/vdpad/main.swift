@@ -47,9 +47,25 @@ struct Vdpad: ParsableCommand {
     @Option(help: "Octal mode for the sockets, e.g. 0660.")
     var socketMode: String?
 
+    @Option(help: "Octal mode for the control socket (default 0600; --socket-mode does not apply to it).")
+    var controlMode: String = "0600"
+
+    @Option(help: "Group (name or number) to own the control socket (default: the daemon's group).")
+    var controlGroup: String?
+
+    @Option(help: "Control clients connected at once; one more is refused with an error line.")
+    var controlMaxClients: Int = 16
+
+    @Option(help: "Seconds a control client may send nothing before it is closed.")
+    var controlIdleTimeout: Double = 30
+
     func validate() throws {
         guard RelayLoopMode(rawValue: relayLoop) != nil else {
             throw ValidationError("unknown --relay-loop '\(relayLoop)'; use event, poll or hybrid")
+        }
+        guard controlMaxClients >= 1 else { throw ValidationError("--control-max-clients must be at least 1") }
+        guard controlIdleTimeout > 0, controlIdleTimeout <= 365 * 86400 else {
+            throw ValidationError("--control-idle-timeout must be more than 0 seconds and at most a year")
         }
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("unknown --log-level '\(logLevel)'; use trace, debug, info, notice, warning, error or critical")
@@ -72,16 +88,21 @@ struct Vdpad: ParsableCommand {
         } catch {
             throw ValidationError("\(error)")
         }
+        func group(_ g: String, _ option: String) throws -> gid_t {
+            if let n = UInt32(g) { return n }
+            if let gr = getgrnam(g) { return gr.pointee.gr_gid }
+            throw ValidationError("\(option): no group named '\(g)'")
+        }
+        func mode(_ m: String, _ option: String) throws -> mode_t {
+            guard let v = UInt32(m, radix: 8), v <= 0o777 else { throw ValidationError("\(option): '\(m)' is not an octal mode like 0660") }
+            return v
+        }
         var ownership = SocketOwnership()
-        if let g = socketGroup {
-            if let n = UInt32(g) { ownership.group = n } else if let gr = getgrnam(g) { ownership.group = gr.pointee.gr_gid } else {
-                throw ValidationError("--socket-group: no group named '\(g)'")
-            }
-        }
-        if let m = socketMode {
-            guard let v = UInt32(m, radix: 8), v <= 0o777 else { throw ValidationError("--socket-mode: '\(m)' is not an octal mode like 0660") }
-            ownership.mode = v
-        }
+        if let g = socketGroup { ownership.group = try group(g, "--socket-group") }
+        if let m = socketMode { ownership.mode = try mode(m, "--socket-mode") }
+        var controlOptions = ControlOptions(maxClients: controlMaxClients, idleTimeoutSeconds: controlIdleTimeout)
+        controlOptions.ownership.mode = try mode(controlMode, "--control-mode")
+        if let g = controlGroup { controlOptions.ownership.group = try group(g, "--control-group") }
 
         var switches = TestSwitches()
         let env = ProcessInfo.processInfo.environment
@@ -100,7 +121,8 @@ struct Vdpad: ParsableCommand {
         }
         let daemon: Daemon
         do {
-            daemon = try Daemon(specs: specs, controlPath: control, logger: logger, options: options) { spec in
+            daemon = try Daemon(specs: specs, controlPath: control, logger: logger, options: options,
+                                controlOptions: controlOptions) { spec in
                 try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac,
                             logger: logger)
             }

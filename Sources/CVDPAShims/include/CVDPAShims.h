@@ -11,6 +11,7 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/un.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <fcntl.h>
 #include <errno.h>
@@ -37,6 +38,10 @@ static inline int cvdpa_memfd_create(const char *name, unsigned int flags) {
 }
 static inline int cvdpa_accept4(int fd, int flags) {
     return (int)syscall(SYS_accept4, fd, (void *)0, (void *)0, flags);
+}
+/* renameat2 (glibc hides it without _GNU_SOURCE); flags e.g. CVDPA_RENAME_NOREPLACE. */
+static inline int cvdpa_renameat2(int olddir, const char *oldpath, int newdir, const char *newpath, unsigned int flags) {
+    return (int)syscall(SYS_renameat2, olddir, oldpath, newdir, newpath, flags);
 }
 static inline void cvdpa_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
 /* Attaches `fd` (an open /dev/net/tun) to TAP interface `name` (IFF_TAP|IFF_NO_PI); the kernel's
@@ -84,5 +89,9 @@ static const uint32_t CVDPA_EPOLLHUP = EPOLLHUP;
 static const uint32_t CVDPA_EPOLLRDHUP = EPOLLRDHUP;
 static const int CVDPA_SOCK_CLOEXEC = SOCK_CLOEXEC;
 static const int CVDPA_SOCK_STREAM = SOCK_STREAM;
+static const int CVDPA_SOCK_NONBLOCK = SOCK_NONBLOCK;
+static const int CVDPA_MSG_DONTWAIT = MSG_DONTWAIT;
+static const unsigned int CVDPA_RENAME_NOREPLACE = 1; /* RENAME_NOREPLACE from linux/fs.h */
+static const unsigned int CVDPA_S_ISVTX = S_ISVTX;
 
 #endif
