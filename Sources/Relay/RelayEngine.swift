@@ -29,7 +29,9 @@ public protocol RelayJournal: AnyObject, Sendable {
 /// the dirty log every byte the device wrote and every used-ring word it exposes, before it
 /// publishes the used index. One thread serves all relayed rings of a port.
 public final class RelayEngine: @unchecked Sendable {
-    // @unchecked Sendable: the mailbox is Sendable; the rest is confined to the relay thread.
+    // @unchecked Sendable: the mailbox is Sendable; `thread` is touched only by the port thread
+    // (init, stop); the rest is confined to the relay thread (operations that timed out still run
+    // there, if at all).
     public let mode: RelayLoopMode
     let logger: Logger
     private let mailbox: Mailbox<RelayEngine>

@@ -15,8 +15,9 @@ import Virtio
 /// doorbells (the guest's kick eventfds) when idle, with notifications re-enabled first.
 /// Everything but the mailbox is confined to the engine's thread.
 final class DMAEngine: @unchecked Sendable {
-    // @unchecked Sendable: the mailbox is Sendable; every other field is touched only on the
-    // engine thread (or before it starts).
+    // @unchecked Sendable: the mailbox is Sendable; `thread` is touched only by the port thread
+    // (start, stop); every other field only on the engine thread (or before it starts). A control
+    // operation that timed out may still run later, but on the engine thread, like any other.
     let logger: Logger
     let link: LinkSpec
     let portID: String

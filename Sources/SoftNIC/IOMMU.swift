@@ -33,6 +33,7 @@ public final class IOMMUTable: @unchecked Sendable {
 
     /// A non-owning view for the data path: valid while this table is alive (the engine holds it).
     public var view: GuestMemoryView { GuestMemoryView(base: UnsafePointer(entries.baseAddress!), count: count) }
-    /// The guest's regions only: where guest buffers may lie.
+    /// The guest's regions only: where guest buffers may lie. Sound because init puts the guest's
+    /// regions first in `entries` and the daemon's mappings after them.
     public var guestView: GuestMemoryView { GuestMemoryView(base: UnsafePointer(entries.baseAddress!), count: guestCount) }
 }
