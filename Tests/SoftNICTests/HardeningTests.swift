@@ -281,11 +281,13 @@ final class HardeningTests: XCTestCase {
         let usedBefore = g.usedIndex(0)
         g.postRX(count: 64, publish: false)
         let before = try g.ram[0].read(at: g.ram[0].baseGPA, count: Int(g.ram[0].size))
+        let doorbells = d.counters("vm", 0).doorbells, packets = d.counters("vm", 0).packets
         g.ring(0).publish()
         g.kick(0)
-        // A barrier round trip: the port has handled the kick's consequences by the time it
-        // answers; a held ring has completed nothing.
-        _ = try g.frontend.getU64(.getFeatures)
+        // The engine has seen the kick (it counts the doorbell, then serves its running rings in
+        // the same pass): a held ring must deliver nothing until the log exists.
+        XCTAssertTrue(waitUntil { d.counters("vm", 0).doorbells > doorbells }, "the engine never saw the kick")
+        XCTAssertFalse(waitUntil(0.2) { d.counters("vm", 0).packets != packets }, "a held ring delivered frames before the log existed")
         XCTAssertEqual(g.usedIndex(0), usedBefore, "a held ring completed buffers before the log existed")
         let log = try DirtyLogBuffer(covering: g.frontend.memoryTable)
         try g.frontend.setLogBase(log, requireU64Reply: true)
