@@ -5,9 +5,11 @@ import CVDPAShims
 
 /// eventfd helpers: create, signal, drain. Used for kicks, calls and wake-ups.
 public enum EventFD {
-    public static func make(nonBlocking: Bool = true) throws(SystemError) -> FileDescriptor {
+    /// `semaphore` makes a semaphore-mode eventfd (each read takes 1): for tests of hostile fds.
+    public static func make(nonBlocking: Bool = true, semaphore: Bool = false) throws(SystemError) -> FileDescriptor {
         var flags = CVDPA_EFD_CLOEXEC
         if nonBlocking { flags |= CVDPA_EFD_NONBLOCK }
+        if semaphore { flags |= CVDPA_EFD_SEMAPHORE }
         let raw = try syscallRetrying("eventfd") { eventfd(0, Int32(flags)) }
         return FileDescriptor(owning: raw)
     }
@@ -16,10 +18,19 @@ public enum EventFD {
     /// Not retried on EINTR: on the daemon's own and the frontend's (non-blocking) eventfds the
     /// call cannot sleep, so EINTR means a thread was interrupted out of a write to an eventfd a
     /// frontend made blocking again (`Mailbox`), and that write is given up.
+    /// Returns false only when the write was interrupted: the fd was blocking (see
+    /// `isNonBlocking`), the caller should stop using it.
     @inline(never)
-    public static func signal(_ fd: Int32) {
+    @discardableResult
+    public static func signal(_ fd: Int32) -> Bool {
         var one: UInt64 = 1
-        _ = write(fd, &one, 8)
+        return write(fd, &one, 8) == 8 || cvdpa_errno() != EINTR
+    }
+
+    /// Whether `fd` is still non-blocking: a frontend shares the open file and can clear it.
+    public static func isNonBlocking(_ fd: Int32) -> Bool {
+        let flags = fcntl(fd, F_GETFL)
+        return flags >= 0 && flags & O_NONBLOCK != 0
     }
 
     /// Reads and clears the counter; returns 0 when it was not signalled (non-blocking fd), or

@@ -31,6 +31,8 @@ public final class Mailbox<Target: AnyObject>: Sendable {
     private let gaveUpAt = Atomic<UInt64>(.max)
     /// The owner's pthread (0 until `ownerStarted`).
     private let owner = Atomic<UInt>(0)
+    /// Set when the owner was interrupted; the owner takes it (`takeInterrupted`) before it drains.
+    private let interrupted = Atomic<Bool>(false)
     /// Signalled for every post: the owner thread sleeps on it with its other events.
     public let wake: SharedFD
 
@@ -48,7 +50,13 @@ public final class Mailbox<Target: AnyObject>: Sendable {
     /// (`body` may still run later; the caller must treat the operation as failed).
     @discardableResult
     public func perform(timeoutSeconds: Double = 1, _ body: @escaping @Sendable (Target) -> Void) -> Bool {
-        if gaveUpAt.load(ordering: .acquiring) == drains.load(ordering: .acquiring) { return false }
+        let drainsBefore = drains.load(ordering: .acquiring)
+        if gaveUpAt.load(ordering: .acquiring) == drainsBefore {
+            // Still stuck since the last give-up: fail at once, but interrupt the owner again (it
+            // may have blocked anew after the last interrupt).
+            interruptOwner()
+            return false
+        }
         let ticket = Ticket()
         let queued = queue.withLock { q -> Bool in
             guard !q.closed else { return false }
@@ -60,12 +68,24 @@ public final class Mailbox<Target: AnyObject>: Sendable {
         pending.store(true, ordering: .releasing)
         EventFD.signal(wake.raw)
         if ticket.done.wait(timeout: .now() + timeoutSeconds) == .success { return ticket.ran.load(ordering: .acquiring) }
-        let thread = owner.load(ordering: .acquiring)
-        if thread != 0 { _ = cvdpa_thread_interrupt(thread) }
+        interruptOwner()
         if ticket.done.wait(timeout: .now() + timeoutSeconds) == .success { return ticket.ran.load(ordering: .acquiring) }
-        gaveUpAt.store(drains.load(ordering: .acquiring), ordering: .releasing)
+        // Stuck since before this post (compared with the count read before posting, so a drain
+        // that happens right now is seen as progress, not mistaken for none).
+        gaveUpAt.store(drainsBefore, ordering: .releasing)
         return false
     }
+
+    private func interruptOwner() {
+        let thread = owner.load(ordering: .acquiring)
+        guard thread != 0 else { return }
+        interrupted.store(true, ordering: .releasing)
+        _ = cvdpa_thread_interrupt(thread)
+    }
+
+    /// Whether the owner was interrupted since it last asked (owner thread, before `drain`): it
+    /// should then stop using the fds that blocked it.
+    public func takeInterrupted() -> Bool { interrupted.exchange(false, ordering: .acquiring) }
 
     /// Whether something was posted since the last `drain` (owner thread, once per loop).
     public var hasPending: Bool { pending.load(ordering: .acquiring) }

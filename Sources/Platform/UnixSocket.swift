@@ -8,6 +8,8 @@ public enum SocketError: Error, CustomStringConvertible, Equatable {
     case closed(partial: Int)
     /// The kernel truncated the ancillary data (more fds than room): every fd that did arrive was closed.
     case truncatedControl
+    /// More fds arrived for one message (over several reads) than a message may carry.
+    case tooManyFDs(Int)
     /// A path that does not fit in sockaddr_un.
     case pathTooLong(String)
     case system(SystemError)
@@ -21,6 +23,7 @@ public enum SocketError: Error, CustomStringConvertible, Equatable {
         switch self {
         case .closed(let n): return n == 0 ? "peer closed the connection" : "peer closed the connection after \(n) bytes of a message"
         case .truncatedControl: return "ancillary data truncated (too many fds); received fds closed"
+        case .tooManyFDs(let n): return "\(n) fds for one message, more than \(UnixSocket.maxFDsPerMessage); received fds closed"
         case .pathTooLong(let p): return "socket path too long (max 107 bytes): \(p)"
         case .system(let e): return e.description
         case .timedOut(let op, let seconds, let done, let total):
@@ -317,6 +320,13 @@ public enum UnixSocket {
                 throw .truncatedControl
             }
             fds.adopt(got)
+            // A message read in many small pieces could otherwise bring 16 fds with each piece
+            // and exhaust the daemon's fds (every port would suffer): the message's total is capped.
+            if fds.count > maxFDsPerMessage {
+                let n = fds.count
+                fds.closeAll()
+                throw .tooManyFDs(n)
+            }
             return r
         }
     }

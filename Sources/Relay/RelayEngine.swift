@@ -89,7 +89,28 @@ public final class RelayEngine: @unchecked Sendable {
         thread = nil
     }
 
-    private func drain() { mailbox.drain(self) }
+    private func drain() {
+        if mailbox.takeInterrupted() { quarantineBlockingFDs() }
+        mailbox.drain(self)
+    }
+
+    /// After the relay was interrupted out of a system call (a guest call or device kick eventfd
+    /// the frontend made blocking again): it stops signalling every such fd.
+    func quarantineBlockingFDs() {
+        for q in queues.values {
+            if q.guestCallFD >= 0 && !EventFD.isNonBlocking(q.guestCallFD) {
+                q.guestCallFD = -1
+                q.config.guestCall = nil
+                q.counters.errors.wrappingAdd(1, ordering: .relaxed)
+                logger.error("relay: ring \(q.config.index): the frontend made its call eventfd blocking again; no more interrupts on it")
+            }
+            if let k = q.config.deviceKick, !EventFD.isNonBlocking(k.raw) {
+                q.config.deviceKick = nil
+                q.counters.errors.wrappingAdd(1, ordering: .relaxed)
+                logger.error("relay: ring \(q.config.index): the frontend made its kick eventfd blocking again; the relay no longer rings it")
+            }
+        }
+    }
 
     // MARK: operations (called through perform)
 
@@ -238,7 +259,7 @@ public final class RelayEngine: @unchecked Sendable {
             g.publishUsedIndex(deviceIndex)
             q.lastRelayed = deviceIndex
             if q.guestCallFD >= 0 && g.needsInterrupt(oldUsed: old, newUsed: deviceIndex, eventIdx: c.eventIdx) {
-                EventFD.signal(q.guestCallFD)
+                if !EventFD.signal(q.guestCallFD) { quarantineBlockingFDs() }
                 q.counters.interrupts.wrappingAdd(1, ordering: .relaxed)
             }
             q.counters.relayed.wrappingAdd(UInt64(n), ordering: .relaxed)
@@ -250,7 +271,7 @@ public final class RelayEngine: @unchecked Sendable {
             // (store of the flags, then load of avail.idx, as virtqueue_enable_cb_delayed), then
             // ring the device's doorbell if the guest has posted buffers the device has not used.
             atomicMemoryFence(ordering: .sequentiallyConsistent)
-            if g.loadAvailIndex() != deviceIndex { EventFD.signal(kick.raw) }
+            if g.loadAvailIndex() != deviceIndex && !EventFD.signal(kick.raw) { quarantineBlockingFDs() }
         }
         return Int(n)
     }

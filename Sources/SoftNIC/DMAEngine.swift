@@ -138,7 +138,34 @@ final class DMAEngine: @unchecked Sendable {
         thread = nil
     }
 
-    private func drainMailbox() { mailbox.drain(self) }
+    private func drainMailbox() {
+        if mailbox.takeInterrupted() { quarantineBlockingFDs() }
+        mailbox.drain(self)
+    }
+
+    /// After the engine was interrupted out of a system call (it blocked on a frontend's eventfd,
+    /// which the frontend made blocking again after handing it over): every ring whose call or kick
+    /// eventfd is blocking now stops using it and faults, so the engine cannot block on it again.
+    /// Called where an interrupted write is seen, and before draining the mailbox after an
+    /// interrupt (a blocked read shows no error of its own).
+    func quarantineBlockingFDs() {
+        for r in rings where r.config != nil {
+            var which: [String] = []
+            if r.callFD >= 0 && !EventFD.isNonBlocking(r.callFD) {
+                which.append("call")
+                r.callFD = -1
+                r.call = nil
+            }
+            if let k = r.kick, !EventFD.isNonBlocking(k.raw) {
+                which.append("kick")
+                epoll.remove(k.raw)
+                r.kick = nil
+            }
+            if !which.isEmpty {
+                fault(r, "the frontend made the ring's \(which.joined(separator: " and ")) eventfd blocking again after handing it over")
+            }
+        }
+    }
 
     // MARK: control operations (engine thread)
 
@@ -325,7 +352,7 @@ final class DMAEngine: @unchecked Sendable {
             r.notificationsEnabled = true
             // While a relay consumes this ring's interrupts, the notification state it just wrote
             // reaches the guest only through the relay: tell it.
-            if r.interruptEveryBatch && r.callFD >= 0 { EventFD.signal(r.callFD) }
+            if r.interruptEveryBatch && r.callFD >= 0 && !EventFD.signal(r.callFD) { quarantineBlockingFDs() }
         }
         // A ring the frontend asked us to poll (SET_VRING_KICK without an fd) has no doorbell.
         if pollsWithoutDoorbell { timeout = 1 }
@@ -665,7 +692,8 @@ final class DMAEngine: @unchecked Sendable {
         q.publishUsedIndex(r.usedIdx)
         r.publishedUsed = r.usedIdx
         if r.callFD >= 0 && (r.interruptEveryBatch || q.needsInterrupt(oldUsed: old, newUsed: r.usedIdx, eventIdx: eventIdx)) {
-            EventFD.signal(r.callFD)
+            // Interrupted out of the write: the eventfd was blocking (see quarantineBlockingFDs).
+            if !EventFD.signal(r.callFD) { quarantineBlockingFDs() }
             r.stats.interrupts.wrappingAdd(1, ordering: .relaxed)
         }
     }

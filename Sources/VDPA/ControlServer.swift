@@ -192,9 +192,11 @@ public final class ControlServer: Sendable {
             }
             guard let n else { return }  // nothing yet
             if n == 0 { close(raw, nil); return }
-            c.lastHeard = cvdpa_monotonic_ns()
             c.input.append(contentsOf: buffer[0..<n])
             while let nl = c.input.firstIndex(of: 0x0A) {
+                // Only a whole request counts as activity: a client that trickles a line one byte
+                // at a time is closed after the idle timeout like a silent one.
+                c.lastHeard = cvdpa_monotonic_ns()
                 let line = Array(c.input[..<nl])
                 c.input.removeSubrange(...nl)
                 let reply: Data

@@ -271,7 +271,7 @@ public final class VhostUserFrontend {
             return .timedOut(during: during, seconds: timeout?.seconds ?? seconds)
         case .cancelled:
             return .backendClosed(during: during)
-        case .truncatedControl, .pathTooLong:
+        case .truncatedControl, .tooManyFDs, .pathTooLong:
             return .malformedReply(request: during, reason: error.description)
         }
     }

@@ -125,6 +125,11 @@ extension HostileFrontendTests {
         try withMemory(expect: "SET_VRING_CALL: fd: ring 1: not an eventfd (it is socket:") { f in
             try f.request(.setVringCall, .vringFile(index: 1, hasFD: true), fds: [s0.raw])
         }
+        // A semaphore-mode eventfd: a level-triggered watch on it never goes quiet.
+        let sem = try EventFD.make(semaphore: true)
+        try withMemory(expect: "SET_VRING_KICK: fd: ring 0: not an eventfd (it is a semaphore-mode eventfd)") { f in
+            try f.request(.setVringKick, .vringFile(index: 0, hasFD: true), fds: [sem.raw])
+        }
         let m = try makeMemfd(name: "not-an-eventfd", size: 4096)
         try withMemory(expect: "SET_VRING_ERR: fd: ring 0: not an eventfd") { f in
             try f.request(.setVringErr, .vringFile(index: 0, hasFD: true), fds: [m.raw])

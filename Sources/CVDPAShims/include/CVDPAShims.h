@@ -80,6 +80,7 @@ static const int CVDPA_MSG_NOSIGNAL = MSG_NOSIGNAL;
 static const int CVDPA_SCM_RIGHTS = SCM_RIGHTS;
 static const int CVDPA_EFD_CLOEXEC = EFD_CLOEXEC;
 static const int CVDPA_EFD_NONBLOCK = EFD_NONBLOCK;
+static const int CVDPA_EFD_SEMAPHORE = EFD_SEMAPHORE;
 static const int CVDPA_MFD_CLOEXEC = 0x0001U;
 static const int CVDPA_MFD_ALLOW_SEALING = 0x0002U;
 static const uint32_t CVDPA_EPOLLIN = EPOLLIN;
