@@ -105,21 +105,6 @@ vd_start() {
     wait_for_socket "$ctl" 20 "$name"
     wait_for_socket "$sock" 20 "$name"
 }
-vd_json() { timeout 5 "$VDPACTL" --control "$1" "$2" --json; }
-# vd_q CONTROL QUEUE: "mode packets relayed pagesMarked switchovers gapMicros faults".
-vd_q() {
-    vd_json "$1" stats 2>/dev/null | jq -r --argjson q "$2" \
-        '.ports[0].queues[] | select(.index == $q) |
-         "\(.mode) \(.packets) \(.relayed) \(.pagesMarked) \(.switchovers) \(.lastSwitchoverGapMicros) \(.faults)"' 2>/dev/null
-}
-guest_ctr() {
-    # shellcheck disable=SC2016  # expanded by the guest's shell
-    "$GUEST_DIR/guest-exec" --timeout "${2:-15}" "$1" \
-        'echo $(cat /sys/class/net/eth0/statistics/rx_packets /sys/class/net/eth0/statistics/tx_packets)' 2>&1 | tail -n 1
-}
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 info_field() { sed -n "s/^$2: *\([^ ]*\).*/\1/p" <<<"$1" | head -n 1; }
 mig_status() { info_field "$(monitor src "info migrate" 2>&1)" "Migration status"; }
 # since FILE LINE: FILE's lines after line number LINE.

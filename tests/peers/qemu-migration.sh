@@ -91,23 +91,6 @@ vd_start() {
     wait_for_socket "$sock" 20 "$name"
 }
 
-vd_json() { timeout 5 "$VDPACTL" --control "$1" "$2" --json; }
-
-# vd_q CONTROL QUEUE: "mode packets relayed pagesMarked switchovers gapMicros faults" of a queue.
-vd_q() {
-    vd_json "$1" stats 2>/dev/null | jq -r --argjson q "$2" \
-        '.ports[0].queues[] | select(.index == $q) |
-         "\(.mode) \(.packets) \(.relayed) \(.pagesMarked) \(.switchovers) \(.lastSwitchoverGapMicros) \(.faults)"' 2>/dev/null
-}
-
-# guest_ctr CMD-SOCKET: "rx_packets tx_packets" of the guest's eth0 (no serial-log wait: after
-# a migration the destination's console log never says the channel is ready).
-guest_ctr() {
-    # shellcheck disable=SC2016  # expanded by the guest's shell
-    "$GUEST_DIR/guest-exec" --timeout "${2:-15}" "$1" \
-        'echo $(cat /sys/class/net/eth0/statistics/rx_packets /sys/class/net/eth0/statistics/tx_packets)' 2>&1 | tail -n 1
-}
-
 # thread_ticks PID COMM: user+system clock ticks of PID's thread named COMM (empty if none).
 thread_ticks() {
     local t s
@@ -120,10 +103,6 @@ thread_ticks() {
         echo $(( ${12} + ${13} ))
         return 0
     done
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 # info_field TEXT KEY: the value after "KEY:" in `info migrate` output (first word).

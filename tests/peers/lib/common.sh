@@ -456,3 +456,28 @@ cpu_percent() {
     c1=$(cpu_ticks "$1") && w1=$(date +%s.%N)
     awk -v c="$((c1 - c0))" -v hz="$hz" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.1f", 100 * c / hz / (b - a) }'
 }
+
+# --- vdpad and guest probes shared by the migration tests ---
+
+# vd_json CONTROL COMMAND: vdpactl's JSON reply.
+vd_json() { timeout 5 "$VDPACTL" --control "$1" "$2" --json; }
+
+# vd_q CONTROL QUEUE: "mode packets relayed pagesMarked switchovers gapMicros faults" of a queue.
+vd_q() {
+    vd_json "$1" stats 2>/dev/null | jq -r --argjson q "$2" \
+        '.ports[0].queues[] | select(.index == $q) |
+         "\(.mode) \(.packets) \(.relayed) \(.pagesMarked) \(.switchovers) \(.lastSwitchoverGapMicros) \(.faults)"' 2>/dev/null
+}
+
+# guest_ctr CMD-SOCKET [TIMEOUT]: "rx_packets tx_packets" of the guest's eth0 (no serial-log
+# wait: after a migration the destination's console log never says the channel is ready).
+guest_ctr() {
+    # shellcheck disable=SC2016  # expanded by the guest's shell
+    "$GUEST_DIR/guest-exec" --timeout "${2:-15}" "$1" \
+        'echo $(cat /sys/class/net/eth0/statistics/rx_packets /sys/class/net/eth0/statistics/tx_packets)' 2>&1 | tail -n 1
+}
+
+# free_port: a free TCP port on 127.0.0.1.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
