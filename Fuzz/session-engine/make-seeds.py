@@ -118,6 +118,19 @@ seeds = {
     + set_mem_table([region(gpa_slot=2, uva_slot=3, off_pages=1)]) + kick(1) + u8(13) + u8(2) + traffic(rx=1, tx=1),
 }
 
+def mediated_descriptor(r, slot, ring_of_mediated, byte_offset8, length, flags, nxt):
+    # guestAddr selector 0xFE: the relay's mediated-ring IOVA of ring (off % 2), + 8 * the next byte.
+    return (u8(14) + u8(r) + u16(slot) + u8(0xFE) + u16(ring_of_mediated) + u8(byte_offset8) + u8(0) + u16(length)
+            + u8(flags) + u16(nxt))
+
+
+# While RX is relayed, an RX buffer whose address is the mediated used ring's IOVA (the device's
+# IOMMU maps it): the device writes the looped-back frame over the entries the relay reads.
+seeds["rx-buffer-in-mediated-ring"] = (setup() + traffic() + set_log_base() + set_features(BASE | LOG_ALL)
+    + mediated_descriptor(0, 20, 0, 0, 2048, 2, 0) + avail(0, [20])
+    + good_chain(1, 0, 200, 0xD000) + kick(1) + good_chain(1, 0, 300, 0xD400) + kick(1)
+    + set_features(BASE) + get_vring_base(0) + get_vring_base(1))
+
 os.makedirs(OUT, exist_ok=True)
 for name, data in seeds.items():
     with open(os.path.join(OUT, name), "wb") as f:
