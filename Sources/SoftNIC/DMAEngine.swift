@@ -291,21 +291,7 @@ final class DMAEngine: @unchecked Sendable {
         var idleSince: UInt64 = 0
         while !stopping {
             if mailbox.hasPending { drainMailbox(); continue }
-            var work = 0
-            // Index loops: generic iteration allocates in unoptimised builds.
-            var i = 0
-            while i < active.count {
-                let r = active[i]
-                if !r.isRX { work &+= serviceTX(r) }
-                i &+= 1
-            }
-            work &+= serviceLinkInbound()
-            i = 0
-            while i < active.count {
-                let r = active[i]
-                if r.isRX && r.usedIdx != r.publishedUsed { flush(r) }
-                i &+= 1
-            }
+            let work = serviceOnce()
             if work > 0 {
                 idle = 0
                 continue
@@ -320,6 +306,28 @@ final class DMAEngine: @unchecked Sendable {
         }
         for r in rings where r.config != nil { stopRingLocal(r) }
         mailbox.close()
+    }
+
+    /// One pass of the loop's work: a batch of every running TX ring, the link's inbound frames,
+    /// and RX completions published. Returns the chains and frames moved (0 = nothing to do).
+    @inline(__always)
+    func serviceOnce() -> Int {
+        var work = 0
+        // Index loops: generic iteration allocates in unoptimised builds.
+        var i = 0
+        while i < active.count {
+            let r = active[i]
+            if !r.isRX { work &+= serviceTX(r) }
+            i &+= 1
+        }
+        work &+= serviceLinkInbound()
+        i = 0
+        while i < active.count {
+            let r = active[i]
+            if r.isRX && r.usedIdx != r.publishedUsed { flush(r) }
+            i &+= 1
+        }
+        return work
     }
 
     /// Re-enables notifications, re-checks for work that raced in, then waits for a doorbell,

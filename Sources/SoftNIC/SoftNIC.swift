@@ -190,4 +190,26 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     public func close() {
         engine.stop()
     }
+
+    /// Runs the DMA engine's work on its own thread, between two batches, until a pass finds
+    /// nothing to do or `maxPasses` passes ran; returns the chains and frames moved. The engine
+    /// keeps running on its own afterwards. For tests and the session fuzz target
+    /// (Fuzz/session-engine): after it returns, everything the rings held when it was called has
+    /// been served (or has faulted the ring), so a check that follows sees a settled device
+    /// without sleeping. With a `source` link there is always work: it stops at `maxPasses`.
+    public func serviceUntilIdle(maxPasses: Int = 1024) -> Int {
+        let moved = Mutex(0)
+        engine.perform { e in
+            var total = 0
+            var passes = 0
+            while passes < maxPasses {
+                let n = e.serviceOnce()
+                passes += 1
+                if n == 0 { break }
+                total += n
+            }
+            moved.withLock { $0 = total }
+        }
+        return moved.withLock { $0 }
+    }
 }

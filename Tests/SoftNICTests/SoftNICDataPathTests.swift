@@ -434,6 +434,27 @@ final class SoftNICDataPathTests: XCTestCase {
         usleep(50_000)
         XCTAssertEqual(g.usedArea(0), rxArea, "the stopped RX ring was written")
     }
+
+    // MARK: driving the engine synchronously (the session fuzz target's hook)
+
+    func testServiceUntilIdleServesWhatTheRingsHoldBeforeItReturns() throws {
+        let env = try makeDaemon([.init(id: "lb0", link: "loopback")])
+        let g = try env.connect("lb0", features: Features.all)
+        try g.startRing(0)
+        try g.startRing(1)
+        g.postRX(count: 8)
+        let frames = (0..<5).map { TestFrames.make(length: 60 + $0, seed: $0) }
+        // No kick: the engine may be asleep with notifications on, or still polling.
+        g.send(frames, kick: false)
+        let moved = env.device("lb0").serviceUntilIdle()
+        // Settled when it returns: no waiting, all five completed on TX and looped back to RX.
+        XCTAssertEqual(g.usedIndex(1), 5, "TX used index right after serviceUntilIdle")
+        XCTAssertEqual(g.usedIndex(0), 5, "RX used index right after serviceUntilIdle")
+        XCTAssertLessThanOrEqual(moved, 5, "it cannot have moved more chains than were posted")
+        // Nothing left: a second call finds no work.
+        XCTAssertEqual(env.device("lb0").serviceUntilIdle(), 0)
+        XCTAssertEqual(g.receive(5).map(\.frame), frames)
+    }
 }
 
 /// Multi-queue: the second queue pair works on its own rings.

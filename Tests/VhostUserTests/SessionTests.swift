@@ -169,6 +169,34 @@ final class SessionTests: XCTestCase {
         }
     }
 
+    func testRegionLargerThanItsFileRejected() throws {
+        // Found by Fuzz/session-engine: a 64 KiB region over a one-page memfd was accepted, and the
+        // device's first read of a ring beyond that page killed the daemon with SIGBUS.
+        let d = SessionDriver()
+        try d.negotiate()
+        assertRejected(.semantics, field: "fd") {
+            try d.send(.setMemTable, .memoryTable([region(gpa: 0, size: 0x10000)]), fds: [memfd(4096)])
+        }
+        let e = SessionDriver()
+        try e.negotiate()
+        assertRejected(.semantics, field: "fd") {
+            try e.send(.addMemReg, .memoryRegion(region(gpa: 0, size: 0x10000, offset: 0x1000)), fds: [memfd(0x10000)])
+        }
+        XCTAssertTrue(e.session.memory.current().regions.isEmpty, "nothing was installed")
+        // The same region over a file that backs it is accepted (the check is not overreaching),
+        // also with an offset that is not page aligned (DPDK sends such) when the file covers it.
+        try e.send(.addMemReg, .memoryRegion(region(gpa: 0, size: 0x10000, offset: 0x10)), fds: [memfd(0x10010)])
+        XCTAssertEqual(e.session.memory.current().regions.count, 1)
+    }
+
+    func testLogLargerThanItsFileRejected() throws {
+        let d = try ready()
+        assertRejected(.semantics, field: "fd") {
+            try d.send(.setLogBase, .log(LogDescription(size: 8192, offset: 0)), fds: [memfd(4096)])
+        }
+        XCTAssertNil(d.session.log)
+    }
+
     // MARK: rings
 
     func testVringNumRules() throws {
