@@ -302,21 +302,28 @@ final class HardeningTests: XCTestCase {
         XCTAssertEqual(d.queue("vm", 0).mode, "relay")
     }
 
-    /// QEMU restarts the device during a migration (guest reset, link toggled, driver rebound):
-    /// it stops every ring, frees its log, then starts the rings again with LOG_ALL and only then
-    /// sends a new log. Until the new log arrives the old one must not be marked (QEMU no longer
-    /// reads it): the restarted ring is held, and every page it writes lands in the new log.
-    func testDeviceRestartDuringMigrationWaitsForTheNewLog() throws {
+    /// A guest whose rings ran with logging on (16 frames received), then were all stopped, as
+    /// QEMU's vhost_dev_stop does during a migration. Returns the log that was in force.
+    func stoppedWhileLogging() throws -> (SoftNICTestDaemon, TestGuest, DirtyLogBuffer) {
         let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
         daemon = d
         let g = try d.connect("vm")
         try g.startRing(0)
         try g.startRing(1)
-        let old = try g.frontend.enableLogging(requireU64Reply: true)
+        let log = try g.frontend.enableLogging(requireU64Reply: true)
         g.postRX(count: 16)
         XCTAssertEqual(g.receive(16).count, 16)
         _ = try g.stopRing(0)
         _ = try g.stopRing(1)
+        return (d, g, log)
+    }
+
+    /// QEMU restarts the device during a migration (guest reset, link toggled, driver rebound):
+    /// it stops every ring, frees its log, then starts the rings again with LOG_ALL and only then
+    /// sends a new log. Until the new log arrives the old one must not be marked (QEMU no longer
+    /// reads it): the restarted ring is held, and every page it writes lands in the new log.
+    func testDeviceRestartDuringMigrationWaitsForTheNewLog() throws {
+        let (d, g, old) = try stoppedWhileLogging()
         // vhost_dev_start with logging on: features, memory, rings, then the new log, then enable.
         try g.frontend.setFeatures(g.features | VirtioFeature.vhostLogAll)
         try g.frontend.setMemTable(g.ram)
@@ -341,14 +348,7 @@ final class HardeningTests: XCTestCase {
     /// A frontend that keeps its log across a device restart (enables the rings without a new
     /// SET_LOG_BASE) is served: the held ring is relayed into that log when it is enabled.
     func testRestartWithoutANewLogUsesTheKeptLog() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
-        daemon = d
-        let g = try d.connect("vm")
-        try g.startRing(0)
-        try g.startRing(1)
-        let log = try g.frontend.enableLogging(requireU64Reply: true)
-        _ = try g.stopRing(0)
-        _ = try g.stopRing(1)
+        let (d, g, log) = try stoppedWhileLogging()
         try g.startRing(0, enable: false)
         try g.startRing(1, enable: false)
         XCTAssertEqual(d.queue("vm", 0).mode, "held")
