@@ -66,7 +66,7 @@ public struct PortStatus: Codable, Sendable, Equatable {
 func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
 
 extension PortStatus {
-    static let noDevice = "none: no device serves the rings yet (the software vDPA NIC is not implemented); no data path"
+    static let noDevice = "none: this port has no device; it negotiates but serves no data path"
 
     init(spec: PortSpec, config: BackendConfig) {
         id = spec.id

@@ -91,8 +91,8 @@ final class SoftNICDataPathTests: XCTestCase {
         XCTAssertEqual(c[0].drops, rxStats.drops)
     }
 
-    /// KNOWN BUG (fails until fixed): DMAEngine.deliver writes num_buffers only when MRG_RXBUF
-    /// was negotiated, so without it the 12-byte header carries num_buffers = 0.
+    /// (Fixed: DMAEngine.deliver wrote num_buffers only when MRG_RXBUF was negotiated, so without
+    /// it the 12-byte header carried num_buffers = 0.)
     /// virtio 1.2, 5.1.6.4.1: "If VIRTIO_NET_F_MRG_RXBUF has not been negotiated, the device
     /// MUST set num_buffers to 1" (the 12-byte header is used with VERSION_1 anyway).
     func testLoopbackWithoutMergeableBuffersSetsNumBuffersToOne() throws {

@@ -234,9 +234,8 @@ final class SoftNICFaultTests: XCTestCase {
         try checkRXFault(g, naming: "outside guest memory")
     }
 
-    /// KNOWN BUG (fails until fixed): DMAEngine.fault does not flush, and the run loop flushes
-    /// only active (non-faulted) RX rings, so used entries written before the bad chain stay
-    /// unpublished (and, with the batched counters, uncounted) until GET_VRING_BASE.
+    /// (Fixed: DMAEngine.fault used not to flush, so used entries written before the bad chain
+    /// stayed unpublished, and uncounted, until GET_VRING_BASE.)
     /// Good RX chains published together with a bad one: the frames the device wrote into the
     /// good ones (and counted as delivered) must reach the guest; only the bad chain is at fault.
     func testRXFaultStillPublishesTheFramesDeliveredBeforeTheBadChain() throws {
@@ -260,9 +259,8 @@ final class SoftNICFaultTests: XCTestCase {
                       "the 3 good frames are counted as delivered: \(self.env!.queue("bad", 0))")
     }
 
-    /// KNOWN BUG (fails until fixed): the child dies of SIGSEGV in DMAEngine.flush called from
-    /// stopRingLocal: setMemory skips faulted rings, which keep host pointers into the old,
-    /// unmapped table.
+    /// (Fixed: the child died of SIGSEGV in DMAEngine.flush called from stopRingLocal, because
+    /// setMemory skipped faulted rings, which kept host pointers into the old, unmapped table.)
     /// A faulted RX ring with used entries it never published, then SET_MEM_TABLE with new
     /// memory (the daemon unmaps the old mapping), then GET_VRING_BASE: the stop must not
     /// write into the old, unmapped mapping. Runs in a child process: it can crash the daemon.
