@@ -197,9 +197,11 @@ public final class RelayEngine: @unchecked Sendable {
 
     func translate(_ q: RelayQueue) {
         let c = q.config
-        q.guest = try? SplitQueue(size: c.size, descriptorTableGPA: c.descGPA, availGPA: c.availGPA, usedGPA: c.usedGPA, memory: view)
-        if q.guest == nil {
-            logger.error("relay: ring \(c.index) does not translate through the memory table; it is not relayed")
+        do {
+            q.guest = try SplitQueue(size: c.size, descriptorTableGPA: c.descGPA, availGPA: c.availGPA, usedGPA: c.usedGPA, memory: view)
+        } catch {
+            q.guest = nil
+            logger.error("relay: ring \(c.index) does not translate through the memory table (\(error)); it is not relayed")
             q.counters.errors.wrappingAdd(1, ordering: .relaxed)
         }
     }
@@ -400,12 +402,19 @@ public final class RelayEngine: @unchecked Sendable {
     }
 
     private func sleepOnEvents() {
-        _ = try? epoll.wait(timeoutMillis: 100) { ev in
-            if ev.token == UInt64.max {
-                EventFD.drain(wake.raw)
-            } else if let q = queues[Int(ev.token)] {
-                EventFD.drain(q.deviceCall.raw)
+        do {
+            _ = try epoll.wait(timeoutMillis: 100) { ev in
+                if ev.token == UInt64.max {
+                    EventFD.drain(wake.raw)
+                } else if let q = queues[Int(ev.token)] {
+                    EventFD.drain(q.deviceCall.raw)
+                }
             }
+        } catch {
+            // epoll_wait fails only on a bug (EBADF, EINVAL; EINTR is no error there): say so,
+            // and do not spin on it.
+            logger.error("relay: \(error)")
+            usleep(1000)
         }
         cpuNanos.store(cvdpa_thread_cpu_ns(), ordering: .relaxed)
     }

@@ -365,7 +365,8 @@ final class DMAEngine: @unchecked Sendable {
         // A ring the frontend asked us to poll (SET_VRING_KICK without an fd) has no doorbell.
         if pollsWithoutDoorbell { timeout = 1 }
         if !raced {
-            _ = try? epoll.wait(timeoutMillis: timeout) { ev in
+          do {
+            _ = try epoll.wait(timeoutMillis: timeout) { ev in
                 if ev.token >= Self.kickTokenBase {
                     let i = Int(ev.token - Self.kickTokenBase)
                     if i < rings.count, let k = rings[i].kick {
@@ -377,6 +378,12 @@ final class DMAEngine: @unchecked Sendable {
                     EventFD.drain(wake.raw)
                 }
             }
+          } catch {
+            // epoll_wait fails only on a bug (EBADF, EINVAL; EINTR is no error there): say so,
+            // and do not spin on it.
+            logger.error("DMA engine of \(portID): \(error)")
+            usleep(1000)
+          }
         }
         i = 0
         while i < active.count {
