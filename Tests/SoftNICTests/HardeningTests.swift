@@ -245,6 +245,29 @@ final class HardeningTests: XCTestCase {
         return changed.subtracting(log.dirtyPages()).subtracting(avail)
     }
 
+    /// QEMU's vhost_dev_start while logging is on: SET_FEATURES with LOG_ALL, SET_MEM_TABLE, the
+    /// rings (not yet enabled: RX must show `held`), 64 RX buffers published and kicked, then a
+    /// new SET_LOG_BASE, then SET_VRING_ENABLE. `beforeKick` runs right before the buffers are
+    /// published. Returns the device-written pages the new log misses.
+    func startAsQEMUWithLoggingOn(_ d: SoftNICTestDaemon, _ g: TestGuest, held: String,
+                                  beforeKick: () -> Void = {}) throws -> Set<UInt64> {
+        try g.frontend.setFeatures(g.features | VirtioFeature.vhostLogAll)
+        try g.frontend.setMemTable(g.ram)
+        try g.startRing(0, enable: false)
+        try g.startRing(1, enable: false)
+        XCTAssertEqual(d.queue("vm", 0).mode, "held", held)
+        g.postRX(count: 64, publish: false)
+        let before = try g.ram[0].read(at: g.ram[0].baseGPA, count: Int(g.ram[0].size))
+        beforeKick()
+        g.ring(0).publish()
+        g.kick(0)
+        let log = try DirtyLogBuffer(covering: g.frontend.memoryTable)
+        try g.frontend.setLogBase(log, requireU64Reply: true)
+        try g.frontend.setVringEnable(index: 0, true)
+        try g.frontend.setVringEnable(index: 1, true)
+        return unmarkedPages(g, log, before: before, count: 64)
+    }
+
     /// QEMU's vhost_dev_start while a migration runs (guest reset, more queue pairs, backend
     /// reconnect): SET_FEATURES with LOG_ALL, SET_MEM_TABLE, the rings with the log flag, then
     /// SET_LOG_BASE, then SET_VRING_ENABLE. Every page the device writes is logged.
@@ -252,20 +275,7 @@ final class HardeningTests: XCTestCase {
         let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
         daemon = d
         let g = try d.connect("vm")
-        try g.frontend.setFeatures(g.features | VirtioFeature.vhostLogAll)
-        try g.frontend.setMemTable(g.ram)
-        try g.startRing(0, enable: false)
-        try g.startRing(1, enable: false)
-        XCTAssertEqual(d.queue("vm", 0).mode, "held", "an RX ring started with LOG_ALL and no log must be held")
-        g.postRX(count: 64, publish: false)
-        let before = try g.ram[0].read(at: g.ram[0].baseGPA, count: Int(g.ram[0].size))
-        g.ring(0).publish()
-        g.kick(0)
-        let log = try DirtyLogBuffer(covering: g.frontend.memoryTable)
-        try g.frontend.setLogBase(log, requireU64Reply: true)
-        try g.frontend.setVringEnable(index: 0, true)
-        try g.frontend.setVringEnable(index: 1, true)
-        let unmarked = unmarkedPages(g, log, before: before, count: 64)
+        let unmarked = try startAsQEMUWithLoggingOn(d, g, held: "an RX ring started with LOG_ALL and no log must be held")
         XCTAssertTrue(unmarked.isEmpty, "pages the device wrote that the log misses: \(unmarked.sorted())")
         XCTAssertEqual(d.queue("vm", 0).mode, "relay")
         XCTAssertEqual(d.queue("vm", 0).relayed, 64)
@@ -324,22 +334,9 @@ final class HardeningTests: XCTestCase {
     /// reads it): the restarted ring is held, and every page it writes lands in the new log.
     func testDeviceRestartDuringMigrationWaitsForTheNewLog() throws {
         let (d, g, old) = try stoppedWhileLogging()
-        // vhost_dev_start with logging on: features, memory, rings, then the new log, then enable.
-        try g.frontend.setFeatures(g.features | VirtioFeature.vhostLogAll)
-        try g.frontend.setMemTable(g.ram)
-        try g.startRing(0, enable: false)
-        try g.startRing(1, enable: false)
-        XCTAssertEqual(d.queue("vm", 0).mode, "held", "a ring restarted before the new log must wait for it")
-        g.postRX(count: 64, publish: false)
-        let before = try g.ram[0].read(at: g.ram[0].baseGPA, count: Int(g.ram[0].size))
-        old.clearLog()
-        g.ring(0).publish()
-        g.kick(0)
-        let log = try DirtyLogBuffer(covering: g.frontend.memoryTable)
-        try g.frontend.setLogBase(log, requireU64Reply: true)
-        try g.frontend.setVringEnable(index: 0, true)
-        try g.frontend.setVringEnable(index: 1, true)
-        let unmarked = unmarkedPages(g, log, before: before, count: 64)
+        let unmarked = try startAsQEMUWithLoggingOn(d, g, held: "a ring restarted before the new log must wait for it") {
+            old.clearLog()
+        }
         XCTAssertTrue(unmarked.isEmpty, "pages the device wrote that the new log misses: \(unmarked.sorted())")
         XCTAssertTrue(old.dirtyPages().isEmpty, "the freed log was marked after the restart: \(old.dirtyPages().count) pages")
         XCTAssertEqual(d.queue("vm", 0).mode, "relay")
