@@ -28,22 +28,25 @@ let package = Package(
         .target(name: "Virtio", dependencies: [
             "Platform", .product(name: "Atomics", package: "swift-atomics"),
         ], swiftSettings: strict),
+        // The vDPA device framework: the device protocol, its value types and the virtio-net
+        // feature sets. Device drivers depend on it, never on the daemon (docs/ARCHITECTURE.md).
+        .target(name: "DeviceFramework", dependencies: ["Platform", "Virtio"], swiftSettings: strict),
         .target(name: "VhostUser", dependencies: [
             "Platform", "Virtio", .product(name: "Logging", package: "swift-log"),
             .product(name: "Atomics", package: "swift-atomics"),
         ], swiftSettings: strict),
         .target(name: "VhostUserFrontend", dependencies: ["Platform", "Virtio", "VhostUser"], swiftSettings: strict),
         .target(name: "Relay", dependencies: [
-            "Platform", "Virtio", "VhostUser", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
+            "Platform", "Virtio", "VhostUser", "DeviceFramework", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
         .target(name: "VDPA", dependencies: [
-            "Platform", "Virtio", "VhostUser", "Relay", .product(name: "Logging", package: "swift-log"),
+            "Platform", "Virtio", "VhostUser", "DeviceFramework", "Relay", .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "SoftNIC", dependencies: [
-            "Platform", "Virtio", "VhostUser", "VDPA", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
+            "Platform", "Virtio", "DeviceFramework", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
         .executableTarget(name: "vdpad", dependencies: [
-            "VDPA", "SoftNIC", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "VDPA", "DeviceFramework", "SoftNIC", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpa-bench", dependencies: [
@@ -56,7 +59,7 @@ let package = Package(
         .testTarget(name: "PlatformTests", dependencies: ["Platform"], swiftSettings: strict),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VhostUser", "Platform"], swiftSettings: strict),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VhostUserFrontend", "Platform", "Virtio"], swiftSettings: strict),
-        .testTarget(name: "VDPATests", dependencies: ["VDPA", "VhostUserFrontend", "VhostUser", "Platform"], swiftSettings: strict),
-        .testTarget(name: "SoftNICTests", dependencies: ["SoftNIC", "VDPA", "VhostUserFrontend", "VhostUser", "Virtio", "Platform"], swiftSettings: strict),
+        .testTarget(name: "VDPATests", dependencies: ["VDPA", "DeviceFramework", "VhostUserFrontend", "VhostUser", "Platform"], swiftSettings: strict),
+        .testTarget(name: "SoftNICTests", dependencies: ["SoftNIC", "DeviceFramework", "VDPA", "Relay", "VhostUserFrontend", "VhostUser", "Virtio", "Platform"], swiftSettings: strict),
     ]
 )

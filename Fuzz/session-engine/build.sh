@@ -17,13 +17,16 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 scratch=.build-fuzz-spm
-swift build -c release --target SoftNIC --scratch-path "$scratch" \
-  -Xswiftc -sanitize=fuzzer,address -Xswiftc -enable-testing
+# SoftNIC no longer depends on VDPA (it needs only the device framework): build both.
+for t in VDPA SoftNIC; do
+  swift build -c release --target "$t" --scratch-path "$scratch" \
+    -Xswiftc -sanitize=fuzzer,address -Xswiftc -enable-testing
+done
 rel="$scratch/release"
 
 # Object files of every module the SoftNIC target depends on (not tests, not executables).
 objs=()
-for m in CVDPAShims _AtomicsShims Platform Virtio Atomics Logging VhostUser Relay VDPA SoftNIC; do
+for m in CVDPAShims _AtomicsShims Platform Virtio Atomics Logging DeviceFramework VhostUser Relay VDPA SoftNIC; do
   while IFS= read -r -d '' o; do objs+=("$o"); done < <(find "$rel/$m.build" -name '*.o' -print0)
 done
 

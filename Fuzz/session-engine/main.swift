@@ -30,6 +30,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import DeviceFramework
 import Logging
 import Platform
 @testable import Relay
@@ -189,9 +190,10 @@ final class Run {
 
     init() throws {
         device = try SoftNIC(portID: "fuzz", queuePairs: 1, link: .loopback, guestMAC: nil, logger: logger)
-        let config = BackendConfig(queuePairs: 1,
-                                   virtioFeatures: device.virtioFeatures | VirtioFeature.vhostLogAll | VirtioFeature.vhostUserProtocolFeatures,
-                                   protocolFeatures: device.protocolFeatures)
+        // What a port offers (Port.init): the device's features plus vhost-user's own bits, guest
+        // memory below the daemon's reserved IOVA range.
+        let config = BackendConfig(queuePairs: 1, virtioFeatures: device.virtioFeatures | BackendConfig.vhostUserFeatures,
+                                   guestPhysLimit: reservedIOVABase)
         session = BackendSession(config: config, logger: logger)
         // The event loop: a relay thread that sleeps when idle (poll and hybrid would spin).
         binding = DeviceBinding(device: device, portID: "fuzz", relayMode: .event, migration: MigrationStatsTable(),

@@ -1,5 +1,5 @@
+import DeviceFramework
 import Platform
-import VhostUser
 import Virtio
 
 /// A used ring the daemon owns, that the device completes into while a migration runs.

@@ -6,8 +6,7 @@ import Dispatch
 import Logging
 import Platform
 import Synchronization
-import VDPA
-import VhostUser
+import DeviceFramework
 import Virtio
 
 /// The SoftNIC's DMA engine: one thread that serves the guest's split rings directly through the
@@ -195,12 +194,12 @@ final class DMAEngine: @unchecked Sendable {
         }
     }
 
-    var memoryTable = GuestMemoryTable.empty
+    var memory = DeviceMemory.empty
     var extraMappings: [UInt64: IOVAMapping] = [:]
 
-    func setMemory(_ table: GuestMemoryTable) {
-        memoryTable = table
-        iommu = IOMMUTable(memory: table, extra: extraMappings.values.map { ($0.iova, $0.size, $0.host, $0.owner) })
+    func setMemory(_ memory: DeviceMemory) {
+        self.memory = memory
+        iommu = IOMMUTable(memory: memory, extra: Array(extraMappings.values))
         view = iommu.guestView
         ringView = iommu.view
         for r in rings where r.config != nil {

@@ -1,5 +1,5 @@
 import Platform
-import VDPA
+import DeviceFramework
 import Virtio
 
 /// One ring as the DMA engine sees it. Confined to the engine's thread.

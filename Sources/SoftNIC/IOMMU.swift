@@ -1,4 +1,4 @@
-import VhostUser
+import DeviceFramework
 import Virtio
 
 /// The SoftNIC's IOMMU: IOVA ranges mapped to host memory. The framework programs it from the
@@ -17,12 +17,12 @@ public final class IOMMUTable: @unchecked Sendable {
     /// Entries [0, guestCount) are the guest's memory regions; the rest are the daemon's.
     public let guestCount: Int
 
-    public init(memory: GuestMemoryTable, extra: [(iova: UInt64, size: UInt64, host: UnsafeMutableRawPointer, owner: AnyObject)] = []) {
-        var list = memory.regions.map { GuestMemoryView.Region(gpa: $0.guestPhysAddr, size: $0.size, host: UInt(bitPattern: $0.host)) }
+    public init(memory: DeviceMemory, extra: [IOVAMapping] = []) {
+        var list = memory.regions
         list += extra.map { GuestMemoryView.Region(gpa: $0.iova, size: $0.size, host: UInt(bitPattern: $0.host)) }
         entries = .allocate(capacity: max(list.count, 1))
         _ = entries.initialize(from: list)
-        keepAlive = [memory] + extra.map(\.owner)
+        keepAlive = (memory.owner.map { [$0] } ?? []) + extra.map(\.owner)
         count = list.count
         guestCount = memory.regions.count
     }

@@ -1,5 +1,5 @@
 import Synchronization
-import VDPA
+import DeviceFramework
 
 /// Why the device dropped a frame.
 public enum DropReason: Int, CaseIterable, Sendable {

@@ -1,8 +1,7 @@
 import Logging
 import Platform
 import Synchronization
-import VDPA
-import VhostUser
+import DeviceFramework
 import Virtio
 
 /// The software vDPA NIC: a virtio-net device whose DMA engine serves the guest's split rings
@@ -20,13 +19,10 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     private let engine: DMAEngine
     private let stats: [QueueCounterSet]
 
-    /// The virtio-net features the device implements.
-    public static let deviceFeatures: UInt64 =
-        VirtioFeature.version1 | VirtioNetFeature.mrgRxbuf | VirtioNetFeature.mq | VirtioNetFeature.mtu
-        | VirtioFeature.ringEventIdx | VirtioFeature.ringIndirectDesc | VirtioNetFeature.guestAnnounce
+    /// The virtio-net features the device implements: exactly the set the relay can migrate.
+    public static let deviceFeatures: UInt64 = VirtioNetFeatureSet.migratable
 
     public var virtioFeatures: UInt64 { Self.deviceFeatures }
-    public var protocolFeatures: UInt64 { BackendConfig.offeredProtocolFeatures }
 
     /// Nothing to restore: the SoftNIC keeps no state a migration would have to carry beyond
     /// the ring positions vhost-user already passes (SET_VRING_BASE).
@@ -67,12 +63,11 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         }
     }
 
-    public func setMemoryTable(_ table: GuestMemoryTable) throws(DeviceError) {
-        try apply("set memory table") { $0.setMemory(table) }
+    public func setMemory(_ memory: DeviceMemory) throws(DeviceError) {
+        try apply("set memory") { $0.setMemory(memory) }
     }
 
     public func startRing(_ config: VDPARingConfig) throws(DeviceError) {
-        modes.withLock { $0[config.index] = nil }
         try apply("start ring \(config.index)") { e in
             e.rings[config.index].guestUsedGPA = config.usedGPA
             if config.index % 2 == 0, case .source = e.link {
@@ -141,9 +136,6 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
 
     public func counters() -> [QueueCounters] { stats.map(\.snapshot) }
 
-    private let modes = Mutex<[Int: String]>([:])
-    public func mode(ofRing index: Int) -> String { modes.withLock { $0[index] } ?? "direct" }
-
     public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?,
                                  interruptEveryBatch: Bool) throws(DeviceError) -> UInt16 {
         let result = Mutex<UInt16>(0)
@@ -152,14 +144,13 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
             let at = e.suspend(r)
             if let mapping {
                 e.extraMappings[mapping.iova] = mapping
-                e.setMemory(e.memoryTable)
+                e.setMemory(e.memory)
             }
             let target = usedIOVA ?? r.guestUsedGPA
             e.redirect(r, usedGPA: target, call: call, interruptEveryBatch: interruptEveryBatch)
             e.resume(r)
             result.withLock { $0 = at }
         }
-        modes.withLock { $0[index] = usedIOVA == nil ? "direct" : "relay" }
         return result.withLock { $0 }
     }
 
@@ -174,7 +165,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
 
     public func unmapIOVA(_ iova: UInt64) throws(DeviceError) {
         try apply("unmap IOVA 0x\(String(iova, radix: 16))") { e in
-            if e.extraMappings.removeValue(forKey: iova) != nil { e.setMemory(e.memoryTable) }
+            if e.extraMappings.removeValue(forKey: iova) != nil { e.setMemory(e.memory) }
         }
     }
 

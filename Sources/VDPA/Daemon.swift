@@ -1,4 +1,5 @@
 import Foundation
+import DeviceFramework
 import Logging
 import Platform
 import Relay
@@ -86,7 +87,7 @@ public final class Daemon: Sendable {
                 let m = mig[c.index]
                 let running = st.queues.indices.contains(c.index) && st.queues[c.index].started
                 return QueueStats(index: c.index, direction: c.index % 2 == 0 ? "rx" : "tx",
-                           mode: running ? st.queues[c.index].mode : "stopped",
+                           mode: running ? (m?.mode ?? .direct).rawValue : "stopped",
                            packets: c.packets, bytes: c.bytes, drops: c.drops, faults: c.faults, error: c.error,
                            interrupts: c.interrupts, doorbells: c.doorbells,
                            relayed: m?.counters?.relayed.load(ordering: .relaxed) ?? 0,

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import DeviceFramework
 import Logging
 import Platform
 import Relay
@@ -42,13 +43,13 @@ public final class Port: Sendable {
         self.spec = spec
         self.device = device
         self.options = options
-        if let device {
-            config = BackendConfig(queuePairs: spec.queuePairs,
-                                   virtioFeatures: device.virtioFeatures | VirtioFeature.vhostLogAll | VirtioFeature.vhostUserProtocolFeatures,
-                                   protocolFeatures: device.protocolFeatures)
-        } else {
-            config = BackendConfig(queuePairs: spec.queuePairs)
-        }
+        // The port asks its device what to offer: the device's features the relay can migrate,
+        // and vhost-user's own bits. Guest memory stays below the IOVA range the daemon maps its
+        // own rings in.
+        config = BackendConfig(queuePairs: spec.queuePairs,
+                               virtioFeatures: ((device?.virtioFeatures ?? VirtioNetFeatureSet.migratable) & VirtioNetFeatureSet.migratable)
+                                   | BackendConfig.vhostUserFeatures,
+                               guestPhysLimit: reservedIOVABase)
         var l = logger
         l[metadataKey: "port"] = "\(spec.id)"
         self.logger = l
@@ -188,7 +189,7 @@ public final class Port: Sendable {
                 // Status first: once the frontend has its reply, status must already show the change.
                 state.withLock {
                     $0.update(from: s)
-                    if let binding { for i in $0.queues.indices where $0.queues[i].started { $0.queues[i].mode = binding.mode(ofRing: i) } }
+                    if let binding { for i in $0.queues.indices where $0.queues[i].started { $0.queues[i].mode = binding.mode(ofRing: i).rawValue } }
                 }
                 if let reply {
                     let deadline = Deadline(secondsFromNow: Self.replyTimeoutSeconds)

@@ -5,10 +5,6 @@ import Platform
 import Synchronization
 import Virtio
 
-/// The top of guest-physical space a frontend may use. Device IOVAs at and above it belong to
-/// the daemon (the relay's mediated rings live there), so no guest region may reach into it.
-public let reservedIOVABase: UInt64 = 1 << 46
-
 /// One region of guest memory the frontend shared with us: its fd, where it sits in
 /// guest-physical and frontend-virtual space, and our mapping of it.
 public final class MemoryRegion: @unchecked Sendable {
@@ -106,43 +102,6 @@ public final class GuestMemoryTable: @unchecked Sendable {
     public func hostPointer(userAddr: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
         guard let gpa = guestPhysAddr(userAddr: userAddr, length: length) else { return nil }
         return hostPointer(gpa: gpa, length: length)
-    }
-}
-
-/// See `GuestMemoryTable.view`.
-public struct GuestMemoryView: GuestMemoryAccess {
-    public struct Region: Sendable {
-        public var gpa: UInt64
-        public var size: UInt64
-        /// Host address of `gpa` (a live mapping, kept alive by whoever owns the region buffer).
-        public var host: UInt
-        public init(gpa: UInt64, size: UInt64, host: UInt) { self.gpa = gpa; self.size = size; self.host = host }
-    }
-    // Safety: points into a live region buffer (a GuestMemoryTable's, or a device IOMMU table's);
-    // holders keep that owner alive while they use the view.
-    @usableFromInline let base: UnsafePointer<Region>
-    @usableFromInline let count: Int
-
-    public init(base: UnsafePointer<Region>, count: Int) {
-        self.base = base
-        self.count = count
-    }
-
-    @inlinable @inline(__always)
-    public func hostPointer(gpa: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
-        var i = 0
-        while i < count {
-            let r = base[i]
-            if gpa >= r.gpa {
-                let off = gpa &- r.gpa
-                if off < r.size || (off == r.size && length == 0) {
-                    guard length <= r.size &- off else { return nil }
-                    return UnsafeMutableRawPointer(bitPattern: r.host &+ UInt(off))
-                }
-            }
-            i &+= 1
-        }
-        return nil
     }
 }
 

@@ -2,89 +2,6 @@ import Logging
 import Platform
 import Virtio
 
-/// What a port offers to its frontend.
-public struct BackendConfig: Sendable {
-    public var queuePairs: Int
-    public var virtioFeatures: UInt64
-    public var protocolFeatures: UInt64
-    public var maxMemSlots: Int
-    /// Most bytes of the frontend's files (guest memory plus dirty log) one session may map.
-    public var maxMappedBytes: UInt64
-
-    /// The virtio-net feature set of the SoftNIC device (the control queue, MAC and link status
-    /// stay with the frontend: QEMU keeps the control queue for vhost-user).
-    public static let netDeviceFeatures: UInt64 =
-        VirtioFeature.version1 | VirtioNetFeature.mrgRxbuf | VirtioNetFeature.mq | VirtioNetFeature.mtu
-        | VirtioFeature.ringEventIdx | VirtioFeature.ringIndirectDesc | VirtioNetFeature.guestAnnounce
-        | VirtioFeature.vhostLogAll | VirtioFeature.vhostUserProtocolFeatures
-
-    public static let offeredProtocolFeatures: UInt64 =
-        VhostUserProtocolFeature.mq | VhostUserProtocolFeature.logShmfd | VhostUserProtocolFeature.rarp
-        | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.netMTU | VhostUserProtocolFeature.backendReq
-        | VhostUserProtocolFeature.configureMemSlots | VhostUserProtocolFeature.resetDevice
-        | VhostUserProtocolFeature.status
-
-    public init(queuePairs: Int = 1, virtioFeatures: UInt64 = BackendConfig.netDeviceFeatures,
-                protocolFeatures: UInt64 = BackendConfig.offeredProtocolFeatures, maxMemSlots: Int = 32,
-                maxMappedBytes: UInt64 = BackendConfig.defaultMaxMappedBytes) {
-        self.maxMappedBytes = maxMappedBytes
-        self.queuePairs = queuePairs
-        self.virtioFeatures = virtioFeatures
-        self.protocolFeatures = protocolFeatures
-        self.maxMemSlots = maxMemSlots
-    }
-
-    public var ringCount: Int { queuePairs * 2 }
-
-    /// 1 TiB: more guest RAM than one vhost-user port serves in practice, far less than the
-    /// daemon's address space (so a few hostile frontends cannot exhaust it).
-    public static let defaultMaxMappedBytes: UInt64 = 1 << 40
-}
-
-/// The per-ring state a frontend configures.
-public struct VringConfig: Sendable {
-    public var size: UInt32 = 0
-    public var address: VringAddress?
-    /// Guest-physical addresses of the three areas, translated from the frontend's addresses.
-    public var descGPA: UInt64 = 0
-    public var availGPA: UInt64 = 0
-    public var usedGPA: UInt64 = 0
-    /// For split rings: the next avail index the device will read.
-    public var base: UInt32 = 0
-    public var kick: SharedFD?
-    /// SET_VRING_KICK with the no-fd bit: the frontend asks the backend to poll.
-    public var kickPolling = false
-    public var call: SharedFD?
-    public var err: SharedFD?
-    public var enabled = false
-
-    /// A ring runs once it has a size, addresses and a kick (or polling); GET_VRING_BASE stops it.
-    public var started: Bool { size != 0 && address != nil && (kick != nil || kickPolling) }
-    public var logging: Bool { (address?.flags ?? 0) & VringAddress.logFlag != 0 }
-}
-
-/// Device-side hooks a port installs on a session. Every hook runs on the port's thread while the
-/// message that caused it is being handled, so a hook finishes before that message is answered.
-/// A hook that throws fails the message: the session closes the connection (the frontend must
-/// never be told that a change it asked for, such as logging, is in place when it is not).
-public protocol VhostUserDeviceHooks: AnyObject {
-    /// The memory table changed (new table already installed in `session.memory`).
-    func memoryTableChanged(_ session: BackendSession) throws(VhostUserError)
-    /// Ring `index` started (all of size, addresses and kick are set).
-    func vringStarted(_ session: BackendSession, index: Int) throws(VhostUserError)
-    /// Ring `index` must stop now; return the index the device will resume from (split: last avail idx).
-    func vringStopping(_ session: BackendSession, index: Int) throws(VhostUserError) -> UInt32?
-    func vringEnableChanged(_ session: BackendSession, index: Int, enabled: Bool) throws(VhostUserError)
-    /// The call eventfd of a running ring changed.
-    func vringCallChanged(_ session: BackendSession, index: Int) throws(VhostUserError)
-    func featuresChanged(_ session: BackendSession) throws(VhostUserError)
-    func logChanged(_ session: BackendSession) throws(VhostUserError)
-    /// SEND_RARP for `mac`; false if the device cannot send it.
-    func sendRARP(_ session: BackendSession, mac: [UInt8]) -> Bool
-    func statusChanged(_ session: BackendSession)
-    func reset(_ session: BackendSession)
-}
-
 /// One frontend connection's protocol state: negotiation, memory, log and rings.
 /// Confined to the port's thread; it never touches ring memory itself.
 public final class BackendSession {
@@ -99,7 +16,7 @@ public final class BackendSession {
     public private(set) var protocolFeaturesSet = false
     public private(set) var status: UInt8 = 0
     public private(set) var mtu: UInt16?
-    public private(set) var vrings: [VringConfig]
+    public internal(set) var vrings: [VringConfig]
     public let memory = GuestMemoryHandle()
     public private(set) var log: DirtyLog?
     public private(set) var logFD: SharedFD?
@@ -118,6 +35,14 @@ public final class BackendSession {
     /// SIGBUS faults absorbed in this session's guest memory and log mappings.
     public var memoryFaults: UInt64 {
         memory.current().regions.reduce(0) { $0 &+ $1.faults } &+ (log?.faults ?? 0)
+    }
+
+    /// Ring `i` as the device side is given it when it starts.
+    func ringSetup(_ i: Int) -> RingSetup {
+        let v = vrings[i]
+        return RingSetup(index: i, size: UInt16(truncatingIfNeeded: v.size), descGPA: v.descGPA, availGPA: v.availGPA,
+                         usedGPA: v.usedGPA, usedLogGPA: v.usedLogGPA, base: UInt16(truncatingIfNeeded: v.base),
+                         kick: v.kick, call: v.call, enabled: v.enabled)
     }
 
     public var logAllEnabled: Bool { featuresSet && ackedFeatures & VirtioFeature.vhostLogAll != 0 }
@@ -198,12 +123,12 @@ public final class BackendSession {
                 for i in vrings.indices { vrings[i].enabled = true }
             }
             if wasLogging != logAllEnabled { logger.info("dirty logging (LOG_ALL) \(logAllEnabled ? "on" : "off")") }
-            try hooks?.featuresChanged(self)
+            try hooks?.featuresChanged(ackedFeatures, ringsEnabled: vrings.map(\.enabled))
             if wasLogging && !logAllEnabled && log != nil {
                 // The migration is over (or cancelled): the device is back on the direct path and
                 // QEMU has freed its log; keep no mapping of it. A new migration sends SET_LOG_BASE.
                 log = nil
-                try hooks?.logChanged(self)
+                try hooks?.logChanged(nil)
             }
             return .done
 
@@ -287,7 +212,7 @@ public final class BackendSession {
             try checkMappedBytes(memory.current().regions, log: newLog, request: name)
             log = newLog
             logger.info("dirty log set: \(l.size) bytes at offset \(l.offset)")
-            try hooks?.logChanged(self)
+            try hooks?.logChanged(newLog)
             // SET_LOG_BASE always has a reply: QEMU waits for it before it frees the old log.
             return .reply(VhostUserCodec.u64Payload(0))
 
@@ -329,8 +254,8 @@ public final class BackendSession {
             }
             try translate(a, ring: i, request: name)
             vrings[i].address = a
-            if !wasStarted && vrings[i].started { try hooks?.vringStarted(self, index: i) }
-            if wasStarted { try hooks?.logChanged(self) }
+            if !wasStarted && vrings[i].started { try hooks?.vringStarted(ringSetup(i)) }
+            if wasStarted { try hooks?.usedLogAddressChanged(i, usedLogGPA: vrings[i].usedLogGPA) }
             return .done
 
         case (.setVringBase, .vringState(let s)):
@@ -347,7 +272,7 @@ public final class BackendSession {
 
         case (.getVringBase, .vringState(let s)):
             let i = try ringIndex(request, s.index)
-            if vrings[i].started, let resume = try hooks?.vringStopping(self, index: i) {
+            if vrings[i].started, let resume = try hooks?.vringStopping(i) {
                 vrings[i].base = resume
             }
             vrings[i].kick = nil
@@ -365,13 +290,13 @@ public final class BackendSession {
                 vrings[i].kick = nil
                 vrings[i].kickPolling = true
             }
-            if !wasStarted && vrings[i].started { try hooks?.vringStarted(self, index: i) }
+            if !wasStarted && vrings[i].started { try hooks?.vringStarted(ringSetup(i)) }
             return .done
 
         case (.setVringCall, .vringFile(let index, let hasFD)):
             let i = try ringIndex(request, index)
             vrings[i].call = hasFD ? try takeEventFD(&fds, request: name, ring: i) : nil
-            if vrings[i].started { try hooks?.vringCallChanged(self, index: i) }
+            if vrings[i].started { try hooks?.vringCallChanged(i, call: vrings[i].call) }
             return .done
 
         case (.setVringErr, .vringFile(let index, let hasFD)):
@@ -385,13 +310,13 @@ public final class BackendSession {
                 throw VhostUserError(.semantics, name, field: "num", "enable must be 0 or 1, got \(s.num)")
             }
             vrings[i].enabled = s.num == 1
-            try hooks?.vringEnableChanged(self, index: i, enabled: s.num == 1)
+            try hooks?.vringEnableChanged(i, enabled: s.num == 1)
             return .done
 
         case (.sendRARP, .u64(let v)):
             let mac = (0..<6).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) }
             guard let hooks else { return .declined("no device serves this port yet, so no RARP can be sent") }
-            return hooks.sendRARP(self, mac: mac) ? .done : .declined("device could not send the RARP")
+            return hooks.sendRARP(mac: mac) ? .done : .declined("device could not send the RARP")
 
         case (.netSetMTU, .u64(let v)):
             guard v >= 68, v <= 65535 else { return .declined("MTU \(v) outside 68...65535") }
@@ -403,7 +328,7 @@ public final class BackendSession {
                 throw VhostUserError(.semantics, name, field: "status", "0x\(String(v, radix: 16)) does not fit the 8-bit device status")
             }
             status = UInt8(v)
-            hooks?.statusChanged(self)
+            hooks?.statusChanged(status)
             return .done
 
         case (.getStatus, _):
@@ -414,122 +339,8 @@ public final class BackendSession {
         }
     }
 
-    // MARK: helpers
-
-    /// Checks new regions: non-empty, no address overflow, page-aligned, and no overlap with each
-    /// other or with `existing` (in guest-physical or frontend-virtual space).
-    func validateRegions(_ new: [MemoryRegionDescription], against existing: [MemoryRegionDescription], request: String) throws(VhostUserError) {
-        var all = existing
-        for (i, d) in new.enumerated() {
-            let field = new.count > 1 ? "regions[\(i)]" : "region"
-            guard d.size > 0 else { throw VhostUserError(.semantics, request, field: "\(field).memory_size", "zero") }
-            guard !d.guestPhysAddr.addingReportingOverflow(d.size).overflow else {
-                throw VhostUserError(.semantics, request, field: "\(field).guest_phys_addr", "0x\(String(d.guestPhysAddr, radix: 16)) + size overflows")
-            }
-            guard d.guestPhysAddr + d.size <= reservedIOVABase else {
-                throw VhostUserError(.semantics, request, field: "\(field).guest_phys_addr",
-                                     "[0x\(String(d.guestPhysAddr, radix: 16)), +0x\(String(d.size, radix: 16))) reaches the daemon's reserved IOVA range at 0x\(String(reservedIOVABase, radix: 16))")
-            }
-            guard !d.userAddr.addingReportingOverflow(d.size).overflow else {
-                throw VhostUserError(.semantics, request, field: "\(field).userspace_addr", "0x\(String(d.userAddr, radix: 16)) + size overflows")
-            }
-            for o in all {
-                if d.guestPhysAddr < o.guestPhysAddr + o.size && o.guestPhysAddr < d.guestPhysAddr + d.size {
-                    throw VhostUserError(.semantics, request, field: "\(field).guest_phys_addr",
-                                         "[0x\(String(d.guestPhysAddr, radix: 16)), +0x\(String(d.size, radix: 16))) overlaps the region at 0x\(String(o.guestPhysAddr, radix: 16))")
-                }
-                if d.userAddr < o.userAddr + o.size && o.userAddr < d.userAddr + d.size {
-                    throw VhostUserError(.semantics, request, field: "\(field).userspace_addr",
-                                         "0x\(String(d.userAddr, radix: 16)) overlaps another region's addresses")
-                }
-            }
-            all.append(d)
-        }
-    }
-
-    /// Translates and checks one ring's addresses against the current memory table.
-    func translate(_ a: VringAddress, ring i: Int, request: String) throws(VhostUserError) {
-        let table = memory.current()
-        guard !table.regions.isEmpty else {
-            throw VhostUserError(.semantics, request, field: "desc_user_addr", "no memory table yet")
-        }
-        let n = UInt64(max(vrings[i].size, 1))
-        let eventIdx: UInt64 = 2
-        let areas: [(String, UInt64, UInt64, UInt64)] = [
-            ("desc_user_addr", a.descUserAddr, 16 * n, 16),
-            ("avail_user_addr", a.availUserAddr, 4 + 2 * n + eventIdx, 2),
-            ("used_user_addr", a.usedUserAddr, 4 + 8 * n + eventIdx, 4),
-        ]
-        var gpas: [UInt64] = []
-        for (field, addr, len, align) in areas {
-            guard addr % align == 0 else {
-                throw VhostUserError(.semantics, request, field: field, "0x\(String(addr, radix: 16)) is not \(align)-byte aligned")
-            }
-            guard let gpa = table.guestPhysAddr(userAddr: addr, length: len) else {
-                throw VhostUserError(.semantics, request, field: field, "[0x\(String(addr, radix: 16)), +\(len)) is not inside guest memory")
-            }
-            gpas.append(gpa)
-        }
-        if a.flags & VringAddress.logFlag != 0 {
-            guard table.hostPointer(gpa: a.logGuestAddr, length: 4 + 8 * n + eventIdx) != nil else {
-                throw VhostUserError(.semantics, request, field: "log_guest_addr", "0x\(String(a.logGuestAddr, radix: 16)) is not inside guest memory")
-            }
-        }
-        vrings[i].descGPA = gpas[0]
-        vrings[i].availGPA = gpas[1]
-        vrings[i].usedGPA = gpas[2]
-    }
-
-    /// Takes the eventfd of a SET_VRING_KICK/CALL/ERR: it must be an eventfd, and is made
-    /// non-blocking so that no daemon thread can block on it.
-    func takeEventFD(_ fds: inout ReceivedFDs, request: String, ring i: Int) throws(VhostUserError) -> SharedFD {
-        guard let fd = fds.take(0) else { throw VhostUserError(.fds, request, field: "fds", "no fd") }
-        do { try EventFD.adoptFrontendFD(fd) } catch {
-            throw VhostUserError(.fds, request, field: "fd", "ring \(i): \(error)")
-        }
-        return SharedFD(fd)
-    }
-
-    func withinCap(_ bytes: UInt64) -> Bool { bytes <= config.maxMappedBytes }
-
-    /// The per-session cap, from the sizes the frontend announced, before anything is mapped (a
-    /// huge sparse file must not take the daemon's address space even for a moment).
-    func checkAnnouncedBytes(_ sizes: [UInt64], request: String) throws(VhostUserError) {
-        var total: UInt64 = 0
-        for size in sizes {
-            let (sum, overflow) = total.addingReportingOverflow(size)
-            guard !overflow, withinCap(sum) else {
-                throw VhostUserError(.semantics, request, field: "memory_size",
-                                     "the session would map more than the limit of \(config.maxMappedBytes) bytes of the frontend's files")
-            }
-            total = sum
-        }
-    }
-
-    /// The per-session cap on mapped bytes (guest memory plus log), exact after mapping (each
-    /// window rounded out to whole pages).
-    func checkMappedBytes(_ regions: [MemoryRegion], log: DirtyLog?, request: String) throws(VhostUserError) {
-        let total = regions.reduce(UInt64(0)) { $0 + UInt64($1.mappedBytes) } + UInt64(log?.mappedBytes ?? 0)
-        guard withinCap(total) else {
-            throw VhostUserError(.semantics, request, field: "memory_size",
-                                 "the session would map \(total) bytes of the frontend's files, more than the limit of \(config.maxMappedBytes)")
-        }
-    }
-
-    func installMemory(_ table: GuestMemoryTable) throws(VhostUserError) {
-        memory.replace(table)
-        logger.info("memory table: \(table.regions.count) region(s), guest RAM ends at 0x\(String(table.guestPhysEnd, radix: 16))")
-        for i in vrings.indices {
-            guard let a = vrings[i].address else { continue }
-            do { try translate(a, ring: i, request: "memory table") } catch {
-                logger.warning("ring \(i): addresses no longer translate after the memory table changed: \(error)")
-            }
-        }
-        try hooks?.memoryTableChanged(self)
-    }
-
     func resetDeviceState() {
-        hooks?.reset(self)
+        hooks?.reset()
         vrings = Array(repeating: VringConfig(), count: config.ringCount)
         ackedFeatures = 0
         featuresSet = false
@@ -542,11 +353,11 @@ public final class BackendSession {
     /// Releases everything the connection held (fds, mappings) when it closes.
     public func close() {
         for i in vrings.indices where vrings[i].started {
-            do { _ = try hooks?.vringStopping(self, index: i) } catch {
+            do { _ = try hooks?.vringStopping(i) } catch {
                 logger.error("closing: ring \(i) did not stop cleanly: \(error)")
             }
         }
-        hooks?.reset(self)
+        hooks?.reset()
         vrings = Array(repeating: VringConfig(), count: config.ringCount)
         memory.replace(.empty)
         log = nil

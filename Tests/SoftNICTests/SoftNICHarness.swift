@@ -1,4 +1,5 @@
 #if canImport(Glibc)
+import DeviceFramework
 import Glibc
 #endif
 import Foundation

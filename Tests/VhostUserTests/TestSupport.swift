@@ -2,6 +2,7 @@ import Logging
 import Platform
 import XCTest
 @testable import VhostUser
+import Virtio
 
 /// Drives a BackendSession in-process: each request is encoded, decoded through the codec's
 /// layers exactly as the socket path does, then handled.
@@ -11,7 +12,7 @@ final class SessionDriver {
     init(queuePairs: Int = 2) {
         var logger = Logger(label: "test")
         logger.logLevel = .critical
-        session = BackendSession(config: BackendConfig(queuePairs: queuePairs), logger: logger)
+        session = BackendSession(config: BackendConfig(queuePairs: queuePairs, virtioFeatures: Self.offered), logger: logger)
     }
 
     /// Sends one request; returns the reply payload (nil when no reply was sent).
@@ -37,8 +38,13 @@ final class SessionDriver {
         return reply.withUnsafeBytes { VhostUserCodec.readU64(UnsafeRawBufferPointer($0)) }
     }
 
+    /// What the session offers in these tests: a virtio-net device's split-ring set (the port
+    /// takes it from its device) plus vhost-user's own bits.
+    static let offered: UInt64 = VirtioFeature.version1 | VirtioNetFeature.mrgRxbuf | VirtioNetFeature.mq | VirtioNetFeature.mtu
+        | VirtioFeature.ringEventIdx | VirtioFeature.ringIndirectDesc | VirtioNetFeature.guestAnnounce | BackendConfig.vhostUserFeatures
+
     /// Negotiates everything offered (protocol features first, as QEMU does).
-    func negotiate(protocolFeatures: UInt64 = BackendConfig.offeredProtocolFeatures, features: UInt64 = BackendConfig.netDeviceFeatures & ~VirtioFeatureBits.logAll) throws {
+    func negotiate(protocolFeatures: UInt64 = BackendConfig.offeredProtocolFeatures, features: UInt64 = SessionDriver.offered & ~VirtioFeatureBits.logAll) throws {
         try send(.setOwner)
         try send(.setProtocolFeatures, .u64(protocolFeatures))
         try send(.setFeatures, .u64(features))

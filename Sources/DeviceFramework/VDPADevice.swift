@@ -1,5 +1,5 @@
 import Platform
-import VhostUser
+import Virtio
 
 /// Where one ring lives and how it signals: what the framework hands a vDPA device when the
 /// frontend has configured the ring (after DPDK's rte_vdpa_dev_ops, in this project's terms).
@@ -36,7 +36,7 @@ public struct IOVAMapping: @unchecked Sendable {
     }
 }
 
-/// Per-queue counters a device reports.
+/// Per-queue counters a device reports (the stats JSON's per-queue fields come from these).
 public struct QueueCounters: Codable, Sendable, Equatable {
     public var index: Int
     public var packets: UInt64
@@ -68,14 +68,13 @@ public protocol VDPADevice: AnyObject, Sendable {
     /// A one-line description for status output, e.g. "softnic link=loopback".
     var summary: String { get }
     var queuePairs: Int { get }
-    /// Virtio features the device offers (the port adds vhost-user's own bits).
+    /// Virtio features the device offers (the port offers those the relay can migrate, see
+    /// `VirtioNetFeatureSet.migratable`, plus vhost-user's own bits).
     var virtioFeatures: UInt64 { get }
-    /// vhost-user protocol features the device supports (the port offers these).
-    var protocolFeatures: UInt64 { get }
     /// Negotiated virtio features.
     func setFeatures(_ features: UInt64) throws(DeviceError)
-    /// Programs the device's IOMMU from the frontend's memory table (IOVA = guest-physical).
-    func setMemoryTable(_ table: GuestMemoryTable) throws(DeviceError)
+    /// Programs the device's IOMMU from the guest's memory (IOVA = guest-physical).
+    func setMemory(_ memory: DeviceMemory) throws(DeviceError)
     /// The ring is configured and its doorbell is set: the device may serve it while enabled.
     func startRing(_ config: VDPARingConfig) throws(DeviceError)
     /// Enables or disables a started ring (SET_VRING_ENABLE); a disabled ring keeps its position.
@@ -104,8 +103,6 @@ public protocol VDPADevice: AnyObject, Sendable {
     func sendRARP(mac: [UInt8]) -> Bool
     /// Per-queue counters.
     func counters() -> [QueueCounters]
-    /// Per-queue data-path mode ("direct" or "relay").
-    func mode(ofRing index: Int) -> String
     /// The frontend went away or reset the device: stop every ring, forget the memory table and
     /// every IOVA mapping. Best effort: a device that does not answer is reported in its log.
     func reset()
