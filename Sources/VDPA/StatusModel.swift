@@ -26,7 +26,7 @@ public struct QueueStatus: Codable, Sendable, Equatable {
     public var enabled: Bool
     public var started: Bool
     public var ringSize: Int
-    /// "none" while no device serves the port; "direct" or "relay" once one does.
+    /// "none" while no device serves the port; once one does, a `RingMode`: "direct", "held" or "relay".
     public var mode: String
     public var kick: String
     public var call: Bool
@@ -148,7 +148,7 @@ public struct QueueStats: Codable, Sendable, Equatable {
     public var index: Int
     /// "rx" (device to guest, even rings) or "tx" (guest to device, odd rings).
     public var direction: String
-    /// "direct" or "relay" while the ring runs, "stopped" otherwise.
+    /// A `RingMode` ("direct", "held" or "relay") while the ring runs, "stopped" otherwise.
     public var mode: String
     public var packets: UInt64
     public var bytes: UInt64
