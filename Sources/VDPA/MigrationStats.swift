@@ -1,0 +1,46 @@
+import Relay
+import Synchronization
+
+/// Where a ring's completions go. One owner: the port's `MigrationSwitch` sets it; status and
+/// stats report its raw value.
+public enum RingMode: String, Sendable, Equatable {
+    /// The device completes into the guest's used ring.
+    case direct
+    /// Started, or running, while LOG_ALL is on but before the frontend sent the log: the device
+    /// keeps it disabled (none of its completions could be logged yet) until the log arrives.
+    case held
+    /// The device completes into a mediated used ring; the relay copies and marks.
+    case relay
+}
+
+/// Per-ring migration figures the port reports (stats JSON).
+public struct RingMigrationStats: Sendable, Equatable {
+    public var mode: RingMode = .direct
+    public var switchovers = 0
+    public var lastSwitchoverGapMicros: UInt64 = 0
+    public var counters: RelayCounters?
+    public static func == (a: Self, b: Self) -> Bool {
+        a.mode == b.mode && a.switchovers == b.switchovers && a.lastSwitchoverGapMicros == b.lastSwitchoverGapMicros
+            && a.counters === b.counters
+    }
+}
+
+/// The per-ring migration figures, shared between the port thread and the control thread.
+public final class MigrationStatsTable: Sendable {
+    let table = Mutex<[Int: RingMigrationStats]>([:])
+    /// The port's relay thread, once one exists (for its CPU figures).
+    public let relay = Mutex<RelayEngine?>(nil)
+    public init() {}
+    public func withLock<R>(_ body: (inout [Int: RingMigrationStats]) -> R) -> R { table.withLock { body(&$0) } }
+    public var snapshot: [Int: RingMigrationStats] { table.withLock { $0 } }
+}
+
+/// Test-only switches, from VDPAD_TEST_* environment variables (docs/TESTING.md).
+public struct TestSwitches: Sendable {
+    public var skipBufferMarking = false
+    public var journal: (any RelayJournal)?
+    public init(skipBufferMarking: Bool = false, journal: (any RelayJournal)? = nil) {
+        self.skipBufferMarking = skipBufferMarking
+        self.journal = journal
+    }
+}
