@@ -136,10 +136,46 @@ public enum UnixSocket {
         return FileDescriptor(owning: raw)
     }
 
-    /// Sets SO_RCVTIMEO so that a peer that stops mid-message cannot hold a reader forever.
-    public static func setReceiveTimeout(_ fd: borrowing FileDescriptor, seconds: Int) {
-        var tv = timeval(tv_sec: seconds, tv_usec: 0)
-        _ = setsockopt(fd.raw, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    /// Sets SO_RCVTIMEO so that a peer that stops mid-message cannot hold a reader forever: a
+    /// blocking receive then fails with EAGAIN after `seconds` (at least 1 ms; 0 would mean never).
+    public static func setReceiveTimeout(_ fd: borrowing FileDescriptor, seconds: Double) throws(SystemError) {
+        let s = seconds.isNaN ? 0.001 : min(max(seconds, 0.001), Double(Int32.max))
+        let whole = s.rounded(.down)
+        var tv = timeval(tv_sec: Int(whole), tv_usec: Int((s - whole) * 1_000_000))
+        try syscallRetrying("setsockopt(SO_RCVTIMEO)") {
+            setsockopt(fd.raw, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
+
+    /// Shuts the connection down in both directions (the fd stays open): the peer reads EOF.
+    /// ENOTCONN (the peer had already gone) is thrown like any other failure.
+    public static func shutdown(_ fd: borrowing FileDescriptor) throws(SystemError) {
+        try syscallRetrying("shutdown") { Glibc.shutdown(fd.raw, Int32(SHUT_RDWR)) }
+    }
+
+    /// What a connected socket shows without reading anything.
+    public enum PeerState: Equatable, Sendable {
+        /// Bytes wait to be read.
+        case dataWaiting
+        /// Nothing to read now; the peer is still connected.
+        case quiet
+        /// The peer closed or reset the connection.
+        case closed
+    }
+
+    /// Looks at the socket without taking anything from it (one byte peeked, non-blocking).
+    public static func peerState(_ fd: borrowing FileDescriptor) throws(SystemError) -> PeerState {
+        var byte: UInt8 = 0
+        while true {
+            let n = recvRaw(fd.raw, &byte, 1, Int32(MSG_PEEK) | Int32(CVDPA_MSG_DONTWAIT))
+            if n > 0 { return .dataWaiting }
+            if n == 0 { return .closed }
+            let e = cvdpa_errno()
+            if e == EINTR { continue }
+            if e == EAGAIN || e == EWOULDBLOCK { return .quiet }
+            if e == ECONNRESET || e == EPIPE { return .closed }
+            throw SystemError("recv(MSG_PEEK)", errno: e)
+        }
     }
 
     /// Sends all of `bytes`, with `fds` attached to the first segment. Blocks while the peer does

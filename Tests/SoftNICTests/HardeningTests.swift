@@ -33,8 +33,14 @@ final class HardeningTests: XCTestCase {
         XCTAssertTrue(waitUntil { d.portStatus(id).connection == "listening" }, file: file, line: line)
     }
 
-    /// How many mappings of the memfd named `name` this process holds.
-    func mappings(_ name: String) -> Int { ProcessMaps.sizes(ofMemfdNamed: name).count }
+    /// How many mappings of the memfd named `name` this process holds (-1, and the test fails,
+    /// when /proc/self/maps cannot be read).
+    func mappings(_ name: String) -> Int {
+        do { return try ProcessMaps.sizes(ofMemfdNamed: name).count } catch {
+            XCTFail("\(error)")
+            return -1
+        }
+    }
 
     // MARK: class 2: a file that shrinks under the daemon's mapping
 

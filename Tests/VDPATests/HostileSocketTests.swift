@@ -275,7 +275,7 @@ final class HostileSocketTests: XCTestCase {
         while poll(&pfd, 1, 0) == 1 { _ = try UnixSocket.accept(listener) }  // the fillers' queued connections
         XCTAssertEqual(poll(&pfd, 1, 8000), 1, "the port did not connect once the backlog had room")
         let backend = try UnixSocket.accept(listener)
-        UnixSocket.setReceiveTimeout(backend, seconds: 5)
+        try UnixSocket.setReceiveTimeout(backend, seconds: 5)
         try UnixSocket.send(backend, VhostUserCodec.encodeRequest(.getFeatures, payload: .none))
         var header = [UInt8](repeating: 0, count: 12)
         var fds = ReceivedFDs()
@@ -306,7 +306,7 @@ final class HostileSocketTests: XCTestCase {
 
     func controlClient() throws -> FileDescriptor {
         let fd = try UnixSocket.connect(path: controlPath)
-        UnixSocket.setReceiveTimeout(fd, seconds: 5)
+        try UnixSocket.setReceiveTimeout(fd, seconds: 5)
         return fd
     }
 
