@@ -50,7 +50,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpa-bench", dependencies: [
-            "VDPA", "VhostUserFrontend", "Virtio", "VhostUser", "Platform", "CVDPAShims",
+            "VDPA", "VhostUserFrontend", "Virtio", "VhostUser", "Platform",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpactl", dependencies: [

@@ -4,12 +4,13 @@
 # swift-log and swift-atomics. So SwiftPM builds the library targets it needs, release,
 # instrumented for libFuzzer and ASan and with
 # `-enable-testing` (the harness reaches DeviceBinding, the relay's step and the engine through
-# `@testable import`), into its own scratch path .build-fuzz-spm; then swiftc compiles main.swift
-# against those modules and links it with their object files.
+# `@testable import`), into its own scratch path .build-fuzz-spm; then swiftc compiles the
+# harness's files (main.swift and the files it names) against those modules and links them with
+# their object files.
 # The sanitizers go in as one `-Xswiftc -sanitize=fuzzer,address`: SwiftPM's
 # `--sanitize=fuzzer --sanitize=address` passes two -sanitize= flags, swiftc keeps only the last,
 # and the modules come out with ASan but without coverage counters (measured with Swift 6.3.1:
-# 3,071 counters, all in main.swift, instead of the whole data path).
+# 3,071 counters, all in the harness, instead of the whole data path).
 #
 #   Fuzz/session-engine/build.sh                 # build .build-fuzz/session-engine
 #   Fuzz/session-engine/build.sh run [seconds]   # build, then fuzz (default 60 s) from the seeds
@@ -35,7 +36,8 @@ swiftc -sanitize=fuzzer,address -parse-as-library -O -module-name SessionEngineF
   -I "$rel/Modules" \
   -Xcc -fmodule-map-file="$rel/CVDPAShims.build/module.modulemap" -Xcc -ISources/CVDPAShims/include \
   -Xcc -fmodule-map-file="$scratch/checkouts/swift-atomics/Sources/_AtomicsShims/include/module.modulemap" \
-  Fuzz/session-engine/main.swift "${objs[@]}" -o .build-fuzz/session-engine
+  Fuzz/session-engine/{main,Census,HarnessMemory,Run,RunFrontend,RunGuest}.swift "${objs[@]}" \
+  -o .build-fuzz/session-engine
 echo "built .build-fuzz/session-engine"
 
 if [[ "${1:-}" == "run" ]]; then

@@ -65,7 +65,9 @@ extension EventFD {
         guard kind == "anon_inode:[eventfd]" else { throw .notAnEventFD(kind: kind) }
         // A semaphore eventfd reads 1 at a time: a level-triggered watch on it never goes quiet,
         // so the thread serving it would never sleep. Kernels since 6.4 show the mode in fdinfo.
-        if fdInfo(fd.raw).contains("eventfd-semaphore: 1") { throw .notAnEventFD(kind: "a semaphore-mode eventfd") }
+        let info: String
+        do { info = try FileSystem.readText("/proc/self/fdinfo/\(fd.raw)") } catch { throw .system(error) }
+        if info.contains("eventfd-semaphore: 1") { throw .notAnEventFD(kind: "a semaphore-mode eventfd") }
         let flags = fcntl(fd.raw, F_GETFL)
         guard flags >= 0 else { throw .system(SystemError("fcntl(F_GETFL)", errno: cvdpa_errno())) }
         if flags & O_NONBLOCK == 0 {
@@ -84,18 +86,5 @@ extension EventFD {
         }
         guard n > 0 else { return "unknown (readlink failed: \(String(cString: strerror(cvdpa_errno()))))" }
         return String(decoding: buffer[0..<n], as: UTF8.self)
-    }
-}
-
-extension EventFD {
-    /// /proc/self/fdinfo/`fd` ("" if unreadable; it is at most a few hundred bytes).
-    static func fdInfo(_ fd: Int32) -> String {
-        let f = open("/proc/self/fdinfo/\(fd)", O_RDONLY | O_CLOEXEC)
-        guard f >= 0 else { return "" }
-        defer { close(f) }
-        var buffer = [UInt8](repeating: 0, count: 1024)
-        // Safety: read writes at most b.count bytes into the buffer.
-        let n = buffer.withUnsafeMutableBufferPointer { b in read(f, b.baseAddress!, b.count) }
-        return n > 0 ? String(decoding: buffer[0..<n], as: UTF8.self) : ""
     }
 }

@@ -68,12 +68,6 @@ public struct ReceivedFDs: ~Copyable {
         return FileDescriptor(owning: r)
     }
 
-    /// Takes the fd at `index` into a shared owner; nil if absent or already taken.
-    public mutating func takeShared(_ index: Int) -> SharedFD? {
-        guard let fd = take(index) else { return nil }
-        return SharedFD(fd)
-    }
-
     /// Takes ownership of more fds, after those already held.
     public mutating func adopt(_ more: [Int32]) {
         fds.append(contentsOf: more)

@@ -37,26 +37,10 @@ public final class OSThread: @unchecked Sendable {
     public func join() {
         guard !joined else { return }
         joined = true
+        // Fails only for a thread that is not joinable or is the caller (EINVAL, EDEADLK): a
+        // thread this object started and has not joined yet is neither.
         _ = pthread_join(handle, nil)
     }
-}
-
-/// Blocks the given signals in the calling thread (and threads it starts afterwards).
-public func blockSignals(_ signals: [Int32]) {
-    var set = sigset_t()
-    sigemptyset(&set)
-    for s in signals { sigaddset(&set, s) }
-    _ = pthread_sigmask(SIG_BLOCK, &set, nil)
-}
-
-/// Waits for one of the given (blocked) signals and returns it.
-public func waitForSignal(_ signals: [Int32]) -> Int32 {
-    var set = sigset_t()
-    sigemptyset(&set)
-    for s in signals { sigaddset(&set, s) }
-    var sig: Int32 = 0
-    while sigwait(&set, &sig) != 0 {}
-    return sig
 }
 
 /// Turns SIGTERM/SIGINT into an eventfd that a loop can wait on. The handler only writes to the
@@ -68,12 +52,25 @@ public enum SignalNotifier {
     public static func install(_ signals: [Int32]) throws(SystemError) -> Int32 {
         if fd < 0 { fd = try EventFD.make().take() }
         for s in signals {
-            signal(s) { _ in
+            var action = sigaction()
+            action.__sigaction_handler.sa_handler = { _ in
+                // Async-signal-safe: one write(2) to an eventfd; its result cannot be acted on here.
                 var one: UInt64 = 1
                 _ = write(SignalNotifier.fd, &one, 8)
             }
+            sigemptyset(&action.sa_mask)
+            action.sa_flags = SA_RESTART
+            try syscallRetrying("sigaction(\(s))") { sigaction(s, &action, nil) }
         }
-        signal(SIGPIPE, SIG_IGN)
+        var ignore = sigaction()
+        ignore.__sigaction_handler.sa_handler = SIG_IGN
+        sigemptyset(&ignore.sa_mask)
+        try syscallRetrying("sigaction(SIGPIPE)") { sigaction(SIGPIPE, &ignore, nil) }
         return fd
+    }
+
+    /// Installs handlers for SIGTERM and SIGINT (see `install`): what a daemon stops on.
+    public static func installTermination() throws(SystemError) -> Int32 {
+        try install([SIGTERM, SIGINT])
     }
 }

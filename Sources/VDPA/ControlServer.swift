@@ -1,8 +1,4 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
-import CVDPAShims
 import Logging
 import Platform
 import Synchronization
@@ -30,7 +26,7 @@ public struct ControlOptions: Sendable, Equatable {
     /// Reply bytes a client may leave unread; a client over it is closed.
     public var maxUnreadReplyBytes: Int
 
-    public static let defaultMode: mode_t = 0o600
+    public static let defaultMode: FileMode = 0o600
 
     public init(ownership: SocketOwnership = SocketOwnership(mode: ControlOptions.defaultMode), maxClients: Int = 16,
                 idleTimeoutSeconds: Double = 30, maxUnreadReplyBytes: Int = 1 << 20) {
@@ -80,13 +76,32 @@ public final class ControlServer: Sendable {
         t?.join()
     }
 
-    /// Encodes a reply (or an error) as one line.
+    /// Encodes a reply (or an error) as one line. A reply that cannot be encoded (a non-finite
+    /// number in it, say) becomes an error line that says why, so the client is never left waiting.
     public static func encode<T: Encodable>(_ value: T) -> Data {
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
-        var d = (try? enc.encode(value)) ?? Data(#"{"ok":false,"error":"encoding failed"}"#.utf8)
+        var d: Data
+        do { d = try enc.encode(value) } catch {
+            // Kept to characters that need no escaping, so that this line is valid JSON whatever the error says.
+            let why = String(String.UnicodeScalarView(summary(error).unicodeScalars.filter {
+                $0.isASCII && $0.value >= 0x20 && $0 != "\"" && $0 != "\\"
+            }))
+            d = Data(#"{"error":"the daemon could not encode its reply: \#(why)","ok":false}"#.utf8)
+        }
         d.append(0x0A)
         return d
+    }
+
+    /// What went wrong in a JSON encoding or decoding, in a line (not the whole coding path dump).
+    static func summary(_ error: any Error) -> String {
+        switch error {
+        case DecodingError.dataCorrupted(let c): return c.debugDescription
+        case DecodingError.keyNotFound(let key, _): return "no \"\(key.stringValue)\" field"
+        case DecodingError.typeMismatch(_, let c), DecodingError.valueNotFound(_, let c): return c.debugDescription
+        case EncodingError.invalidValue(_, let c): return c.debugDescription
+        default: return "\(error)"
+        }
     }
 
     private static let wakeToken: UInt64 = 0
@@ -180,7 +195,7 @@ public final class ControlServer: Sendable {
                 logger.warning("cannot watch a control client: \(error)")
                 return
             }
-            clients[raw] = Client(fd: shared, lastHeard: cvdpa_monotonic_ns())
+            clients[raw] = Client(fd: shared, lastHeard: MonotonicClock.nanoseconds)
         }
 
         func readFrom(_ raw: Int32) {
@@ -196,14 +211,14 @@ public final class ControlServer: Sendable {
             while let nl = c.input.firstIndex(of: 0x0A) {
                 // Only a whole request counts as activity: a client that trickles a line one byte
                 // at a time is closed after the idle timeout like a silent one.
-                c.lastHeard = cvdpa_monotonic_ns()
+                c.lastHeard = MonotonicClock.nanoseconds
                 let line = Array(c.input[..<nl])
                 c.input.removeSubrange(...nl)
                 let reply: Data
-                if let req = try? JSONDecoder().decode(ControlRequest.self, from: Data(line)) {
-                    reply = handler(req)
-                } else {
-                    reply = Self.encode(ControlErrorReply(ok: false, error: "malformed request: expected one JSON object like {\"command\":\"status\"} per line"))
+                do {
+                    reply = handler(try JSONDecoder().decode(ControlRequest.self, from: Data(line)))
+                } catch {
+                    reply = Self.encode(ControlErrorReply(ok: false, error: "malformed request (\(Self.summary(error))): expected one JSON object like {\"command\":\"status\"} per line"))
                 }
                 c.output.append(contentsOf: reply)
             }
@@ -219,7 +234,7 @@ public final class ControlServer: Sendable {
             // Wake up for the first client to reach its idle timeout.
             var timeout: Int32 = -1
             if let oldest = clients.values.map(\.lastHeard).min() {
-                let now = cvdpa_monotonic_ns()
+                let now = MonotonicClock.nanoseconds
                 let due = oldest &+ idleNanos
                 timeout = due <= now ? 0 : Int32(clamping: (due - now + 999_999) / 1_000_000)
             }
@@ -238,7 +253,7 @@ public final class ControlServer: Sendable {
                 logger.error("control socket: \(error)")
                 running = false
             }
-            let now = cvdpa_monotonic_ns()
+            let now = MonotonicClock.nanoseconds
             for (raw, c) in clients where now &- c.lastHeard >= idleNanos {
                 close(raw, "idle for \(options.idleTimeoutSeconds) s (--control-idle-timeout)")
             }
@@ -252,7 +267,7 @@ public final class ControlServer: Sendable {
 public enum ControlClient {
     public static func request(_ command: String, controlPath: String, timeoutSeconds: Int = 5) throws -> Data {
         let fd = try UnixSocket.connect(path: controlPath)
-        UnixSocket.setReceiveTimeout(fd, seconds: timeoutSeconds)
+        try UnixSocket.setReceiveTimeout(fd, seconds: Double(timeoutSeconds))
         let line = ControlServer.encode(ControlRequest(command: command))
         try UnixSocket.send(fd, Array(line))
         var out: [UInt8] = []

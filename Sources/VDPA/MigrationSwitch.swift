@@ -1,7 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-import CVDPAShims
 import DeviceFramework
 import Logging
 import Platform
@@ -238,7 +234,7 @@ final class MigrationSwitch {
     /// disabled (its writes could not be logged) and the error fails the frontend's message.
     private func switchToRelay(_ i: Int, _ s: FrontendState) throws(VhostUserError) {
         guard let ring = s.rings[i] else { return }
-        let t0 = cvdpa_monotonic_ns()
+        let t0 = MonotonicClock.nanoseconds
         let iova = MediatedUsedRing.iova(forRing: i)
         var redirected = false
         do {
@@ -256,7 +252,7 @@ final class MigrationSwitch {
             let deviceCall = SharedFD(try EventFD.make())
             let counters = RelayCounters()
             // The gap: from suspending the ring until the relay has taken it over.
-            let held = cvdpa_monotonic_ns()
+            let held = MonotonicClock.nanoseconds
             let at = try device.redirectUsedRing(i, usedIOVA: iova,
                                                  mapping: IOVAMapping(iova: iova, size: UInt64(mediated.byteCount), host: mediated.base, owner: mediated),
                                                  call: deviceCall, interruptEveryBatch: true)
@@ -268,7 +264,7 @@ final class MigrationSwitch {
                                              deviceKick: ring.kick),
                              mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
             setMode(i, .relay(mediated))
-            let gap = (cvdpa_monotonic_ns() - held) / 1000
+            let gap = (MonotonicClock.nanoseconds - held) / 1000
             let setup = (held - t0) / 1000
             recordSwitch(i, gapMicros: gap, counters: counters)
             logger.info("ring \(i): switched to the relay (\(relayMode.rawValue) loop) at used index \(at): ring held \(gap) µs (after \(setup) µs of preparation)")
@@ -289,7 +285,7 @@ final class MigrationSwitch {
         guard case .relay = modes[i] else { return }
         setMode(i, nil)
         let request = "switch to the direct path"
-        let t0 = cvdpa_monotonic_ns()
+        let t0 = MonotonicClock.nanoseconds
         _ = try dev(logger, request) { () throws(DeviceError) in try device.suspendRing(i) }
         if let relay { try rel(logger, request) { () throws(SystemError) in try relay.detach(i) } }
         let call = s.rings[i]?.call
@@ -297,7 +293,7 @@ final class MigrationSwitch {
             try device.redirectUsedRing(i, usedIOVA: nil, mapping: nil, call: call, interruptEveryBatch: false)
         }
         try dev(logger, request) { () throws(DeviceError) in try device.unmapIOVA(MediatedUsedRing.iova(forRing: i)) }
-        let gap = (cvdpa_monotonic_ns() - t0) / 1000
+        let gap = (MonotonicClock.nanoseconds - t0) / 1000
         recordSwitch(i, gapMicros: gap, counters: nil)
         logger.info("ring \(i): back on the direct path at used index \(at) in \(gap) µs")
     }

@@ -1,13 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Platform
 
 /// Who owns the sockets the daemon creates and with which mode (QEMU often runs as another user).
 public struct SocketOwnership: Sendable, Equatable {
-    public var group: gid_t?
-    public var mode: mode_t?
-    public init(group: gid_t? = nil, mode: mode_t? = nil) { self.group = group; self.mode = mode }
+    public var group: GroupID?
+    public var mode: FileMode?
+    public init(group: GroupID? = nil, mode: FileMode? = nil) { self.group = group; self.mode = mode }
 }
 
 public struct SocketPathError: Error, CustomStringConvertible {

@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Platform
 import Virtio
 import VhostUser
@@ -124,21 +121,6 @@ extension VhostUserFrontend {
     public func getMaxMemSlots() throws(FrontendError) -> UInt64 {
         try requireProtocol(VhostUserProtocolFeature.configureMemSlots, "GET_MAX_MEM_SLOTS", "CONFIGURE_MEM_SLOTS")
         return try getU64(.getMaxMemSlots)
-    }
-
-    /// ADD_MEM_REG with the region's memfd (needs CONFIGURE_MEM_SLOTS).
-    public func addMemRegion(_ ram: GuestRAM) throws(FrontendError) {
-        try requireProtocol(VhostUserProtocolFeature.configureMemSlots, "ADD_MEM_REG", "CONFIGURE_MEM_SLOTS")
-        try request(.addMemReg, payload: .memoryRegion(ram.regionDescription), fds: [ram.fd], needReply: wantsAck(for: .addMemReg))
-        memoryTable.append(ram)
-    }
-
-    /// REM_MEM_REG (needs CONFIGURE_MEM_SLOTS). QEMU attaches the region's fd; pass `sendFD` to do the same.
-    public func removeMemRegion(_ ram: GuestRAM, sendFD: Bool = false) throws(FrontendError) {
-        try requireProtocol(VhostUserProtocolFeature.configureMemSlots, "REM_MEM_REG", "CONFIGURE_MEM_SLOTS")
-        try request(.remMemReg, payload: .memoryRegion(ram.regionDescription), fds: sendFD ? [ram.fd] : [],
-                    needReply: wantsAck(for: .remMemReg))
-        memoryTable.removeAll { $0 === ram }
     }
 
     func requireProtocol(_ bit: UInt64, _ step: String, _ name: String) throws(FrontendError) {

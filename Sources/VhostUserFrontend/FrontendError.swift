@@ -51,16 +51,9 @@ public enum FrontendError: Error, CustomStringConvertible, Equatable {
 }
 
 extension Duration {
-    /// Seconds as a Double, for error messages and timevals.
+    /// Seconds as a Double, for error messages, deadlines and socket timeouts.
     var seconds: Double {
         let c = components
         return Double(c.seconds) + Double(c.attoseconds) / 1e18
-    }
-
-    /// Whole milliseconds, rounded up, clamped to Int32 (for poll).
-    var pollMillis: Int32 {
-        let ms = (seconds * 1000).rounded(.up)
-        if ms <= 0 { return 0 }
-        return ms >= Double(Int32.max) ? Int32.max : Int32(ms)
     }
 }

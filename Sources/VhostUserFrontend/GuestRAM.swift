@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Platform
 import Synchronization
 import VhostUser
@@ -44,9 +41,7 @@ public final class GuestRAM: @unchecked Sendable {
         self.size = size
         self.name = name
         do {
-            // MemoryMapping borrows an owned FileDescriptor; map through a duplicate that closes right after.
-            let dup = try FileDescriptor(owning: syscallRetrying("fcntl(F_DUPFD_CLOEXEC)") { fcntl(memfd.raw, F_DUPFD_CLOEXEC, 0) })
-            mapping = try MemoryMapping(fd: dup, offset: offset, length: Int(size))
+            mapping = try memfd.withFD { fd throws(SystemError) in try MemoryMapping(fd: fd, offset: offset, length: Int(size)) }
         } catch { throw .system(error) }
     }
 

@@ -16,11 +16,9 @@ public struct PlacedRing: Equatable, Sendable {
     public var endGPA: UInt64 { usedGPA + RingPlacement.usedRingBytes(size: size) }
 
     // Field addresses, for drivers that write rings by hand.
-    public var availFlagsGPA: UInt64 { availGPA }
     public var availIdxGPA: UInt64 { availGPA + 2 }
     public func availEntryGPA(_ slot: UInt32) -> UInt64 { availGPA + 4 + 2 * UInt64(slot % size) }
     public var usedEventGPA: UInt64 { availGPA + 4 + 2 * UInt64(size) }
-    public var usedFlagsGPA: UInt64 { usedGPA }
     public var usedIdxGPA: UInt64 { usedGPA + 2 }
     public func usedEntryGPA(_ slot: UInt32) -> UInt64 { usedGPA + 4 + 8 * UInt64(slot % size) }
     public var availEventGPA: UInt64 { usedGPA + 4 + 8 * UInt64(size) }

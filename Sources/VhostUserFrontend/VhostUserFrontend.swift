@@ -1,7 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-import CVDPAShims
 import Platform
 import Virtio
 import VhostUser
@@ -77,9 +73,6 @@ public final class VhostUserFrontend {
         self.replyTimeout = replyTimeout
     }
 
-    /// The connected socket, for hostile tests that need it raw (shutdown, odd writes). Still owned here.
-    public var socketFD: Int32 { socket.raw }
-
     // MARK: connecting
 
     /// Connects to a backend listening at `path` (QEMU's default: backend is the server),
@@ -95,7 +88,7 @@ public final class VhostUserFrontend {
                 return
             } catch {
                 switch error {
-                case .system(let e) where [ENOENT, ECONNREFUSED, EAGAIN].contains(e.errno):
+                case .system(let e) where [.noSuchFile, .connectionRefused, .wouldBlock].contains(e.code):
                     last = e.description
                 case .pathTooLong:
                     throw .invalidArgument(error.description)
@@ -106,7 +99,7 @@ public final class VhostUserFrontend {
             if ContinuousClock.now >= deadline {
                 throw .connectTimedOut(path: path, seconds: timeout.seconds, lastError: last)
             }
-            usleep(10_000)
+            MonotonicClock.sleep(seconds: 0.01)
         }
     }
 
@@ -115,22 +108,31 @@ public final class VhostUserFrontend {
     /// backend is connected.
     public static func acceptOne(listeningAt path: String, timeout: Duration = .seconds(10),
                                  replyTimeout: Duration = .seconds(5)) throws(FrontendError) -> VhostUserFrontend {
-        _ = unlink(path)
+        do { try FileSystem.removeIfPresent(path) } catch { throw .system(error) }
         let listener: FileDescriptor
         do { listener = try UnixSocket.listen(path: path, backlog: 1) } catch { throw Self.mapSocket(error, during: "listening at \(path)") }
-        defer { _ = unlink(path) }
-        guard try waitReadable(listener.raw, timeout: timeout) else {
-            throw .acceptTimedOut(path: path, seconds: timeout.seconds)
+        let accepted: Result<FileDescriptor, FrontendError>
+        do throws(FrontendError) {
+            guard try waitReadable(listener.raw, timeout: timeout) else {
+                throw .acceptTimedOut(path: path, seconds: timeout.seconds)
+            }
+            do { accepted = .success(try UnixSocket.accept(listener)) } catch { throw .system(error) }
+        } catch {
+            accepted = .failure(error)
         }
-        do {
-            return VhostUserFrontend(socket: try UnixSocket.accept(listener), replyTimeout: replyTimeout)
-        } catch { throw .system(error) }
+        // The socket file goes whatever happened, and a failure to remove it is reported.
+        do { try FileSystem.removeIfPresent(path) } catch { throw .system(error) }
+        return VhostUserFrontend(socket: try accepted.get(), replyTimeout: replyTimeout)
     }
 
     /// Shuts the connection down (both directions), as a frontend that goes away would; the fd
     /// itself closes when this object goes away.
     public func disconnect() {
-        _ = shutdown(socket.raw, Int32(SHUT_RDWR))
+        do { try UnixSocket.shutdown(socket) } catch {
+            // ENOTCONN: the connection is already down, which is what was asked. Nothing else can
+            // fail on a connected socket this object owns.
+            precondition(error.code == .notConnected, "disconnect: \(error)")
+        }
     }
 
     // MARK: the message API
@@ -184,14 +186,7 @@ public final class VhostUserFrontend {
     /// A message that arrives meanwhile is left unread and counts as "still connected".
     public func backendClosesConnection(within timeout: Duration) throws(FrontendError) -> Bool {
         guard try Self.waitReadable(socket.raw, timeout: timeout) else { return false }
-        var byte: UInt8 = 0
-        let n = recv(socket.raw, &byte, 1, Int32(MSG_PEEK) | Int32(MSG_DONTWAIT))
-        if n == 0 { return true }
-        if n < 0 {
-            let e = cvdpa_errno()
-            return e == ECONNRESET || e == EPIPE
-        }
-        return false
+        do { return try UnixSocket.peerState(socket) == .closed } catch { throw .system(error) }
     }
 
     // MARK: plumbing
@@ -206,7 +201,7 @@ public final class VhostUserFrontend {
     }
 
     private func readReply(timeout: Duration, during: String) throws(FrontendError) -> Reply {
-        setReceiveTimeout(timeout)
+        do { try UnixSocket.setReceiveTimeout(socket, seconds: timeout.seconds) } catch { throw .system(error) }
         var fds = ReceivedFDs()
         let headerBytes: [UInt8]
         do {
@@ -238,32 +233,17 @@ public final class VhostUserFrontend {
         return out
     }
 
-    private func setReceiveTimeout(_ timeout: Duration) {
-        let s = max(timeout.seconds, 0.001)
-        var tv = timeval(tv_sec: Int(s), tv_usec: Int((s - s.rounded(.down)) * 1_000_000))
-        _ = setsockopt(socket.raw, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    }
-
     static func waitReadable(_ fd: Int32, timeout: Duration) throws(FrontendError) -> Bool {
-        let deadline = ContinuousClock.now + timeout
-        while true {
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let left = deadline - ContinuousClock.now
-            let r = poll(&p, 1, max(left, .zero).pollMillis)
-            if r > 0 { return true }
-            if r == 0 { return false }
-            let e = cvdpa_errno()
-            if e != EINTR { throw .system(SystemError("poll", errno: e)) }
-        }
+        do { return try Poll.waitReadable(fd, until: Deadline(secondsFromNow: timeout.seconds)) } catch { throw .system(error) }
     }
 
     static func mapSocket(_ error: SocketError, during: String, timeout: Duration? = nil) -> FrontendError {
         switch error {
         case .closed:
             return .backendClosed(during: during)
-        case .system(let e) where e.errno == EAGAIN || e.errno == EWOULDBLOCK:
+        case .system(let e) where e.code == .wouldBlock:
             return .timedOut(during: during, seconds: timeout?.seconds ?? 0)
-        case .system(let e) where e.errno == EPIPE || e.errno == ECONNRESET:
+        case .system(let e) where e.isPeerGone:
             return .backendClosed(during: during)
         case .system(let e):
             return .system(e)

@@ -38,7 +38,4 @@ public struct UsedRingReader {
     public func loadAvailEvent() -> UInt16 {
         RingWord(used + SplitRingLayout.usedRingOffset + SplitRingLayout.usedElementSize * Int(size)).loadRelaxed()
     }
-
-    /// Initialises the ring's index (before the device uses it).
-    public func storeIndex(_ value: UInt16) { RingWord(used + SplitRingLayout.usedIndexOffset).storeRelease(value) }
 }

@@ -24,11 +24,10 @@ struct Vdpactl: ParsableCommand {
                 print(String(decoding: data, as: UTF8.self))
                 return nil
             }
-            guard let value = try? JSONDecoder().decode(T.self, from: data) else {
-                FileHandle.standardError.write(Data("vdpactl: unexpected reply: \(String(decoding: data, as: UTF8.self))\n".utf8))
+            do { return try JSONDecoder().decode(T.self, from: data) } catch {
+                FileHandle.standardError.write(Data("vdpactl: unexpected reply (\(error)): \(String(decoding: data, as: UTF8.self))\n".utf8))
                 throw ExitCode(1)
             }
-            return value
         }
     }
 

@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArgumentParser
 import Foundation
 import Logging
@@ -88,12 +85,14 @@ struct Vdpad: ParsableCommand {
         } catch {
             throw ValidationError("\(error)")
         }
-        func group(_ g: String, _ option: String) throws -> gid_t {
+        func group(_ g: String, _ option: String) throws -> GroupID {
             if let n = UInt32(g) { return n }
-            if let gr = getgrnam(g) { return gr.pointee.gr_gid }
-            throw ValidationError("\(option): no group named '\(g)'")
+            let id: GroupID?
+            do { id = try Groups.id(named: g) } catch { throw ValidationError("\(option): cannot look up group '\(g)': \(error)") }
+            guard let id else { throw ValidationError("\(option): no group named '\(g)'") }
+            return id
         }
-        func mode(_ m: String, _ option: String) throws -> mode_t {
+        func mode(_ m: String, _ option: String) throws -> FileMode {
             guard let v = UInt32(m, radix: 8), v <= 0o777 else { throw ValidationError("\(option): '\(m)' is not an octal mode like 0660") }
             return v
         }
@@ -115,7 +114,7 @@ struct Vdpad: ParsableCommand {
             logger.warning("TEST SWITCH VDPAD_TEST_JOURNAL=\(path): every device write the relay exposes is journaled (slow). For tests only.")
         }
         let options = PortOptions(relayLoop: RelayLoopMode(rawValue: relayLoop) ?? .hybrid, testSwitches: switches)
-        let signalFD = try SignalNotifier.install([SIGTERM, SIGINT])
+        let signalFD = try SignalNotifier.installTermination()
         for s in specs {
             do { _ = try LinkSpec.parse(s.link) } catch { throw ValidationError("--port \(s.id): \(error)") }
         }
@@ -136,8 +135,11 @@ struct Vdpad: ParsableCommand {
             logger.critical("\(error)")
             throw ExitCode(1)
         }
-        var pfd = pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)
-        while poll(&pfd, 1, -1) < 1 {}
+        do { _ = try Poll.waitReadable(signalFD, until: nil) } catch {
+            logger.critical("cannot wait for a signal (\(error)); closing ports")
+            daemon.stop()
+            throw ExitCode(1)
+        }
         logger.info("signal received; closing ports")
         daemon.stop()
     }

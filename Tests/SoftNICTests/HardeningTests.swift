@@ -13,19 +13,12 @@ import XCTest
 
 /// Hostile frontends and guests against the running data path (issue 7, classes 2 to 6): each
 /// attack is made as a frontend or guest would make it, over the real socket or in guest memory.
-final class HardeningTests: XCTestCase {
-    var daemon: SoftNICTestDaemon?
-
-    override func tearDown() {
-        daemon?.stop(timeout: 5)
-        daemon = nil
-    }
+final class HardeningTests: SoftNICTestCase {
+    override var stopTimeout: Double { 5 }
 
     /// A loopback port works: frames sent on TX come back on RX.
     func assertLoopbackWorks(_ d: SoftNICTestDaemon, _ id: String, file: StaticString = #filePath, line: UInt = #line) throws {
-        let g = try d.connect(id)
-        try g.startRing(0)
-        try g.startRing(1)
+        let g = try d.connectAndStart(id)
         g.postRX(count: 4)
         g.sendAndComplete((0..<4).map { TestFrames.make(length: 80, seed: $0) }, file: file, line: line)
         XCTAssertEqual(g.receive(4, file: file, line: line).count, 4, "port \(id) must still carry traffic", file: file, line: line)
@@ -33,8 +26,14 @@ final class HardeningTests: XCTestCase {
         XCTAssertTrue(waitUntil { d.portStatus(id).connection == "listening" }, file: file, line: line)
     }
 
-    /// How many mappings of the memfd named `name` this process holds.
-    func mappings(_ name: String) -> Int { ProcessMaps.sizes(ofMemfdNamed: name).count }
+    /// How many mappings of the memfd named `name` this process holds (-1, and the test fails,
+    /// when /proc/self/maps cannot be read).
+    func mappings(_ name: String) -> Int {
+        do { return try ProcessMaps.sizes(ofMemfdNamed: name).count } catch {
+            XCTFail("\(error)")
+            return -1
+        }
+    }
 
     // MARK: class 2: a file that shrinks under the daemon's mapping
 
@@ -42,14 +41,9 @@ final class HardeningTests: XCTestCase {
     /// access would raise SIGBUS and kill every port; the guard absorbs it, the session is closed
     /// with an error saying why, the other port keeps working, and so does the next frontend.
     func testShrunkGuestMemoryClosesOnlyThatSession() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst), .init(id: "other", link: "loopback")])
-        daemon = d
-        let other = try d.connect("other")
-        try other.startRing(0)
-        try other.startRing(1)
-        let g = try d.connect("vm")
-        try g.startRing(0)
-        try g.startRing(1)
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst), .init(id: "other", link: "loopback")])
+        let other = try d.connectAndStart("other")
+        let g = try d.connectAndStart("vm")
         g.postRX(count: 16)
         XCTAssertEqual(g.receive(16).count, 16)
         let faultsBefore = guardedMappingFaults
@@ -72,11 +66,8 @@ final class HardeningTests: XCTestCase {
 
     /// The same for the dirty log: the relay's marks land in a file that shrank.
     func testShrunkLogClosesOnlyThatSession() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst), .init(id: "other", link: "loopback")])
-        daemon = d
-        let g = try d.connect("vm")
-        try g.startRing(0)
-        try g.startRing(1)
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst), .init(id: "other", link: "loopback")])
+        let g = try d.connectAndStart("vm")
         let log = try g.frontend.enableLogging(requireU64Reply: true)
         XCTAssertEqual(d.queue("vm", 0).mode, "relay")
         XCTAssertEqual(ftruncate(log.fd, 0), 0)
@@ -97,8 +88,7 @@ final class HardeningTests: XCTestCase {
     /// DMA engine forever. The session makes it non-blocking: both rings keep being served, also
     /// after one of them stops.
     func testOneBlockingKickEventFDForTwoRings() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "sink", queuePairs: 2), .init(id: "other", link: "loopback")])
-        daemon = d
+        let d = try makeDaemon([.init(id: "vm", link: "sink", queuePairs: 2), .init(id: "other", link: "loopback")])
         let g = try d.connect("vm")
         try g.startRing(1)
         try g.startRing(3)
@@ -130,11 +120,8 @@ final class HardeningTests: XCTestCase {
     /// would wedge the DMA engine forever (and SIGTERM with it). It is made non-blocking on
     /// arrival: the device goes on and the daemon stops in time.
     func testSaturatedBlockingCallEventFDDoesNotWedgeTheEngine() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst), .init(id: "other", link: "loopback")])
-        daemon = d
-        let g = try d.connect("vm")
-        try g.startRing(0)
-        try g.startRing(1)
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst), .init(id: "other", link: "loopback")])
+        let g = try d.connectAndStart("vm")
         let call = try EventFD.make(nonBlocking: false)
         var max: UInt64 = 0xFFFF_FFFF_FFFF_FFFE
         XCTAssertEqual(write(call.raw, &max, 8), 8)
@@ -154,10 +141,9 @@ final class HardeningTests: XCTestCase {
     /// cannot block again. The port recovers, its next frontend works, the other port is
     /// undisturbed, and shutdown completes in time with two such ports.
     func testFrontendThatReblocksItsCallEventFDsCannotWedgeThePort() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "loopback"),
-                                       .init(id: "vm2", link: "source:size=128", mac: TestFrames.dst),
-                                       .init(id: "other", link: "loopback")])
-        daemon = d
+        let d = try makeDaemon([.init(id: "vm", link: "loopback"),
+                                .init(id: "vm2", link: "source:size=128", mac: TestFrames.dst),
+                                .init(id: "other", link: "loopback")])
         func reblock(_ g: TestGuest, _ ring: UInt32) throws {
             let call = try XCTUnwrap(g.frontend.callFD(ring: ring))
             EventFD.drain(call)
@@ -166,9 +152,7 @@ final class HardeningTests: XCTestCase {
             XCTAssertEqual(write(call, &max, 8), 8)
         }
         func wedge(_ id: String) throws -> TestGuest {
-            let g = try d.connect(id)
-            try g.startRing(0)
-            try g.startRing(1)
+            let g = try d.connectAndStart(id)
             try reblock(g, 0)
             try reblock(g, 1)
             g.postRX(count: 16)
@@ -206,11 +190,8 @@ final class HardeningTests: XCTestCase {
     /// ring's IOVA. The device must not write there (it would corrupt the relay's ring): guest
     /// buffers translate through guest memory only, so the chain is a device fault.
     func testGuestBufferCannotPointIntoAMediatedRing() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
-        daemon = d
-        let g = try d.connect("vm")
-        try g.startRing(0)
-        try g.startRing(1)
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
+        let g = try d.connectAndStart("vm")
         _ = try g.frontend.enableLogging(requireU64Reply: true)
         XCTAssertEqual(d.queue("vm", 0).mode, "relay")
         g.postRX(count: 4)
@@ -272,8 +253,7 @@ final class HardeningTests: XCTestCase {
     /// reconnect): SET_FEATURES with LOG_ALL, SET_MEM_TABLE, the rings with the log flag, then
     /// SET_LOG_BASE, then SET_VRING_ENABLE. Every page the device writes is logged.
     func testQEMUStartOrderWithLoggingOnLogsEveryWrite() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
-        daemon = d
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
         let g = try d.connect("vm")
         let unmarked = try startAsQEMUWithLoggingOn(d, g, held: "an RX ring started with LOG_ALL and no log must be held")
         XCTAssertTrue(unmarked.isEmpty, "pages the device wrote that the log misses: \(unmarked.sorted())")
@@ -284,11 +264,8 @@ final class HardeningTests: XCTestCase {
     /// The same with the rings enabled before the log arrives, and with LOG_ALL switched on over
     /// running rings before SET_LOG_BASE: no completion is published until it can be logged.
     func testLoggingOnBeforeTheLogHoldsRunningRings() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
-        daemon = d
-        let g = try d.connect("vm")
-        try g.startRing(0)
-        try g.startRing(1)
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
+        let g = try d.connectAndStart("vm")
         g.postRX(count: 16)
         XCTAssertEqual(g.receive(16).count, 16)
         try g.frontend.setFeatures(g.features | VirtioFeature.vhostLogAll)
@@ -315,11 +292,8 @@ final class HardeningTests: XCTestCase {
     /// A guest whose rings ran with logging on (16 frames received), then were all stopped, as
     /// QEMU's vhost_dev_stop does during a migration. Returns the log that was in force.
     func stoppedWhileLogging() throws -> (SoftNICTestDaemon, TestGuest, DirtyLogBuffer) {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
-        daemon = d
-        let g = try d.connect("vm")
-        try g.startRing(0)
-        try g.startRing(1)
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
+        let g = try d.connectAndStart("vm")
         let log = try g.frontend.enableLogging(requireU64Reply: true)
         g.postRX(count: 16)
         XCTAssertEqual(g.receive(16).count, 16)
@@ -366,8 +340,7 @@ final class HardeningTests: XCTestCase {
     /// After the migration ends no mapping of the log remains; after the disconnect none of the
     /// guest memory (the test's own mapping of each is the one left).
     func testNoMappingOfTheFrontendsFilesRemains() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
-        daemon = d
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
         let g = try d.connect("vm")
         let ramName = g.ram[0].name
         try g.startRing(0)

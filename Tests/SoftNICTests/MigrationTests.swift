@@ -11,20 +11,10 @@ import Virtio
 import XCTest
 
 /// Live-migration logging through the relay, driven by the frontend library as QEMU would.
-final class MigrationTests: XCTestCase {
-    var daemon: SoftNICTestDaemon?
-
-    override func tearDown() {
-        daemon?.stop()
-        daemon = nil
-    }
-
+final class MigrationTests: SoftNICTestCase {
     func start(link: String = "source:size=128", loop: RelayLoopMode = .hybrid) throws -> (SoftNICTestDaemon, TestGuest) {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: link, mac: TestFrames.dst)], options: PortOptions(relayLoop: loop))
-        daemon = d
-        let g = try d.connect("vm")
-        try g.startRing(0)
-        try g.startRing(1)
+        let d = try makeDaemon([.init(id: "vm", link: link, mac: TestFrames.dst)], options: PortOptions(relayLoop: loop))
+        let g = try d.connectAndStart("vm")
         return (d, g)
     }
 
@@ -102,12 +92,9 @@ final class MigrationTests: XCTestCase {
     /// The check above can fail: with the test-only switch that skips buffer marking, it finds the
     /// device's pages unmarked.
     func testMarkingCheckCatchesSkippedMarking() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)],
-                                      options: PortOptions(testSwitches: TestSwitches(skipBufferMarking: true)))
-        daemon = d
-        let g = try d.connect("vm")
-        try g.startRing(0)
-        try g.startRing(1)
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)],
+                               options: PortOptions(testSwitches: TestSwitches(skipBufferMarking: true)))
+        let g = try d.connectAndStart("vm")
         let r = try loggedRun(d, g)
         XCTAssertGreaterThan(r.unmarked.count, 10, "skipping buffer marking must leave device-written pages unmarked")
     }
@@ -195,8 +182,7 @@ final class MigrationTests: XCTestCase {
 
     /// A ring started while logging is on starts in relay mode.
     func testRingStartedDuringLoggingStartsInRelay() throws {
-        let d = try SoftNICTestDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
-        daemon = d
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
         let g = try d.connect("vm")
         try g.startRing(1)
         let log = try g.frontend.enableLogging(requireU64Reply: true)

@@ -13,8 +13,9 @@ struct RawFrontend: ~Copyable {
     let fd: FileDescriptor
 
     init(path: String) throws {
-        fd = try UnixSocket.connect(path: path)
-        UnixSocket.setReceiveTimeout(fd, seconds: 5)
+        let fd = try UnixSocket.connect(path: path)
+        try UnixSocket.setReceiveTimeout(fd, seconds: 5)
+        self.fd = fd
     }
 
     func send(_ bytes: [UInt8], fds: [Int32] = []) throws {

@@ -32,7 +32,10 @@ final class FrontendFakeBackend: Sendable {
                 record.failures.withLock { $0.append("could not connect to \(path)") }
                 return
             }
-            UnixSocket.setReceiveTimeout(sock, seconds: 5)
+            do { try UnixSocket.setReceiveTimeout(sock, seconds: 5) } catch {
+                record.failures.withLock { $0.append("setting the receive timeout: \(error)") }
+                return
+            }
             for step in script {
                 switch step {
                 case .expect(let want, let reply):
