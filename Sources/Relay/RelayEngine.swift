@@ -28,17 +28,14 @@ public protocol RelayJournal: AnyObject, Sendable {
 /// The relay: copies completions from mediated used rings to the guest's used rings, marking in
 /// the dirty log every byte the device wrote and every used-ring word it exposes, before it
 /// publishes the used index. One thread serves all relayed rings of a port.
-public final class RelayEngine: @unchecked Sendable {
-    // @unchecked Sendable: the mailbox is Sendable; `thread` is touched only by the port thread
-    // (init, stop); the rest is confined to the relay thread (operations that timed out still run
-    // there, if at all).
+public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
+    // @unchecked Sendable: the worker is Sendable; the rest is confined to the relay thread
+    // (operations that timed out still run there, if at all).
     public let mode: RelayLoopMode
     let logger: Logger
-    private let mailbox: Mailbox<RelayEngine>
-    private var wake: SharedFD { mailbox.wake }
-    private let epoll: Epoll
-    private var thread: OSThread?
-    private var stopping = false
+    private let worker: ConfinedWorker<RelayEngine>
+    private var wake: SharedFD { worker.wake }
+    let epoll: Epoll
 
     var queues: [Int: RelayQueue] = [:]
     var active: [RelayQueue] = []
@@ -59,44 +56,33 @@ public final class RelayEngine: @unchecked Sendable {
     public init(mode: RelayLoopMode, name: String, logger: Logger) throws {
         self.mode = mode
         self.logger = logger
-        mailbox = try Mailbox()
+        worker = try ConfinedWorker(name: "relay-\(name)")
         epoll = try Epoll(capacity: 64)
         try epoll.add(wake.raw, token: UInt64.max)
-        let t = try OSThread(name: "relay-\(name)") { [self] in run() }
-        thread = t
+        try worker.start(self)
     }
 
-    /// Runs `body` on the relay thread between relay steps and waits for it. On a relay that has
-    /// stopped it fails at once (returns false, `body` not run).
-    @discardableResult
-    public func perform(_ body: @escaping @Sendable (RelayEngine) -> Void) -> Bool {
-        let ran = mailbox.perform(body)
-        if !ran { logger.warning("relay has stopped or is stuck: control operation not applied") }
-        return ran
+    /// Runs `body` on the relay thread between relay steps and returns its value. Throws at once
+    /// on a relay that has stopped.
+    public func perform<R: Sendable>(_ body: @escaping @Sendable (RelayEngine) -> R) throws(WorkerError) -> R {
+        do { return try worker.perform(body) } catch {
+            logger.warning("relay: control operation not applied: \(error)")
+            throw error
+        }
     }
-
-    static let stopTimeoutSeconds: Double = 1
 
     public func stop() {
-        // Bounded: a thread blocked on a frontend's fd is interrupted (Mailbox); one that still
-        // does not answer must not hold the port's or the daemon's shutdown: it is abandoned,
-        // loudly, and ends with the process.
-        if mailbox.perform(timeoutSeconds: Self.stopTimeoutSeconds, { $0.stopping = true }) || mailbox.isClosed {
-            thread?.join()
-        } else {
-            logger.error("relay thread did not stop within \(Self.stopTimeoutSeconds) s (blocked on a frontend's fd?); abandoning it")
+        // Bounded: a thread blocked on a frontend's fd is interrupted (ConfinedWorker); one that
+        // still does not answer must not hold the port's or the daemon's shutdown: it is
+        // abandoned, loudly, and ends with the process.
+        if !worker.stop() {
+            logger.error("relay thread did not stop within \(2 * worker.timeoutSeconds) s (blocked on a frontend's fd?); abandoning it")
         }
-        thread = nil
-    }
-
-    private func drain() {
-        if mailbox.takeInterrupted() { quarantineBlockingFDs() }
-        mailbox.drain(self)
     }
 
     /// After the relay was interrupted out of a system call (a guest call or device kick eventfd
     /// the frontend made blocking again): it stops signalling every such fd.
-    func quarantineBlockingFDs() {
+    public func quarantineBlockingFDs() {
         for q in queues.values {
             if q.guestCallFD >= 0 && !EventFD.isNonBlocking(q.guestCallFD) {
                 q.guestCallFD = -1
@@ -114,9 +100,12 @@ public final class RelayEngine: @unchecked Sendable {
 
     // MARK: operations (called through perform)
 
-    /// Runs an operation on the relay thread; throws if the relay has stopped or does not answer.
-    func apply(_ what: String, _ body: @escaping @Sendable (RelayEngine) -> Void) throws(SystemError) {
-        guard perform(body) else { throw SystemError("relay: \(what) (the relay thread has stopped or does not answer)", errno: ETIMEDOUT) }
+    /// Runs an operation on the relay thread and returns its value; throws if the relay has
+    /// stopped or does not answer.
+    func apply<R: Sendable>(_ what: String, _ body: @escaping @Sendable (RelayEngine) -> R) throws(SystemError) -> R {
+        do { return try perform(body) } catch {
+            throw SystemError("relay: \(what) (\(error))", errno: error == .stopped ? ESHUTDOWN : ETIMEDOUT)
+        }
     }
 
     public func setLog(_ newLog: DirtyLog?) throws(SystemError) {
@@ -142,19 +131,15 @@ public final class RelayEngine: @unchecked Sendable {
     /// device signals `deviceCall` when it completes into it.
     public func attach(_ config: RelayRingConfig, mediated: MediatedUsedRing, startIndex: UInt16, deviceCall: SharedFD,
                        counters: RelayCounters) throws(SystemError) {
-        let failure = Mutex<SystemError?>(nil)
-        let ran = perform { e in
-            do throws(SystemError) { try e.epoll.add(deviceCall.raw, token: UInt64(config.index)) } catch {
-                failure.withLock { $0 = error }
-                return
-            }
+        let failure = try apply("attach ring \(config.index)") { e -> SystemError? in
+            do throws(SystemError) { try e.epoll.add(deviceCall.raw, token: UInt64(config.index)) } catch { return error }
             let q = RelayQueue(config: config, mediated: mediated, deviceCall: deviceCall, startIndex: startIndex, counters: counters)
             e.translate(q)
             e.queues[config.index] = q
             e.active = Array(e.queues.values)
+            return nil
         }
-        guard ran else { throw SystemError("relay attach (the relay thread has stopped)", errno: ESHUTDOWN) }
-        if let error = failure.withLock({ $0 }) { throw error }
+        if let failure { throw failure }
     }
 
     /// Relays whatever the device completed up to now (the device is suspended or stopped by the
@@ -348,8 +333,8 @@ public final class RelayEngine: @unchecked Sendable {
 
     // MARK: loop
 
-    private func run() {
-        mailbox.ownerStarted()
+    /// The relay thread's loop (`ConfinedTarget`; started by init, not to be called otherwise).
+    public func run(on worker: ConfinedWorker<RelayEngine>) {
         if mode == .event {
             // The event loop sleeps between batches; real-time priority lets it run as soon as the
             // device's interrupt wakes it, even while busy-polling threads hold every core (the
@@ -362,8 +347,8 @@ public final class RelayEngine: @unchecked Sendable {
         }
         var idleSince: UInt64 = 0
         var idle = false
-        while !stopping {
-            if mailbox.hasPending { drain(); continue }
+        while !worker.stopRequested {
+            if worker.hasPending { worker.runPending(self); continue }
             let t0 = cvdpa_thread_cpu_ns()
             var moved = 0
             for q in active { moved &+= step(q) }
@@ -398,7 +383,6 @@ public final class RelayEngine: @unchecked Sendable {
             }
         }
         cpuNanos.store(cvdpa_thread_cpu_ns(), ordering: .relaxed)
-        mailbox.close()
     }
 
     private func sleepOnEvents() {

@@ -12,19 +12,17 @@ import Virtio
 /// The SoftNIC's DMA engine: one thread that serves the guest's split rings directly through the
 /// IOMMU, like a vDPA NIC's hardware queues. It polls while there is work and sleeps on the
 /// doorbells (the guest's kick eventfds) when idle, with notifications re-enabled first.
-/// Everything but the mailbox is confined to the engine's thread.
-final class DMAEngine: @unchecked Sendable {
-    // @unchecked Sendable: the mailbox is Sendable; `thread` is touched only by the port thread
-    // (start, stop); every other field only on the engine thread (or before it starts). A control
-    // operation that timed out may still run later, but on the engine thread, like any other.
+/// Everything but its `ConfinedWorker` is confined to the engine's thread.
+final class DMAEngine: ConfinedTarget, @unchecked Sendable {
+    // @unchecked Sendable: the worker is Sendable; every other field is touched only on the
+    // engine thread (or before it starts). A control operation that timed out may still run
+    // later, but on the engine thread, like any other.
     let logger: Logger
     let link: LinkSpec
     let portID: String
     let rings: [EngineRing]
-    private let mailbox: Mailbox<DMAEngine>
-    var wake: SharedFD { mailbox.wake }
-    private var thread: OSThread?
-    private var stopping = false
+    private let worker: ConfinedWorker<DMAEngine>
+    var wake: SharedFD { worker.wake }
 
     // Device state (engine thread).
     var iommu = IOMMUTable.empty
@@ -81,7 +79,7 @@ final class DMAEngine: @unchecked Sendable {
         case .wire: linkKind = .wire
         }
         rings = (0..<ringCount).map { EngineRing(index: $0, stats: stats[$0]) }
-        mailbox = try Mailbox()
+        worker = try ConfinedWorker(name: "dma-\(portID)")
         epoll = try Epoll(capacity: 64)
         frameBuffer = .allocate(byteCount: Self.frameBufferSize, alignment: 64)
         sourceTemplate = .allocate(byteCount: LinkSpec.maxFrame, alignment: 64)
@@ -109,43 +107,32 @@ final class DMAEngine: @unchecked Sendable {
         sourceTemplate.deallocate()
     }
 
-    func start() throws {
-        thread = try OSThread(name: "dma-\(portID)") { [self] in run() }
+    func start() throws(SystemError) {
+        try worker.start(self)
     }
 
-    /// Runs `body` on the engine thread and waits for it: control operations are applied between
-    /// batches, never in the middle of one. On an engine that has stopped it fails at once
-    /// (returns false, `body` not run).
-    @discardableResult
-    func perform(_ body: @escaping @Sendable (DMAEngine) -> Void) -> Bool {
-        let ran = mailbox.perform(body)
-        if !ran { logger.warning("DMA engine of \(portID) has stopped or is stuck: control operation not applied") }
-        return ran
+    /// Runs `body` on the engine thread and returns its value: control operations are applied
+    /// between batches, never in the middle of one. Throws at once on an engine that has stopped.
+    func perform<R: Sendable>(_ body: @escaping @Sendable (DMAEngine) -> R) throws(WorkerError) -> R {
+        do { return try worker.perform(body) } catch {
+            logger.warning("DMA engine of \(portID): control operation not applied: \(error)")
+            throw error
+        }
     }
-
-    static let stopTimeoutSeconds: Double = 1
 
     func stop() {
-        // Bounded: a thread blocked on a frontend's fd is interrupted (Mailbox); one that still
-        // does not answer must not hold the port's or the daemon's shutdown: it is abandoned,
-        // loudly, and ends with the process.
-        if mailbox.perform(timeoutSeconds: Self.stopTimeoutSeconds, { $0.stopping = true }) || mailbox.isClosed {
-            thread?.join()
-        } else {
-            logger.error("DMA engine thread did not stop within \(Self.stopTimeoutSeconds) s (blocked on a frontend's fd?); abandoning it")
+        // Bounded: a thread blocked on a frontend's fd is interrupted (ConfinedWorker); one that
+        // still does not answer must not hold the port's or the daemon's shutdown: it is
+        // abandoned, loudly, and ends with the process.
+        if !worker.stop() {
+            logger.error("DMA engine thread did not stop within \(2 * worker.timeoutSeconds) s (blocked on a frontend's fd?); abandoning it")
         }
-        thread = nil
-    }
-
-    private func drainMailbox() {
-        if mailbox.takeInterrupted() { quarantineBlockingFDs() }
-        mailbox.drain(self)
     }
 
     /// After the engine was interrupted out of a system call (it blocked on a frontend's eventfd,
     /// which the frontend made blocking again after handing it over): every ring whose call or kick
     /// eventfd is blocking now stops using it and faults, so the engine cannot block on it again.
-    /// Called where an interrupted write is seen, and before draining the mailbox after an
+    /// Called where an interrupted write is seen, and before running posted operations after an
     /// interrupt (a blocked read shows no error of its own).
     func quarantineBlockingFDs() {
         for r in rings where r.config != nil {
@@ -284,12 +271,11 @@ final class DMAEngine: @unchecked Sendable {
 
     // MARK: the loop
 
-    private func run() {
-        mailbox.ownerStarted()
+    func run(on worker: ConfinedWorker<DMAEngine>) {
         var idle = 0
         var idleSince: UInt64 = 0
-        while !stopping {
-            if mailbox.hasPending { drainMailbox(); continue }
+        while !worker.stopRequested {
+            if worker.hasPending { worker.runPending(self); continue }
             let work = serviceOnce()
             if work > 0 {
                 idle = 0
@@ -304,7 +290,6 @@ final class DMAEngine: @unchecked Sendable {
             idle = 0
         }
         for r in rings where r.config != nil { stopRingLocal(r) }
-        mailbox.close()
     }
 
     /// One pass of the loop's work: a batch of every running TX ring, the link's inbound frames,
