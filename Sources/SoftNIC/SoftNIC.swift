@@ -43,7 +43,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         stats = (0..<(queuePairs * 2)).map { QueueCounterSet(index: $0) }
         engine = try DMAEngine(portID: portID, link: link, ringCount: queuePairs * 2, macOwn: mac,
                                macGuest: self.guestMAC ?? Frames.broadcast, stats: stats, logger: logger)
-        engine.sourceEpoch = UInt64(UInt16.random(in: 0...UInt16.max))
+        engine.link.generator.epoch = UInt64(UInt16.random(in: 0...UInt16.max))
         try engine.start()
     }
 
@@ -71,12 +71,9 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     public func startRing(_ config: VDPARingConfig) throws(DeviceError) {
         try apply("start ring \(config.index)") { e in
             e.rings[config.index].guestUsedGPA = config.usedGPA
-            if config.index % 2 == 0, case .source = e.link {
+            if config.index % 2 == 0 && e.link.kind == .source {
                 // Each start of the generator gets a new epoch: numbers never repeat.
-                e.sourceEpoch = (e.sourceEpoch &+ 1) & 0xFFFF
-                e.sourceSequence = 0
-                e.sourceStartNs = 0
-                e.sourceSent = 0
+                e.link.generator.restart()
             }
             e.startRing(config)
         }
@@ -113,22 +110,22 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         // false when the engine refused (it has stopped; `perform` logged why) or had no buffer.
         do {
             return try engine.perform { e -> Bool in
-            frame.withUnsafeBytes { raw in
-                e.frameBuffer.copyMemory(from: raw.baseAddress!, byteCount: raw.count)
-            }
-            switch e.link {
-            case .tap, .wire:
-                // Transmit as if the guest had sent it on ring 1.
-                e.transmit(e.frameBuffer, length: frame.count, from: e.rings[1])
-                if case .wire = e.link, let out = e.wireOut { EventFD.signal(out.wake.raw) }
-                return true
-            case .loopback:
-                guard let rx = e.nextRX(), e.deliver(UnsafeRawPointer(e.frameBuffer), length: frame.count, to: rx) else { return false }
-                e.flush(rx)
-                return true
-            case .sink, .source:
-                return true  // consumed by the link, like any frame sent there
-            }
+                frame.withUnsafeBytes { raw -> Bool in
+                    guard let p = raw.baseAddress else { return false }
+                    switch e.link.kind {
+                    case .tap, .wire:
+                        // Sent as if the guest had sent it on TX ring 1.
+                        if !e.link.send(p, length: raw.count) { e.rings[1].stats.drop(.linkError) }
+                        e.link.notifyPeer()
+                        return true
+                    case .loopback:
+                        guard let rx = e.nextRX(), e.deliver(p, length: raw.count, to: rx) else { return false }
+                        e.flush(rx)
+                        return true
+                    case .sink, .source:
+                        return true  // consumed by the link, like any frame sent there
+                    }
+                }
             }
         } catch { return false }
     }
