@@ -129,6 +129,34 @@ final class ConfinedWorkerTests: XCTestCase {
         XCTAssertTrue(worker.stop())
     }
 
+    /// Stop on a thread that does not answer (held inside an operation, no system call to
+    /// interrupt) gives up after the two waits and abandons it, and every later operation fails
+    /// at once as `.stopped` (not merely as unresponsive: the caller must not expect it back).
+    func testStopAbandonsAStuckThreadAndLaterOperationsFailAsStopped() throws {
+        let worker = try ConfinedWorker<Counter>(name: "worker-test", timeoutSeconds: 0.1)
+        let target = Counter()
+        try worker.start(target)
+        let release = Atomic<Bool>(false)
+        let holder = try OSThread(name: "worker-holder") {
+            do {
+                try worker.perform { _ in
+                    while !release.load(ordering: .acquiring) { sched_yield() }
+                }
+            } catch {
+                // Expected: this operation itself outlasts both waits.
+            }
+        }
+        usleep(20_000)
+        XCTAssertFalse(worker.stop(), "a thread that does not answer is abandoned")
+        let start = Date()
+        XCTAssertThrowsError(try worker.perform { _ in 1 }) { XCTAssertEqual($0 as? WorkerError, .stopped) }
+        XCTAssertLessThan(Date().timeIntervalSince(start), 0.05)
+        // Once free, the abandoned thread runs the stop it was sent and ends.
+        release.store(true, ordering: .releasing)
+        holder.join()
+        XCTAssertTrue(waitFor { target.loopEnded.load(ordering: .acquiring) })
+    }
+
     private func waitFor(_ condition: () -> Bool) -> Bool {
         let deadline = Date().addingTimeInterval(5)
         while Date() < deadline {
