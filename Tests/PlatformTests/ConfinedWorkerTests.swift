@@ -13,6 +13,7 @@ final class Counter: ConfinedTarget {
     let quarantined = Atomic<Int>(0)
     let blockInRead = Atomic<Bool>(false)
     let loopEnded = Atomic<Bool>(false)
+    let inRead = Atomic<Bool>(false)
     let pipeRead: Int32
     let pipeWrite: Int32
 
@@ -34,6 +35,7 @@ final class Counter: ConfinedTarget {
             if blockInRead.load(ordering: .acquiring) {
                 // Blocks until a signal interrupts it (EINTR: the handler has no SA_RESTART).
                 var byte: UInt8 = 0
+                inRead.store(true, ordering: .releasing)
                 _ = read(pipeRead, &byte, 1)
                 continue
             }
@@ -91,8 +93,8 @@ final class ConfinedWorkerTests: XCTestCase {
         try worker.start(target)
         defer { worker.stop() }
         try worker.perform { $0.blockInRead.store(true, ordering: .releasing) }
-        // The next pass of the loop blocks in read(); give it time to get there.
-        usleep(50_000)
+        // The next pass of the loop blocks in read() (the flag is set just before it).
+        XCTAssertTrue(waitFor { target.inRead.load(ordering: .acquiring) })
         let start = Date()
         XCTAssertEqual(try worker.perform { $0.value.add(3, ordering: .relaxed).newValue }, 3)
         let waited = Date().timeIntervalSince(start)
@@ -107,24 +109,12 @@ final class ConfinedWorkerTests: XCTestCase {
         let worker = try ConfinedWorker<Counter>(name: "worker-test", timeoutSeconds: 0.1)
         let target = Counter()
         try worker.start(target)
-        // Hold the thread inside an operation: it makes no progress and makes no system call.
-        let release = Atomic<Bool>(false)
-        let holder = try OSThread(name: "worker-holder") {
-            do {
-                try worker.perform { _ in
-                    while !release.load(ordering: .acquiring) { sched_yield() }
-                }
-            } catch {
-                // Expected: this operation itself outlasts both waits.
-            }
-        }
-        usleep(20_000)
+        let hold = try Hold(worker)
         XCTAssertThrowsError(try worker.perform { _ in 1 }) { XCTAssertEqual($0 as? WorkerError, .unresponsive) }
         let start = Date()
         XCTAssertThrowsError(try worker.perform { _ in 1 }) { XCTAssertEqual($0 as? WorkerError, .unresponsive) }
         XCTAssertLessThan(Date().timeIntervalSince(start), 0.05, "fails at once while the owner made no progress")
-        release.store(true, ordering: .releasing)
-        holder.join()
+        hold.release()
         XCTAssertTrue(waitFor { (try? worker.perform { _ in 1 }) == 1 }, "answers again once it has drained")
         XCTAssertTrue(worker.stop())
     }
@@ -136,25 +126,45 @@ final class ConfinedWorkerTests: XCTestCase {
         let worker = try ConfinedWorker<Counter>(name: "worker-test", timeoutSeconds: 0.1)
         let target = Counter()
         try worker.start(target)
-        let release = Atomic<Bool>(false)
-        let holder = try OSThread(name: "worker-holder") {
-            do {
-                try worker.perform { _ in
-                    while !release.load(ordering: .acquiring) { sched_yield() }
-                }
-            } catch {
-                // Expected: this operation itself outlasts both waits.
-            }
-        }
-        usleep(20_000)
+        let hold = try Hold(worker)
         XCTAssertFalse(worker.stop(), "a thread that does not answer is abandoned")
         let start = Date()
         XCTAssertThrowsError(try worker.perform { _ in 1 }) { XCTAssertEqual($0 as? WorkerError, .stopped) }
         XCTAssertLessThan(Date().timeIntervalSince(start), 0.05)
         // Once free, the abandoned thread runs the stop it was sent and ends.
-        release.store(true, ordering: .releasing)
-        holder.join()
+        hold.release()
         XCTAssertTrue(waitFor { target.loopEnded.load(ordering: .acquiring) })
+    }
+
+    /// Holds the worker's thread inside an operation (no progress, no system call to interrupt)
+    /// until `release`.
+    final class Hold {
+        final class Flags: Sendable {
+            let released = Atomic<Bool>(false)
+            let started = Atomic<Bool>(false)
+        }
+        let flags = Flags()
+        let thread: OSThread
+
+        init(_ worker: ConfinedWorker<Counter>) throws {
+            let flags = flags
+            thread = try OSThread(name: "worker-holder") {
+                do {
+                    try worker.perform { _ in
+                        flags.started.store(true, ordering: .releasing)
+                        while !flags.released.load(ordering: .acquiring) { sched_yield() }
+                    }
+                } catch {
+                    // Expected: this operation itself outlasts both waits.
+                }
+            }
+            while !flags.started.load(ordering: .acquiring) { sched_yield() }
+        }
+
+        func release() {
+            flags.released.store(true, ordering: .releasing)
+            thread.join()
+        }
     }
 
     private func waitFor(_ condition: () -> Bool) -> Bool {
