@@ -1,6 +1,5 @@
 import Logging
 import Platform
-import Synchronization
 import DeviceFramework
 import Virtio
 
@@ -107,7 +106,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
 
     public func sendRARP(mac: [UInt8]) -> Bool {
         let frame = Frames.rarp(mac: mac)
-        // false when the engine refused (it has stopped; `perform` logged why) or had no buffer.
+        // false when the engine refused (stopped, or not answering: `perform` logged why) or had no buffer.
         do {
             return try engine.perform { e -> Bool in
                 frame.withUnsafeBytes { raw -> Bool in
@@ -182,7 +181,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     /// been served (or has faulted the ring), so a check that follows sees a settled device
     /// without sleeping. With a `source` link there is always work: it stops at `maxPasses`.
     public func serviceUntilIdle(maxPasses: Int = 1024) -> Int {
-        // 0 when the engine refused (it has stopped; `perform` logged why).
+        // 0 when the engine refused (stopped, or not answering: `perform` logged why).
         do {
             return try engine.perform { e in
             var total = 0
