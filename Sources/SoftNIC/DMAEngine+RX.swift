@@ -13,7 +13,14 @@ extension DMAEngine {
         guard let q = r.queue else { r.stats.drop(.noBuffer); return false }
         let writer = RXWriter(queue: q, memory: view, headerLength: headerLength, mergeable: mergeable)
         var position = RXPosition(lastAvail: r.lastAvail, usedIdx: r.usedIdx, availCache: r.availCache)
-        let outcome = writer.write(frame, length: length, walker: &r.walker, at: &position)
+        let outcome: RXOutcome
+        do throws(RXFault) {
+            outcome = try writer.write(frame, length: length, walker: &r.walker, at: &position)
+        } catch {
+            r.availCache = position.availCache
+            fault(r, error.text)
+            return false
+        }
         r.availCache = position.availCache
         switch outcome {
         case .written:
@@ -24,9 +31,6 @@ extension DMAEngine {
             return true
         case .dropped(let reason):
             if reason != .noBuffer || countDrop { r.stats.drop(reason) }
-            return false
-        case .fault(let text):
-            fault(r, text)
             return false
         }
     }

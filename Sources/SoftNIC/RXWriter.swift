@@ -9,16 +9,20 @@ struct RXPosition: Equatable {
     var availCache: UInt16
 }
 
-/// What became of a frame.
+/// What became of a frame the ring could take.
 enum RXOutcome: Equatable {
     /// Written into `chains` chains (1, or more with MRG_RXBUF); their used entries are written
     /// but not published.
     case written(chains: UInt16)
     /// Not written, nothing consumed: no buffer posted, or the posted ones too small.
     case dropped(DropReason)
-    /// A chain the device cannot use (the walker's error, or avail.idx out of range): the ring
-    /// must fault. Nothing consumed.
-    case fault(String)
+}
+
+/// A chain the device cannot use (the walker's error, or avail.idx out of range): the ring must
+/// fault. Nothing was consumed. (An error rather than an outcome: a payload that needs releasing
+/// would cost the hot path a call per frame.)
+struct RXFault: Error, Equatable {
+    let text: String
 }
 
 /// Writes frames (virtio-net header + bytes) into a device's RX ring through guest memory, one
@@ -36,9 +40,11 @@ struct RXWriter<Memory: GuestMemoryAccess> {
     let mergeable: Bool
 
     /// Writes one frame at `position`. On `.written` the position has moved past the chains and
-    /// used entries it took; otherwise only `availCache` may have changed.
+    /// used entries it took; otherwise (or when it throws) only `availCache` may have changed. Inlined into the
+    /// engine's `deliver`, so the writer and the outcome cost nothing per frame there.
+    @inline(__always)
     func write(_ frame: UnsafeRawPointer, length: Int, walker: inout DescriptorChainWalker,
-               at position: inout RXPosition) -> RXOutcome {
+               at position: inout RXPosition) throws(RXFault) -> RXOutcome {
         let q = queue
         let hdr = headerLength
         let needed = hdr + length
@@ -136,7 +142,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
             }
             if problem == nil && faultText == nil && written < needed { problem = .bufferTooSmall }
         }
-        if let faultText { return .fault(faultText) }
+        if let faultText { throw RXFault(text: faultText) }
         if let problem { return .dropped(problem) }  // used entries written past usedIdx stay unpublished
         // num_buffers exists in the 12-byte header (VERSION_1 or MRG_RXBUF); it is 1 without MRG_RXBUF.
         // Safety: numBuffersAt + 2 <= the header's 12 bytes, written above into a translated segment.

@@ -36,9 +36,23 @@ final class RXWriterTests: XCTestCase {
         return (head, gpas)
     }
 
-    func write(_ frame: [UInt8], header: Int = 12, mergeable: Bool = false) -> RXOutcome {
+    func write(_ frame: [UInt8], header: Int = 12, mergeable: Bool = false) throws(RXFault) -> RXOutcome {
         let writer = RXWriter(queue: ring.deviceQueue(), memory: memory, headerLength: header, mergeable: mergeable)
-        return frame.withUnsafeBytes { writer.write($0.baseAddress!, length: frame.count, walker: &walker, at: &position) }
+        let result = frame.withUnsafeBytes { raw in
+            Result { () throws(RXFault) in try writer.write(raw.baseAddress!, length: frame.count, walker: &walker, at: &position) }
+        }
+        return try result.get()
+    }
+
+    /// The fault `write` reported (nil, and a test failure, when it did not fault).
+    func fault(_ frame: [UInt8], mergeable: Bool = false, file: StaticString = #filePath, line: UInt = #line) -> String? {
+        do throws(RXFault) {
+            let outcome = try write(frame, mergeable: mergeable)
+            XCTFail("expected a fault, got \(outcome)", file: file, line: line)
+            return nil
+        } catch {
+            return error.text
+        }
     }
 
     /// Publishes what the writer wrote (as the engine's flush does) and returns the used entries.
@@ -71,7 +85,7 @@ final class RXWriterTests: XCTestCase {
     func testFrameInOneChain() throws {
         let (head, gpas) = post([2048])
         let frame = Self.frame(100)
-        XCTAssertEqual(write(frame), .written(chains: 1))
+        XCTAssertEqual(try write(frame), .written(chains: 1))
         XCTAssertEqual(position, RXPosition(lastAvail: 1, usedIdx: 1, availCache: 1))
         XCTAssertEqual(try publishAndPop(), [UsedElement(id: UInt32(head), length: 112)])
         XCTAssertEqual(bytes(gpas[0], 12), [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], "zeroed header, num_buffers = 1")
@@ -82,7 +96,7 @@ final class RXWriterTests: XCTestCase {
     func testFrameAcrossTheBuffersOfOneChainAndTheShortHeader() throws {
         let (head, gpas) = post([14, 200])
         let frame = Self.frame(60)
-        XCTAssertEqual(write(frame, header: 10), .written(chains: 1))
+        XCTAssertEqual(try write(frame, header: 10), .written(chains: 1))
         XCTAssertEqual(try publishAndPop(), [UsedElement(id: UInt32(head), length: 70)])
         XCTAssertEqual(bytes(gpas[0], 10), [UInt8](repeating: 0, count: 10), "a 10-byte header has no num_buffers")
         XCTAssertEqual(bytes(gpas[0] + 10, 4) + bytes(gpas[1], 56), frame)
@@ -93,7 +107,7 @@ final class RXWriterTests: XCTestCase {
     func testMergeableFrameAcrossChains() throws {
         let a = post([64]), b = post([64]), c = post([64]), d = post([64])
         let frame = Self.frame(150)  // 162 bytes with the header: 64 + 64 + 34
-        XCTAssertEqual(write(frame, mergeable: true), .written(chains: 3))
+        XCTAssertEqual(try write(frame, mergeable: true), .written(chains: 3))
         XCTAssertEqual(position, RXPosition(lastAvail: 3, usedIdx: 3, availCache: 4))
         XCTAssertEqual(try publishAndPop(), [UsedElement(id: UInt32(a.head), length: 64), UsedElement(id: UInt32(b.head), length: 64),
                                              UsedElement(id: UInt32(c.head), length: 34)])
@@ -101,21 +115,21 @@ final class RXWriterTests: XCTestCase {
         XCTAssertEqual(bytes(a.gpas[0] + 12, 52) + bytes(b.gpas[0], 64) + bytes(c.gpas[0], 34), frame)
         XCTAssertEqual(bytes(d.gpas[0], 64), [UInt8](repeating: Self.untouched, count: 64), "the fourth chain is not used")
         // The next frame starts at the fourth chain.
-        XCTAssertEqual(write(Self.frame(20), mergeable: true), .written(chains: 1))
+        XCTAssertEqual(try write(Self.frame(20), mergeable: true), .written(chains: 1))
         XCTAssertEqual(try publishAndPop(), [UsedElement(id: UInt32(d.head), length: 32)])
     }
 
     // MARK: nothing consumed
 
     func testNoBufferPosted() throws {
-        XCTAssertEqual(write(Self.frame(60)), .dropped(.noBuffer))
+        XCTAssertEqual(try write(Self.frame(60)), .dropped(.noBuffer))
         try assertNothingConsumed([], 0)
     }
 
     /// Without MRG_RXBUF a frame larger than the chain is dropped before any byte is written.
     func testBufferTooSmallWritesAndConsumesNothing() throws {
         let (_, gpas) = post([64, 32])
-        XCTAssertEqual(write(Self.frame(100)), .dropped(.bufferTooSmall))
+        XCTAssertEqual(try write(Self.frame(100)), .dropped(.bufferTooSmall))
         try assertNothingConsumed(gpas, 32)
     }
 
@@ -123,12 +137,12 @@ final class RXWriterTests: XCTestCase {
     /// (`noBuffer`, which the engine may leave uncounted); nothing of it is written meanwhile.
     func testMergeableFrameLargerThanThePostedChainsWritesNothing() throws {
         let a = post([64]), b = post([64])
-        XCTAssertEqual(write(Self.frame(200), mergeable: true), .dropped(.noBuffer))
+        XCTAssertEqual(try write(Self.frame(200), mergeable: true), .dropped(.noBuffer))
         try assertNothingConsumed(a.gpas + b.gpas, 64)
         // A chain with no writable byte cannot carry any of it.
         let c = ring.addChain([DriverBuffer(gpa: nextBuffer, length: 64, isWritable: false)])!
         ring.publish()
-        XCTAssertEqual(write(Self.frame(200), mergeable: true), .dropped(.bufferTooSmall))
+        XCTAssertEqual(try write(Self.frame(200), mergeable: true), .dropped(.bufferTooSmall))
         try assertNothingConsumed(a.gpas + b.gpas, 64)
         _ = c
     }
@@ -136,7 +150,7 @@ final class RXWriterTests: XCTestCase {
     /// The header must fit whole in the first writable buffer.
     func testFirstBufferSmallerThanTheHeader() throws {
         let (_, gpas) = post([8, 2048])
-        XCTAssertEqual(write(Self.frame(40)), .dropped(.bufferTooSmall))
+        XCTAssertEqual(try write(Self.frame(40)), .dropped(.bufferTooSmall))
         try assertNothingConsumed(gpas, 8)
     }
 
@@ -148,7 +162,7 @@ final class RXWriterTests: XCTestCase {
         let good = post([64])
         let bad = ring.addChain([DriverBuffer(gpa: 1 << 30, length: 4096, isWritable: true)])!
         ring.publish()
-        guard case .fault(let text) = write(Self.frame(150), mergeable: true) else { return XCTFail("expected a fault") }
+        guard let text = fault(Self.frame(150), mergeable: true) else { return }
         XCTAssertTrue(text.contains("RX chain at avail index 0"), text)
         XCTAssertTrue(text.contains("outside guest memory"), text)
         try assertNothingConsumed(good.gpas, 64)
@@ -158,7 +172,7 @@ final class RXWriterTests: XCTestCase {
     func testAvailIndexJumpingPastTheRingSizeFaults() throws {
         // The driver claims 100 entries in a ring of 8.
         ring.avail.storeBytes(of: UInt16(100).littleEndian, toByteOffset: 2, as: UInt16.self)
-        guard case .fault(let text) = write(Self.frame(60)) else { return XCTFail("expected a fault") }
+        guard let text = fault(Self.frame(60)) else { return }
         XCTAssertEqual(text, "avail index jumped from 0 to 100, more than the ring size 8")
         XCTAssertEqual(position.lastAvail, 0)
         XCTAssertEqual(position.usedIdx, 0)
