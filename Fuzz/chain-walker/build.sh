@@ -18,6 +18,7 @@ SOURCES=(
   Sources/Virtio/SplitRingLayout.swift
   Sources/Virtio/VirtqDescriptor.swift
   Sources/Virtio/ChainError.swift
+  Sources/Virtio/ChainWalk.swift
   Sources/Virtio/DescriptorChainWalker.swift
   Sources/Virtio/SplitQueue.swift
 )

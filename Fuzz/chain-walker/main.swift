@@ -106,16 +106,41 @@ struct TwoRegionMemory: GuestMemoryAccess {
     }
 }
 
-/// Walks `head`, then every head of the table (cheap, and more paths per input).
+/// Walks `head`, then every head of the table (cheap, and more paths per input). Each chain the
+/// device's walker accepts is walked again the relay's way (`ChainWalk` with a visitor that
+/// translates nothing), which must accept it too and visit the same buffers.
 func walkHeads<M: GuestMemoryAccess>(_ walker: inout DescriptorChainWalker, head: UInt16, table: UnsafeRawPointer,
                                      queueSize: UInt16, memory: M) {
-    if let chain = try? walker.walk(head: head, table: table, queueSize: queueSize, memory: memory) {
-        checkChain(chain, memory: memory, queueSize: queueSize)
-    }
-    for h in 0..<queueSize {
+    let seen = UnsafeMutablePointer<VirtqDescriptor>.allocate(capacity: Int(queueSize))
+    defer { seen.deallocate() }
+    for h in [head] + Array(0..<queueSize) {
         if let chain = try? walker.walk(head: h, table: table, queueSize: queueSize, memory: memory) {
             checkChain(chain, memory: memory, queueSize: queueSize)
+            var recorder = Recorder(storage: seen, capacity: Int(queueSize))
+            guard let walked = try? ChainWalk.walk(head: h, table: table, queueSize: queueSize,
+                                                   indirectAllowed: walker.indirectAllowed, tables: memory, visitor: &recorder)
+            else { preconditionFailure("the untranslated walk rejected a chain the device's walker accepted") }
+            precondition(walked.buffers == chain.count && walked.usedIndirectTable == chain.usedIndirectTable,
+                         "the two walks disagree on the chain's shape")
+            for (i, s) in chain.enumerated() {
+                let d = seen[i]
+                precondition(d.addr == s.gpa && d.len == s.length && d.flags.contains(.write) == s.isWritable,
+                             "the two walks disagree on buffer \(i)")
+            }
         }
+    }
+}
+
+/// The relay's kind of visitor: records each buffer as the guest described it, translates nothing.
+struct Recorder: ChainVisitor {
+    let storage: UnsafeMutablePointer<VirtqDescriptor>
+    let capacity: Int
+
+    mutating func visit(_ d: VirtqDescriptor, position: Int, index: UInt16) -> Bool {
+        precondition(position < capacity, "the walk visited more buffers than the queue size")
+        // Safety: position < capacity, the storage's size (checked above).
+        (storage + position).initialize(to: d)
+        return true
     }
 }
 

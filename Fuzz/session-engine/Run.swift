@@ -54,11 +54,15 @@ final class Run {
     func settle() {
         _ = device.serviceUntilIdle(maxPasses: 64)
         if let relay = binding.relay {
-            relay.perform { e in
-                for q in e.active {
-                    var steps = 0
-                    while steps < 64 && e.step(q) > 0 { steps += 1 }
+            do {
+                try relay.perform { e in
+                    for q in e.active {
+                        var steps = 0
+                        while steps < 64 && e.step(q) > 0 { steps += 1 }
+                    }
                 }
+            } catch {
+                // The relay has stopped (the binding's reset did it): nothing left to settle.
             }
             // The relay rings the device's doorbell for buffers the guest posted while it slept.
             _ = device.serviceUntilIdle(maxPasses: 64)

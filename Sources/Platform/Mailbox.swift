@@ -5,8 +5,9 @@ import CVDPAShims
 import Dispatch
 import Synchronization
 
-/// Control operations for a thread that owns its state (the DMA engine, the relay): callers post
-/// a closure and wait until the thread has run it between two units of its own work.
+/// Control operations for a thread that owns its state: callers post a closure and wait until the
+/// thread has run it between two units of its own work. `ConfinedWorker` (the DMA engine's and the
+/// relay's thread) is built on it; use that rather than a mailbox and a thread of one's own.
 ///
 /// No caller waits forever. Once the owner thread has ended (`close`), posting fails at once and
 /// closures still queued are released without running. An owner that does not get to a post in

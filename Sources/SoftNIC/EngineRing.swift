@@ -41,4 +41,6 @@ final class EngineRing {
     }
 
     var running: Bool { queue != nil && enabled && !suspended && failure == nil }
+
+    func errorReset() { stats.errorText.withLock { $0 = nil } }
 }

@@ -1,6 +1,5 @@
 import Logging
 import Platform
-import Synchronization
 import DeviceFramework
 import Virtio
 
@@ -43,14 +42,15 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         stats = (0..<(queuePairs * 2)).map { QueueCounterSet(index: $0) }
         engine = try DMAEngine(portID: portID, link: link, ringCount: queuePairs * 2, macOwn: mac,
                                macGuest: self.guestMAC ?? Frames.broadcast, stats: stats, logger: logger)
-        engine.sourceEpoch = UInt64(UInt16.random(in: 0...UInt16.max))
+        engine.link.generator.epoch = UInt64(UInt16.random(in: 0...UInt16.max))
         try engine.start()
     }
 
-    /// Runs a control operation on the engine; throws if the engine has stopped or does not answer.
-    private func apply(_ what: String, _ body: @escaping @Sendable (DMAEngine) -> Void) throws(DeviceError) {
-        guard engine.perform(body) else {
-            throw DeviceError("\(what): the DMA engine of port \(portID) has stopped or does not answer")
+    /// Runs a control operation on the engine and returns its value; throws if the engine has
+    /// stopped or does not answer.
+    private func apply<R: Sendable>(_ what: String, _ body: @escaping @Sendable (DMAEngine) -> R) throws(DeviceError) -> R {
+        do { return try engine.perform(body) } catch {
+            throw DeviceError("\(what): the DMA engine of port \(portID): \(error)")
         }
     }
 
@@ -70,12 +70,9 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     public func startRing(_ config: VDPARingConfig) throws(DeviceError) {
         try apply("start ring \(config.index)") { e in
             e.rings[config.index].guestUsedGPA = config.usedGPA
-            if config.index % 2 == 0, case .source = e.link {
+            if config.index % 2 == 0 && e.link.kind == .source {
                 // Each start of the generator gets a new epoch: numbers never repeat.
-                e.sourceEpoch = (e.sourceEpoch &+ 1) & 0xFFFF
-                e.sourceSequence = 0
-                e.sourceStartNs = 0
-                e.sourceSent = 0
+                e.link.generator.restart()
             }
             e.startRing(config)
         }
@@ -98,47 +95,44 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     }
 
     public func stopRing(_ index: Int) throws(DeviceError) -> UInt16 {
-        let result = Mutex<UInt16>(0)
         try apply("stop ring \(index)") { e in
             let r = e.rings[index]
             let at = r.lastAvail
             e.stopRingLocal(r)
-            e.rings[index].guestUsedGPA = 0
-            result.withLock { $0 = at }
+            r.guestUsedGPA = 0
+            return at
         }
-        return result.withLock { $0 }
     }
 
     public func sendRARP(mac: [UInt8]) -> Bool {
         let frame = Frames.rarp(mac: mac)
-        let sent = Mutex(false)
-        let applied = engine.perform { e in
-            frame.withUnsafeBytes { raw in
-                e.frameBuffer.copyMemory(from: raw.baseAddress!, byteCount: raw.count)
-            }
-            switch e.link {
-            case .tap, .wire:
-                // Transmit as if the guest had sent it on ring 1.
-                e.transmit(e.frameBuffer, length: frame.count, from: e.rings[1])
-                if case .wire = e.link, let out = e.wireOut { EventFD.signal(out.wake.raw) }
-                sent.withLock { $0 = true }
-            case .loopback:
-                if let rx = e.nextRX(), e.deliver(UnsafeRawPointer(e.frameBuffer), length: frame.count, to: rx) {
-                    e.flush(rx)
-                    sent.withLock { $0 = true }
+        // false when the engine refused (stopped, or not answering: `perform` logged why) or had no buffer.
+        do {
+            return try engine.perform { e -> Bool in
+                frame.withUnsafeBytes { raw -> Bool in
+                    guard let p = raw.baseAddress else { return false }
+                    switch e.link.kind {
+                    case .tap, .wire:
+                        // Sent as if the guest had sent it on TX ring 1.
+                        if !e.link.send(p, length: raw.count) { e.rings[1].stats.drop(.linkError) }
+                        e.link.notifyPeer()
+                        return true
+                    case .loopback:
+                        guard let rx = e.nextRX(), e.deliver(p, length: raw.count, to: rx) else { return false }
+                        e.flush(rx)
+                        return true
+                    case .sink, .source:
+                        return true  // consumed by the link, like any frame sent there
+                    }
                 }
-            case .sink, .source:
-                sent.withLock { $0 = true }  // consumed by the link, like any frame sent there
             }
-        }
-        return applied && sent.withLock { $0 }
+        } catch { return false }
     }
 
     public func counters() -> [QueueCounters] { stats.map(\.snapshot) }
 
     public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?,
                                  interruptEveryBatch: Bool) throws(DeviceError) -> UInt16 {
-        let result = Mutex<UInt16>(0)
         try apply("redirect ring \(index)'s used ring") { e in
             let r = e.rings[index]
             let at = e.suspend(r)
@@ -149,18 +143,12 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
             let target = usedIOVA ?? r.guestUsedGPA
             e.redirect(r, usedGPA: target, call: call, interruptEveryBatch: interruptEveryBatch)
             e.resume(r)
-            result.withLock { $0 = at }
+            return at
         }
-        return result.withLock { $0 }
     }
 
     public func suspendRing(_ index: Int) throws(DeviceError) -> UInt16 {
-        let result = Mutex<UInt16>(0)
-        try apply("suspend ring \(index)") { e in
-            let at = e.suspend(e.rings[index])
-            result.withLock { $0 = at }
-        }
-        return result.withLock { $0 }
+        try apply("suspend ring \(index)") { e in e.suspend(e.rings[index]) }
     }
 
     public func unmapIOVA(_ iova: UInt64) throws(DeviceError) {
@@ -170,12 +158,16 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     }
 
     public func reset() {
-        engine.perform { e in
-            for r in e.rings where r.config != nil { e.stopRingLocal(r) }
-            for r in e.rings { r.enabled = false; r.failure = nil }
-            e.extraMappings.removeAll()
-            e.setMemory(.empty)
-        }
+        // The protocol's reset cannot fail: an engine that has stopped serves nothing and holds
+        // no ring, so there is nothing left to reset; `perform` has logged why it refused.
+        do {
+            try engine.perform { e in
+                for r in e.rings where r.config != nil { e.stopRingLocal(r) }
+                for r in e.rings { r.enabled = false; r.failure = nil }
+                e.extraMappings.removeAll()
+                e.setMemory(.empty)
+            }
+        } catch {}
     }
 
     public func close() {
@@ -189,8 +181,9 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     /// been served (or has faulted the ring), so a check that follows sees a settled device
     /// without sleeping. With a `source` link there is always work: it stops at `maxPasses`.
     public func serviceUntilIdle(maxPasses: Int = 1024) -> Int {
-        let moved = Mutex(0)
-        engine.perform { e in
+        // 0 when the engine refused (stopped, or not answering: `perform` logged why).
+        do {
+            return try engine.perform { e in
             var total = 0
             var passes = 0
             while passes < maxPasses {
@@ -199,8 +192,8 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
                 if n == 0 { break }
                 total += n
             }
-            moved.withLock { $0 = total }
-        }
-        return moved.withLock { $0 }
+            return total
+            }
+        } catch { return 0 }
     }
 }

@@ -48,14 +48,14 @@ public struct DescriptorChain: RandomAccessCollection {
     @inlinable public subscript(position: Int) -> ChainSegment { segments[position] }
 }
 
-/// Walks split-ring descriptor chains out of hostile guest memory.
+/// Walks split-ring descriptor chains out of hostile guest memory, for a device: each buffer is
+/// translated and collected.
 ///
 /// Built once per queue: it owns a segment buffer of `capacity` (the queue size) entries and
-/// allocates nothing per walk. Each descriptor is copied out of guest memory once into a local
-/// and validated from the copy: head and next indices, loops (TTL = queue size for the ring's
-/// table, entry count for an indirect table), chain length <= queue size, indirect rules
-/// (negotiated, not nested, not with NEXT, len a non-zero multiple of 16, table mapped),
-/// every buffer mapped, total length <= 2^32 - 1, no readable buffer after a writable one.
+/// allocates nothing per walk. The walk's bounds are `ChainWalk`'s (head and next indices,
+/// loops, chain length <= queue size, indirect rules, each descriptor copied out once); a device
+/// adds its own: every buffer mapped, total length <= 2^32 - 1, no readable buffer after a
+/// writable one.
 public struct DescriptorChainWalker: ~Copyable {
     public let capacity: Int
     /// Whether VIRTIO_F_INDIRECT_DESC was negotiated.
@@ -81,69 +81,14 @@ public struct DescriptorChainWalker: ~Copyable {
     public mutating func walk<M: GuestMemoryAccess>(head: UInt16, table: UnsafeRawPointer, queueSize: UInt16,
                                                     memory: M) throws(ChainError) -> DescriptorChain {
         guard queueSize >= 1, Int(queueSize) <= capacity else { throw .invalidQueueSize(queueSize) }
-        guard head < queueSize else { throw .headOutOfRange(head: head, queueSize: queueSize) }
-
-        var currentTable = table
-        var tableSize = UInt32(queueSize)
-        var ttl = UInt32(queueSize)
-        var index = head
-        var inIndirect = false
-        var count = 0
-        var readable: UInt64 = 0
-        var writable: UInt64 = 0
-        var firstWritable = -1
-
-        while true {
-            guard ttl > 0 else { throw .loop(index: index, ttl: tableSize) }
-            ttl -= 1
-            // Safety: index < tableSize, and currentTable holds tableSize * 16 mapped bytes.
-            let d = VirtqDescriptor(copyingFrom: currentTable + Int(index) * SplitRingLayout.descriptorSize)
-
-            if d.flags.contains(.indirect) {
-                guard !inIndirect else { throw .nestedIndirect(index: index) }
-                guard indirectAllowed else { throw .indirectNotNegotiated(index: index) }
-                guard !d.flags.contains(.next) else { throw .indirectWithNext(index: index) }
-                guard d.len != 0, d.len % UInt32(SplitRingLayout.descriptorSize) == 0 else {
-                    throw .indirectTableLength(d.len)
-                }
-                guard let host = memory.hostPointer(gpa: d.addr, length: UInt64(d.len)) else {
-                    throw .indirectTableOutOfRange(gpa: d.addr, length: d.len)
-                }
-                currentTable = UnsafeRawPointer(host)
-                tableSize = d.len / UInt32(SplitRingLayout.descriptorSize)
-                ttl = tableSize
-                index = 0
-                inIndirect = true
-                continue
-            }
-
-            guard count < Int(queueSize) else { throw .chainTooLong(limit: queueSize) }
-            let isWritable = d.flags.contains(.write)
-            if isWritable {
-                if firstWritable < 0 { firstWritable = count }
-            } else if firstWritable >= 0 {
-                throw .readableAfterWritable(index: index)
-            }
-            guard let host = memory.hostPointer(gpa: d.addr, length: UInt64(d.len)) else {
-                throw .bufferOutOfRange(gpa: d.addr, length: d.len)
-            }
-            if isWritable { writable += UInt64(d.len) } else { readable += UInt64(d.len) }
-            guard readable + writable <= UInt64(UInt32.max) else {
-                throw .totalLengthOverflow(readable + writable)
-            }
-            // Safety: count < queueSize <= capacity, and ChainSegment is a trivial type.
-            (storage + count).initialize(to: ChainSegment(gpa: d.addr, length: d.len, isWritable: isWritable, host: host))
-            count += 1
-
-            guard d.flags.contains(.next) else { break }
-            guard UInt32(d.next) < tableSize else { throw .nextOutOfRange(next: d.next, tableSize: tableSize) }
-            index = d.next
-        }
-
+        var segments = SegmentCollector(memory: memory, storage: storage)
+        let walked = try ChainWalk.walk(head: head, table: table, queueSize: queueSize, indirectAllowed: indirectAllowed,
+                                        tables: memory, visitor: &segments)
         return DescriptorChain(
-            head: head, readableBytes: readable, writableBytes: writable,
-            firstWritableIndex: firstWritable < 0 ? count : firstWritable, usedIndirectTable: inIndirect,
-            segments: UnsafeBufferPointer(start: storage, count: count))
+            head: head, readableBytes: segments.readable, writableBytes: segments.writable,
+            firstWritableIndex: segments.firstWritable < 0 ? walked.buffers : segments.firstWritable,
+            usedIndirectTable: walked.usedIndirectTable,
+            segments: UnsafeBufferPointer(start: storage, count: walked.buffers))
     }
 
     /// Walks the chain at `head` in `queue`'s descriptor table.
@@ -151,5 +96,42 @@ public struct DescriptorChainWalker: ~Copyable {
     public mutating func walk<M: GuestMemoryAccess>(head: UInt16, queue: SplitQueue,
                                                     memory: M) throws(ChainError) -> DescriptorChain {
         try walk(head: head, table: queue.descriptorTable, queueSize: queue.size, memory: memory)
+    }
+}
+
+/// The device's visitor: translates each buffer through guest memory, checks the device's rules
+/// and stores the segment in the walker's buffer.
+@usableFromInline
+struct SegmentCollector<Memory: GuestMemoryAccess>: ChainVisitor {
+    @usableFromInline let memory: Memory
+    @usableFromInline let storage: UnsafeMutablePointer<ChainSegment>
+    @usableFromInline var readable: UInt64 = 0
+    @usableFromInline var writable: UInt64 = 0
+    @usableFromInline var firstWritable = -1
+
+    @inlinable
+    init(memory: Memory, storage: UnsafeMutablePointer<ChainSegment>) {
+        self.memory = memory
+        self.storage = storage
+    }
+
+    @inlinable @inline(__always)
+    mutating func visit(_ d: VirtqDescriptor, position: Int, index: UInt16) throws(ChainError) -> Bool {
+        let isWritable = d.flags.contains(.write)
+        if isWritable {
+            if firstWritable < 0 { firstWritable = position }
+        } else if firstWritable >= 0 {
+            throw .readableAfterWritable(index: index)
+        }
+        guard let host = memory.hostPointer(gpa: d.addr, length: UInt64(d.len)) else {
+            throw .bufferOutOfRange(gpa: d.addr, length: d.len)
+        }
+        if isWritable { writable += UInt64(d.len) } else { readable += UInt64(d.len) }
+        guard readable + writable <= UInt64(UInt32.max) else {
+            throw .totalLengthOverflow(readable + writable)
+        }
+        // Safety: position < queueSize <= capacity (the walk's chain-length bound), and ChainSegment is a trivial type.
+        (storage + position).initialize(to: ChainSegment(gpa: d.addr, length: d.len, isWritable: isWritable, host: host))
+        return true
     }
 }

@@ -1,14 +1,16 @@
 /// A split-ring descriptor (struct virtq_desc): addr le64, len le32, flags le16, next le16.
 public struct VirtqDescriptor: Equatable, Sendable {
+    /// The flags are computed constants, not stored statics: a stored one is reached through
+    /// its module's addressor (a call per use, three per descriptor in a walk).
     public struct Flags: OptionSet, Sendable {
         public let rawValue: UInt16
-        public init(rawValue: UInt16) { self.rawValue = rawValue }
+        @inlinable public init(rawValue: UInt16) { self.rawValue = rawValue }
         /// VIRTQ_DESC_F_NEXT: the chain continues at `next`.
-        public static let next = Flags(rawValue: 1)
+        @inlinable public static var next: Flags { Flags(rawValue: 1) }
         /// VIRTQ_DESC_F_WRITE: the buffer is device-writable.
-        public static let write = Flags(rawValue: 2)
+        @inlinable public static var write: Flags { Flags(rawValue: 2) }
         /// VIRTQ_DESC_F_INDIRECT: the buffer holds a table of descriptors.
-        public static let indirect = Flags(rawValue: 4)
+        @inlinable public static var indirect: Flags { Flags(rawValue: 4) }
     }
 
     public var addr: UInt64

@@ -1,0 +1,161 @@
+import Platform
+import Synchronization
+import VhostUser
+import Virtio
+
+/// The relay step: one ring's new completions copied to the guest's used ring, every byte they
+/// expose marked first.
+extension RelayEngine {
+    /// Copies new completions of one ring to the guest. Returns how many it moved.
+    @inline(__always)
+    func step(_ q: RelayQueue) -> Int {
+        guard let g = q.guest else { return 0 }
+        let deviceIndex = q.reader.loadIndex()
+        let flags = q.reader.loadFlags()
+        let availEvent = q.reader.loadAvailEvent()
+        let old = q.lastRelayed
+        let n = deviceIndex &- old
+        let notifyChanged = flags != q.lastFlags || availEvent != q.lastAvailEvent
+        if n == 0 && !notifyChanged { return 0 }
+        let c = q.config
+        guard let log else { return 0 }
+        var marker = WrittenBytesMarker(batch: DirtyLog.Batch(log: log), skipMarking: skipBufferMarking,
+                                        journal: journal.map { JournalContext(journal: $0, view: view, ring: c.index, publishIndex: deviceIndex) })
+        var i = old
+        while i != deviceIndex {
+            let (id, length) = q.reader.element(at: i)
+            g.writeUsedElement(at: i, id: id, length: length)
+            if c.deviceWritesBuffers && length > 0 && id < UInt32(c.size) {
+                markWritten(q, g, head: UInt16(id), length: length, marker: &marker)
+            }
+            i &+= 1
+        }
+        if n > 0 {
+            // The used entries [old, deviceIndex): one or two contiguous slot ranges (the ring wraps).
+            let first = UInt64(old & (c.size &- 1))
+            let count = UInt64(n)
+            let tail = min(count, UInt64(c.size) &- first)
+            marker.batch.mark(gpa: c.usedLogGPA &+ 4 &+ 8 &* first, length: 8 &* tail)
+            if count > tail { marker.batch.mark(gpa: c.usedLogGPA &+ 4, length: 8 &* (count &- tail)) }
+        }
+        var notificationsEnabled = false
+        if notifyChanged {
+            // The device's notification state lives in the used ring: carry it to the guest's.
+            notificationsEnabled = (flags != q.lastFlags && flags & 1 == 0) || availEvent != q.lastAvailEvent
+            g.storeUsedFlags(flags)
+            g.storeAvailEvent(availEvent)
+            marker.batch.mark(gpa: c.usedLogGPA, length: 2)
+            marker.batch.mark(gpa: c.usedLogGPA &+ 4 &+ 8 &* UInt64(c.size), length: 2)
+            q.lastFlags = flags
+            q.lastAvailEvent = availEvent
+        }
+        if n > 0 {
+            marker.batch.mark(gpa: c.usedLogGPA &+ 2, length: 2)
+        }
+        // Every mark is in the log before the index that exposes the entries is published:
+        // flush does the ORs (buffers and used-ring words share the batch), and the release store below orders them first.
+        marker.batch.flush()
+        if n > 0 {
+            g.publishUsedIndex(deviceIndex)
+            q.lastRelayed = deviceIndex
+            if q.guestCallFD >= 0 && g.needsInterrupt(oldUsed: old, newUsed: deviceIndex, eventIdx: c.eventIdx) {
+                if !EventFD.signal(q.guestCallFD) { quarantineBlockingFDs() }
+                q.counters.interrupts.wrappingAdd(1, ordering: .relaxed)
+            }
+            q.counters.relayed.wrappingAdd(UInt64(n), ordering: .relaxed)
+            q.counters.pagesMarked.wrappingAdd(marker.pages, ordering: .relaxed)
+        }
+        if notificationsEnabled, let kick = c.deviceKick {
+            // The device asked for kicks (it is about to sleep), but the guest sees that request
+            // only now, through us: buffers it posted in between came without a kick. Full fence
+            // (store of the flags, then load of avail.idx, as virtqueue_enable_cb_delayed), then
+            // ring the device's doorbell if the guest has posted buffers the device has not used.
+            atomicMemoryFence(ordering: .sequentiallyConsistent)
+            if g.loadAvailIndex() != deviceIndex && !EventFD.signal(kick.raw) { quarantineBlockingFDs() }
+        }
+        return Int(n)
+    }
+
+
+    /// Marks what the device wrote into the chain at `head` (see `WrittenBytesMarker.mark`). A
+    /// chain the guest broke since the device completed it keeps the marks made up to the break,
+    /// and the break is counted as an error of the ring.
+    @inline(__always)
+    func markWritten(_ q: RelayQueue, _ g: SplitQueue, head: UInt16, length: UInt32, marker: inout WrittenBytesMarker) {
+        do throws(ChainError) {
+            try marker.mark(head: head, length: length, table: g.descriptorTable, queueSize: q.config.size, tables: view)
+        } catch {
+            q.counters.errors.wrappingAdd(1, ordering: .relaxed)
+        }
+    }
+}
+
+/// The relay's chain visitor: marks the first `used.len` bytes of a completed chain's writable
+/// buffers in the step's dirty-log batch.
+struct WrittenBytesMarker: ChainVisitor, ~Copyable {
+    var batch: DirtyLog.Batch
+    /// Bytes of the current chain still to mark.
+    var remaining: UInt64 = 0
+    /// Pages marked by this step (for the ring's counters).
+    var pages: UInt64 = 0
+    /// Test-only: count the ranges but mark nothing (VDPAD_TEST_SKIP_BUFFER_MARKING).
+    let skipMarking: Bool
+    /// Test-only: journal each range (VDPAD_TEST_JOURNAL).
+    let journal: JournalContext?
+
+    init(batch: consuming DirtyLog.Batch, skipMarking: Bool = false, journal: JournalContext? = nil) {
+        self.batch = batch
+        self.skipMarking = skipMarking
+        self.journal = journal
+    }
+
+    /// Marks the first `length` bytes of the writable buffers of the chain at `head` in the
+    /// descriptor table `table` (`queueSize` entries), walking indirect tables. The walk is
+    /// `ChainWalk`, with the device walker's bounds (head and next indices inside their table,
+    /// TTL, at most queue-size buffers, one level of indirection, an indirect descriptor never
+    /// with NEXT and its length a non-zero multiple of 16). Only the tables are read: indirect
+    /// tables translate through `tables`; buffer addresses are marked as the guest-physical
+    /// addresses they are, never translated (the device's IOMMU maps guest memory 1:1), and a
+    /// readable buffer after a writable one is no concern of the relay's. Indirect tables are
+    /// followed whether or not INDIRECT_DESC is negotiated now: the device decided when the ring
+    /// started, and marking a chain it completed is never wrong. On a broken chain it throws
+    /// after marking what it walked up to the break.
+    @inline(__always)
+    mutating func mark<Tables: GuestMemoryAccess>(head: UInt16, length: UInt32, table: UnsafeRawPointer, queueSize: UInt16,
+                                                  tables: Tables) throws(ChainError) {
+        remaining = UInt64(length)
+        guard remaining > 0 else { return }
+        _ = try ChainWalk.walk(head: head, table: table, queueSize: queueSize, indirectAllowed: true, tables: tables, visitor: &self)
+    }
+
+    @inline(__always)
+    mutating func visit(_ d: VirtqDescriptor, position: Int, index: UInt16) -> Bool {
+        if d.flags.contains(.write) && d.len > 0 {
+            let m = min(UInt64(d.len), remaining)
+            if !skipMarking {
+                batch.mark(gpa: d.addr, length: m)
+                pages &+= ((d.addr &+ m &- 1) >> 12) &- (d.addr >> 12) &+ 1
+            }
+            journal?.record(gpa: d.addr, length: m, marked: !skipMarking)
+            remaining &-= m
+        }
+        return remaining > 0
+    }
+}
+
+/// Test-only: where and how the relay journals the ranges it marks (see `RelayJournal`).
+struct JournalContext {
+    let journal: any RelayJournal
+    let view: GuestMemoryView
+    let ring: Int
+    let publishIndex: UInt16
+
+    /// Journals one device-written range with a checksum of its bytes now.
+    func record(gpa: UInt64, length: UInt64, marked: Bool) {
+        var sum: UInt64 = 0xcbf2_9ce4_8422_2325
+        if let p = view.hostPointer(gpa: gpa, length: length) {
+            for k in 0..<Int(length) { sum = (sum ^ UInt64(p.load(fromByteOffset: k, as: UInt8.self))) &* 0x100_0000_01b3 }
+        }
+        journal.record(ring: ring, gpa: gpa, length: UInt32(length), checksum: sum, marked: marked, publishIndex: publishIndex)
+    }
+}

@@ -1,0 +1,118 @@
+import Platform
+import DeviceFramework
+import Virtio
+
+/// The DMA engine's control operations (engine thread, through `perform`): memory, ring start,
+/// suspend, redirect, resume and stop, faults. Each runs between two batches.
+extension DMAEngine {
+    func rebuildActive() {
+        active = rings.filter(\.running)
+        activeRX = active.filter(\.isRX)
+    }
+
+    func fault(_ ring: EngineRing, _ text: String) {
+        // Publish what the ring completed before the fault, then never touch its memory again.
+        flush(ring)
+        ring.queue = nil
+        ring.failure = text
+        ring.stats.fault(text)
+        logger.error("queue \(ring.index) stopped by a device fault: \(text)")
+        rebuildActive()
+    }
+
+    /// Translates a ring's areas through the current IOMMU; a miss is a device fault.
+    func translate(_ ring: EngineRing) {
+        guard let c = ring.config else { ring.queue = nil; return }
+        do {
+            ring.queue = try SplitQueue(size: c.size, descriptorTableGPA: c.descGPA, availGPA: c.availGPA, usedGPA: c.usedGPA, memory: ringView)
+        } catch {
+            ring.queue = nil
+            fault(ring, "ring areas do not translate through the IOMMU: \(error)")
+        }
+    }
+
+    func setMemory(_ memory: DeviceMemory) {
+        self.memory = memory
+        iommu = IOMMUTable(memory: memory, extra: Array(extraMappings.values))
+        view = iommu.guestView
+        ringView = iommu.view
+        for r in rings where r.config != nil {
+            // A faulted ring keeps no pointers into memory that is about to be unmapped.
+            if r.failure == nil { translate(r) } else { r.queue = nil }
+        }
+        rebuildActive()
+    }
+
+    func startRing(_ c: VDPARingConfig) {
+        let r = rings[c.index]
+        stopRingLocal(r)
+        r.config = c
+        r.failure = nil
+        r.errorReset()
+        r.walker = DescriptorChainWalker(capacity: c.size, indirectAllowed: indirect)
+        r.lastAvail = c.base
+        r.usedIdx = c.base
+        r.publishedUsed = c.base
+        r.availCache = c.base
+        r.enabled = c.enabled
+        r.call = c.call
+        r.callFD = c.call?.raw ?? -1
+        r.kick = c.kick
+        if let k = c.kick {
+            // Each SET_VRING_KICK brings its own fd number (SCM_RIGHTS), so two rings given one
+            // eventfd are two epoll entries; the session made it non-blocking, so the ring whose
+            // read finds the counter already drained by the other gets EAGAIN, not a wedge.
+            do throws(SystemError) { try epoll.add(k.raw, token: Self.kickTokenBase + UInt64(c.index)) } catch {
+                r.kick = nil
+                fault(r, "cannot watch the ring's kick eventfd: \(error)")
+                return
+            }
+        }
+        translate(r)
+        r.queue?.disableNotifications(eventIdx: eventIdx)
+        r.notificationsEnabled = false
+        rebuildActive()
+    }
+
+    /// Suspends a ring between batches: what it wrote is published, it is served no more, and
+    /// its position is kept. Returns its used index.
+    func suspend(_ r: EngineRing) -> UInt16 {
+        flush(r)
+        r.suspended = true
+        rebuildActive()
+        return r.usedIdx
+    }
+
+    /// Points a suspended ring's used ring at `usedGPA` (an IOVA) and its interrupt at `call`.
+    func redirect(_ r: EngineRing, usedGPA: UInt64, call: SharedFD?, interruptEveryBatch: Bool) {
+        guard r.config != nil else { return }
+        r.config!.usedGPA = usedGPA
+        r.call = call
+        r.callFD = call?.raw ?? -1
+        r.interruptEveryBatch = interruptEveryBatch
+        translate(r)
+        // The new used ring carries the device's index from now on: seed it before resuming.
+        r.queue?.publishUsedIndex(r.usedIdx)
+        // The device's notification state lives in the used ring: write it into the new one.
+        r.queue?.disableNotifications(eventIdx: eventIdx)
+        r.notificationsEnabled = false
+    }
+
+    func resume(_ r: EngineRing) {
+        r.suspended = false
+        rebuildActive()
+    }
+
+    func stopRingLocal(_ r: EngineRing) {
+        flush(r)
+        if let k = r.kick { epoll.remove(k.raw) }
+        r.kick = nil
+        r.call = nil
+        r.callFD = -1
+        r.config = nil
+        r.queue = nil
+        r.suspended = false
+        r.interruptEveryBatch = false
+        rebuildActive()
+    }
+}
