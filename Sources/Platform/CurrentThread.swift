@@ -5,13 +5,9 @@ import CVDPAShims
 
 /// What a thread may do to itself: sleep, ask for real-time priority.
 public enum CurrentThread {
-    /// Sleeps the calling thread (nanosleep, resumed after a signal until the time has passed):
-    /// for a back-off after an error that a loop must not spin on.
-    public static func sleep(milliseconds: UInt32) {
-        var left = timespec(tv_sec: Int(milliseconds / 1000), tv_nsec: Int(milliseconds % 1000) * 1_000_000)
-        var rest = timespec()
-        while nanosleep(&left, &rest) != 0 && cvdpa_errno() == EINTR { left = rest }
-    }
+    /// Sleeps the calling thread (`MonotonicClock.sleep`: resumed after a signal until the time
+    /// has passed): for a back-off after an error that a loop must not spin on.
+    public static func sleep(milliseconds: UInt32) { MonotonicClock.sleep(seconds: Double(milliseconds) / 1000) }
 
     /// Asks for SCHED_FIFO at `priority` for the calling thread; throws when the process lacks
     /// the privilege (EPERM) or the priority is out of range.
