@@ -83,14 +83,14 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
         for q in queues.values {
             if q.guestCallFD >= 0 && !EventFD.isNonBlocking(q.guestCallFD) {
                 q.guestCallFD = -1
-                q.config.guestCall = nil
+                q.config.ring.call = nil
                 q.counters.errors.wrappingAdd(1, ordering: .relaxed)
-                logger.error("relay: ring \(q.config.index): the frontend made its call eventfd blocking again; no more interrupts on it")
+                logger.error("relay: ring \(q.config.ring.index): the frontend made its call eventfd blocking again; no more interrupts on it")
             }
-            if let k = q.config.deviceKick, !EventFD.isNonBlocking(k.raw) {
-                q.config.deviceKick = nil
+            if let k = q.config.ring.kick, !EventFD.isNonBlocking(k.raw) {
+                q.config.ring.kick = nil
                 q.counters.errors.wrappingAdd(1, ordering: .relaxed)
-                logger.error("relay: ring \(q.config.index): the frontend made its kick eventfd blocking again; the relay no longer rings it")
+                logger.error("relay: ring \(q.config.ring.index): the frontend made its kick eventfd blocking again; the relay no longer rings it")
             }
         }
     }
@@ -124,15 +124,15 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
         }
     }
 
-    /// Starts relaying ring `config.index` from `mediated`, whose next entry is `startIndex`; the
+    /// Starts relaying ring `config.ring.index` from `mediated`, whose next entry is `startIndex`; the
     /// device signals `deviceCall` when it completes into it.
     public func attach(_ config: RelayRingConfig, mediated: MediatedUsedRing, startIndex: UInt16, deviceCall: SharedFD,
                        counters: RelayCounters) throws(SystemError) {
-        let failure = try apply("attach ring \(config.index)") { e -> SystemError? in
-            do throws(SystemError) { try e.epoll.add(deviceCall.raw, token: UInt64(config.index)) } catch { return error }
+        let failure = try apply("attach ring \(config.ring.index)") { e -> SystemError? in
+            do throws(SystemError) { try e.epoll.add(deviceCall.raw, token: UInt64(config.ring.index)) } catch { return error }
             let q = RelayQueue(config: config, mediated: mediated, deviceCall: deviceCall, startIndex: startIndex, counters: counters)
             e.translate(q)
-            e.queues[config.index] = q
+            e.queues[config.ring.index] = q
             e.active = Array(e.queues.values)
             return nil
         }
@@ -154,13 +154,13 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
     public func setGuestCall(_ index: Int, _ call: SharedFD?) throws(SystemError) {
         try apply("set ring \(index)'s guest call") { e in
             guard let q = e.queues[index] else { return }
-            q.config.guestCall = call
+            q.config.ring.call = call
             q.guestCallFD = call?.raw ?? -1
         }
     }
 
     public func setUsedLogAddress(_ index: Int, _ gpa: UInt64) throws(SystemError) {
-        try apply("set ring \(index)'s used log address") { e in e.queues[index]?.config.usedLogGPA = gpa }
+        try apply("set ring \(index)'s used log address") { e in e.queues[index]?.config.ring.usedLogGPA = gpa }
     }
 
     /// Marks a whole used ring (flags, entries, idx, avail_event) in the current log.
@@ -174,16 +174,16 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
     var isRelaying: Bool { !queues.isEmpty }
 
     func markWholeUsedRing(_ c: RelayRingConfig) {
-        log?.mark(gpa: c.usedLogGPA, length: UInt64(6 + 8 * Int(c.size)))
+        log?.mark(gpa: c.ring.usedLogGPA, length: UInt64(6 + 8 * Int(c.ring.size)))
     }
 
     func translate(_ q: RelayQueue) {
         let c = q.config
         do {
-            q.guest = try SplitQueue(size: c.size, descriptorTableGPA: c.descGPA, availGPA: c.availGPA, usedGPA: c.usedGPA, memory: view)
+            q.guest = try SplitQueue(size: c.ring.size, descriptorTableGPA: c.ring.descGPA, availGPA: c.ring.availGPA, usedGPA: c.ring.usedGPA, memory: view)
         } catch {
             q.guest = nil
-            logger.error("relay: ring \(c.index) does not translate through the memory table (\(error)); it is not relayed")
+            logger.error("relay: ring \(c.ring.index) does not translate through the memory table (\(error)); it is not relayed")
             q.counters.errors.wrappingAdd(1, ordering: .relaxed)
         }
     }

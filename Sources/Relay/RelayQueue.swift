@@ -3,30 +3,22 @@ import Synchronization
 import VhostUser
 import Virtio
 
-/// Where a relayed ring lives on both sides.
+/// A relayed ring: the ring as the frontend set it up (its areas, the log address of its used
+/// ring, the guest's call, and the guest's kick, which is the device's doorbell the relay rings
+/// when a notification-state change reaches the guest late, see `RelayEngine.step`), and how the
+/// relay treats it.
 public struct RelayRingConfig: Sendable {
-    public var index: Int
-    public var size: UInt16
-    public var descGPA: UInt64
-    public var availGPA: UInt64
-    public var usedGPA: UInt64
-    /// Where the guest's used ring is logged (SET_VRING_ADDR's log_guest_addr, or usedGPA).
-    public var usedLogGPA: UInt64
+    public var ring: RingSetup
     /// Whether the device writes the chains' buffers (RX): their written bytes are marked.
     public var deviceWritesBuffers: Bool
     public var eventIdx: Bool
     public var indirect: Bool
-    public var guestCall: SharedFD?
-    /// The device's doorbell (the guest's kick eventfd), rung when a notification-state change
-    /// reaches the guest late (see `RelayEngine.step`).
-    public var deviceKick: SharedFD?
 
-    public init(index: Int, size: UInt16, descGPA: UInt64, availGPA: UInt64, usedGPA: UInt64, usedLogGPA: UInt64,
-                deviceWritesBuffers: Bool, eventIdx: Bool, indirect: Bool, guestCall: SharedFD?, deviceKick: SharedFD?) {
-        self.deviceKick = deviceKick
-        self.index = index; self.size = size; self.descGPA = descGPA; self.availGPA = availGPA; self.usedGPA = usedGPA
-        self.usedLogGPA = usedLogGPA; self.deviceWritesBuffers = deviceWritesBuffers; self.eventIdx = eventIdx
-        self.indirect = indirect; self.guestCall = guestCall
+    public init(ring: RingSetup, deviceWritesBuffers: Bool, eventIdx: Bool, indirect: Bool) {
+        self.ring = ring
+        self.deviceWritesBuffers = deviceWritesBuffers
+        self.eventIdx = eventIdx
+        self.indirect = indirect
     }
 }
 
@@ -56,12 +48,12 @@ final class RelayQueue {
     init(config: RelayRingConfig, mediated: MediatedUsedRing, deviceCall: SharedFD, startIndex: UInt16, counters: RelayCounters) {
         self.config = config
         self.mediated = mediated
-        reader = UsedRingReader(size: config.size, used: mediated.base)
+        reader = UsedRingReader(size: config.ring.size, used: mediated.base)
         self.deviceCall = deviceCall
         lastRelayed = startIndex
         lastFlags = 0xFFFF
         lastAvailEvent = 0
         self.counters = counters
-        guestCallFD = config.guestCall?.raw ?? -1
+        guestCallFD = config.ring.call?.raw ?? -1
     }
 }

@@ -20,23 +20,23 @@ extension RelayEngine {
         let c = q.config
         guard let log else { return 0 }
         var marker = WrittenBytesMarker(batch: DirtyLog.Batch(log: log), skipMarking: skipBufferMarking,
-                                        journal: journal.map { JournalContext(journal: $0, view: view, ring: c.index, publishIndex: deviceIndex) })
+                                        journal: journal.map { JournalContext(journal: $0, view: view, ring: c.ring.index, publishIndex: deviceIndex) })
         var i = old
         while i != deviceIndex {
             let (id, length) = q.reader.element(at: i)
             g.writeUsedElement(at: i, id: id, length: length)
-            if c.deviceWritesBuffers && length > 0 && id < UInt32(c.size) {
+            if c.deviceWritesBuffers && length > 0 && id < UInt32(c.ring.size) {
                 markWritten(q, g, head: UInt16(id), length: length, marker: &marker)
             }
             i &+= 1
         }
         if n > 0 {
             // The used entries [old, deviceIndex): one or two contiguous slot ranges (the ring wraps).
-            let first = UInt64(old & (c.size &- 1))
+            let first = UInt64(old & (c.ring.size &- 1))
             let count = UInt64(n)
-            let tail = min(count, UInt64(c.size) &- first)
-            marker.batch.mark(gpa: c.usedLogGPA &+ 4 &+ 8 &* first, length: 8 &* tail)
-            if count > tail { marker.batch.mark(gpa: c.usedLogGPA &+ 4, length: 8 &* (count &- tail)) }
+            let tail = min(count, UInt64(c.ring.size) &- first)
+            marker.batch.mark(gpa: c.ring.usedLogGPA &+ 4 &+ 8 &* first, length: 8 &* tail)
+            if count > tail { marker.batch.mark(gpa: c.ring.usedLogGPA &+ 4, length: 8 &* (count &- tail)) }
         }
         var notificationsEnabled = false
         if notifyChanged {
@@ -44,13 +44,13 @@ extension RelayEngine {
             notificationsEnabled = (flags != q.lastFlags && flags & 1 == 0) || availEvent != q.lastAvailEvent
             g.storeUsedFlags(flags)
             g.storeAvailEvent(availEvent)
-            marker.batch.mark(gpa: c.usedLogGPA, length: 2)
-            marker.batch.mark(gpa: c.usedLogGPA &+ 4 &+ 8 &* UInt64(c.size), length: 2)
+            marker.batch.mark(gpa: c.ring.usedLogGPA, length: 2)
+            marker.batch.mark(gpa: c.ring.usedLogGPA &+ 4 &+ 8 &* UInt64(c.ring.size), length: 2)
             q.lastFlags = flags
             q.lastAvailEvent = availEvent
         }
         if n > 0 {
-            marker.batch.mark(gpa: c.usedLogGPA &+ 2, length: 2)
+            marker.batch.mark(gpa: c.ring.usedLogGPA &+ 2, length: 2)
         }
         // Every mark is in the log before the index that exposes the entries is published:
         // flush does the ORs (buffers and used-ring words share the batch), and the release store below orders them first.
@@ -65,7 +65,7 @@ extension RelayEngine {
             q.counters.relayed.wrappingAdd(UInt64(n), ordering: .relaxed)
             q.counters.pagesMarked.wrappingAdd(marker.pages, ordering: .relaxed)
         }
-        if notificationsEnabled, let kick = c.deviceKick {
+        if notificationsEnabled, let kick = c.ring.kick {
             // The device asked for kicks (it is about to sleep), but the guest sees that request
             // only now, through us: buffers it posted in between came without a kick. Full fence
             // (store of the flags, then load of avail.idx, as virtqueue_enable_cb_delayed), then
@@ -83,7 +83,7 @@ extension RelayEngine {
     @inline(__always)
     func markWritten(_ q: RelayQueue, _ g: SplitQueue, head: UInt16, length: UInt32, marker: inout WrittenBytesMarker) {
         do throws(ChainError) {
-            try marker.mark(head: head, length: length, table: g.descriptorTable, queueSize: q.config.size, tables: view)
+            try marker.mark(head: head, length: length, table: g.descriptorTable, queueSize: q.config.ring.size, tables: view)
         } catch {
             q.counters.errors.wrappingAdd(1, ordering: .relaxed)
         }

@@ -257,11 +257,9 @@ final class MigrationSwitch {
                                                  mapping: IOVAMapping(iova: iova, size: UInt64(mediated.byteCount), host: mediated.base, owner: mediated),
                                                  call: deviceCall, interruptEveryBatch: true)
             redirected = true
-            try relay.attach(RelayRingConfig(index: i, size: ring.size, descGPA: ring.descGPA, availGPA: ring.availGPA,
-                                             usedGPA: ring.usedGPA, usedLogGPA: ring.usedLogGPA, deviceWritesBuffers: true,
+            try relay.attach(RelayRingConfig(ring: ring, deviceWritesBuffers: true,
                                              eventIdx: s.features & VirtioFeature.ringEventIdx != 0,
-                                             indirect: s.features & VirtioFeature.ringIndirectDesc != 0, guestCall: ring.call,
-                                             deviceKick: ring.kick),
+                                             indirect: s.features & VirtioFeature.ringIndirectDesc != 0),
                              mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
             setMode(i, .relay(mediated))
             let gap = (MonotonicClock.nanoseconds - held) / 1000
