@@ -27,10 +27,7 @@ final class Run {
 
     init() throws {
         device = try SoftNIC(portID: "fuzz", queuePairs: 1, link: .loopback, guestMAC: nil, logger: logger)
-        // What a port offers (Port.init): the device's features plus vhost-user's own bits, guest
-        // memory below the daemon's reserved IOVA range.
-        let config = BackendConfig(queuePairs: 1, virtioFeatures: device.virtioFeatures | BackendConfig.vhostUserFeatures,
-                                   guestPhysLimit: reservedIOVABase)
+        let config = Port.backendConfig(queuePairs: 1, device: device)  // what a port offers
         session = BackendSession(config: config, logger: logger)
         // The event loop: a relay thread that sleeps when idle (poll and hybrid would spin).
         binding = DeviceBinding(device: device, portID: "fuzz", relayMode: .event, migration: MigrationStatsTable(),

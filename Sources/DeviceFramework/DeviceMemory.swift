@@ -20,7 +20,4 @@ public struct DeviceMemory: @unchecked Sendable {
     }
 
     public static let empty = DeviceMemory(regions: [], owner: nil)
-
-    /// End of the highest region (guest-physical), 0 when empty.
-    public var guestPhysEnd: UInt64 { regions.map { $0.gpa &+ $0.size }.max() ?? 0 }
 }

@@ -1,3 +1,4 @@
+import Dispatch
 import Synchronization
 
 /// State that one `ConfinedWorker` thread owns, and the loop that thread runs.
@@ -38,7 +39,11 @@ public enum WorkerError: Error, Equatable, Sendable, CustomStringConvertible {
 public final class ConfinedWorker<Target: ConfinedTarget>: Sendable {
     private let mailbox: Mailbox<Target>
     private let thread = Mutex<OSThread?>(nil)
-    /// Set on the owner thread by the operation `stop` posts; read there by the loop.
+    /// Whether `start` made a thread (which closes the mailbox when its loop ends).
+    private let started = Atomic<Bool>(false)
+    /// Signalled once by the thread when its loop has returned.
+    private let ended = DispatchSemaphore(value: 0)
+    /// Set by `stop`, read by the loop: it ends at its next check.
     private let stopFlag = Atomic<Bool>(false)
     /// Set once `stop` was called (whatever its outcome): `perform` then fails at once.
     private let stopCalled = Atomic<Bool>(false)
@@ -61,7 +66,9 @@ public final class ConfinedWorker<Target: ConfinedTarget>: Sendable {
             mailbox.ownerStarted()
             target.run(on: self)
             mailbox.close()
+            ended.signal()
         }
+        started.store(true, ordering: .releasing)
         thread.withLock { $0 = t }
     }
 
@@ -82,30 +89,38 @@ public final class ConfinedWorker<Target: ConfinedTarget>: Sendable {
         return value
     }
 
-    /// Stops the thread: the loop sees `stopRequested` after the operations posted before, ends,
-    /// and is joined. Bounded like `perform`: a thread that does not answer (blocked on a
-    /// frontend's fd even after the interrupt) is abandoned and ends with the process; the result
-    /// is then false, and the caller should say so loudly. Later operations fail at once.
+    /// Stops the thread: sets the stop flag (the loop ends at its next check; operations still
+    /// queued are released unrun and fail as `.stopped`), wakes it, and waits for its loop to end,
+    /// then joins it. Bounded like `perform`: after `timeoutSeconds` the thread is interrupted (out
+    /// of a system call blocked on a frontend's fd) and given as long again; one that still has not
+    /// ended is abandoned (it ends at its next check, or with the process) and the result is
+    /// false: the caller should say so loudly. A later `stop` waits for it again. Operations fail
+    /// at once from the moment `stop` is called.
     @discardableResult
     public func stop() -> Bool {
-        let t = thread.withLock { $0.take() }
-        guard let t else {
-            // Never started (or already stopped): nothing to wait for.
-            stopCalled.store(true, ordering: .releasing)
+        stopCalled.store(true, ordering: .releasing)
+        stopFlag.store(true, ordering: .releasing)
+        guard started.load(ordering: .acquiring) else {
+            // Never started: no thread will close the mailbox.
             mailbox.close()
             return true
         }
-        let ran = mailbox.perform(timeoutSeconds: timeoutSeconds) { [self] _ in stopFlag.store(true, ordering: .relaxed) }
-        stopCalled.store(true, ordering: .releasing)
-        guard ran || mailbox.isClosed else { return false }
-        t.join()
+        guard let t = thread.withLock({ $0 }) else { return true }  // already stopped and joined
+        EventFD.signal(mailbox.wake.raw)
+        if ended.wait(timeout: .now() + timeoutSeconds) != .success {
+            mailbox.interruptOwner()
+            guard ended.wait(timeout: .now() + timeoutSeconds) == .success else { return false }
+        }
+        ended.signal()  // it stays ended: let any other waiting stop through too
+        // Joined once: a concurrent or later stop finds no thread.
+        if thread.withLock({ $0.take() }) != nil { t.join() }
         return true
     }
 
     // MARK: the owner thread
 
-    /// Whether the loop should end (owner thread; set by the operation `stop` posts).
-    public var stopRequested: Bool { stopFlag.load(ordering: .relaxed) }
+    /// Whether the loop should end (owner thread; set by `stop`).
+    public var stopRequested: Bool { stopFlag.load(ordering: .acquiring) }
 
     /// Whether operations were posted since the last `runPending` (owner thread, once per pass).
     public var hasPending: Bool { mailbox.hasPending }

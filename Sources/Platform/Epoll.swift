@@ -46,6 +46,8 @@ public struct Epoll: ~Copyable {
     }
 
     public func remove(_ target: Int32) {
+        // Fails only when `target` is not watched (ENOENT) or not open (EBADF): either way it is
+        // not watched afterwards, which is all a caller asks.
         _ = epoll_ctl(fd.raw, EPOLL_CTL_DEL, target, nil)
     }
 

@@ -24,8 +24,6 @@ public struct Errno: RawRepresentable, Hashable, Sendable, CustomStringConvertib
     public static let notConnected = Errno(rawValue: ENOTCONN)
     /// EINVAL: an argument is out of range.
     public static let invalidArgument = Errno(rawValue: EINVAL)
-    /// EBADF: not an open file descriptor.
-    public static let badFileDescriptor = Errno(rawValue: EBADF)
 
     public var description: String { String(cString: strerror(rawValue)) }
 }

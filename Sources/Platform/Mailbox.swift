@@ -77,7 +77,9 @@ public final class Mailbox<Target: AnyObject>: Sendable {
         return false
     }
 
-    private func interruptOwner() {
+    /// Interrupts the owner thread out of a blocking system call (it then takes `takeInterrupted`
+    /// before it drains); nothing happens before `ownerStarted`.
+    public func interruptOwner() {
         let thread = owner.load(ordering: .acquiring)
         guard thread != 0 else { return }
         interrupted.store(true, ordering: .releasing)

@@ -14,7 +14,8 @@ public final class MediatedUsedRing: @unchecked Sendable {
     public var base: UnsafeMutableRawPointer { mapping.base }
 
     /// Reserved IOVA range for mediated rings: far above any guest RAM (2^46 = 64 TiB). The
-    /// session refuses memory regions that reach it, and the device translates guest buffers
+    /// port's session refuses memory regions that reach it (its `guestPhysLimit`), the binding
+    /// refuses such a table again before a device sees it, and the device translates guest buffers
     /// without these mappings, so no guest descriptor can point into a mediated ring.
     public static let iovaBase: UInt64 = reservedIOVABase
     public static let iovaStride: UInt64 = 1 << 20

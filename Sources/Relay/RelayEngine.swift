@@ -163,18 +163,8 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
         try apply("set ring \(index)'s used log address") { e in e.queues[index]?.config.ring.usedLogGPA = gpa }
     }
 
-    /// Marks a whole used ring (flags, entries, idx, avail_event) in the current log.
-    public func markUsedRing(logGPA: UInt64, size: UInt16) throws(SystemError) {
-        try apply("mark a used ring") { e in
-            guard let log = e.log else { return }
-            log.mark(gpa: logGPA, length: UInt64(6 + 8 * Int(size)))
-        }
-    }
-
-    var isRelaying: Bool { !queues.isEmpty }
-
     func markWholeUsedRing(_ c: RelayRingConfig) {
-        log?.mark(gpa: c.ring.usedLogGPA, length: UInt64(6 + 8 * Int(c.ring.size)))
+        log?.mark(gpa: c.ring.usedLogGPA, length: UInt64(SplitRingLayout.usedRingBytes(queueSize: c.ring.size)))
     }
 
     func translate(_ q: RelayQueue) {

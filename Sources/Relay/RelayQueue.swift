@@ -12,13 +12,13 @@ public struct RelayRingConfig: Sendable {
     /// Whether the device writes the chains' buffers (RX): their written bytes are marked.
     public var deviceWritesBuffers: Bool
     public var eventIdx: Bool
-    public var indirect: Bool
 
-    public init(ring: RingSetup, deviceWritesBuffers: Bool, eventIdx: Bool, indirect: Bool) {
+    /// Indirect tables are followed whether or not INDIRECT_DESC was negotiated (the device
+    /// decided when the ring started; marking a chain it completed is never wrong).
+    public init(ring: RingSetup, deviceWritesBuffers: Bool, eventIdx: Bool) {
         self.ring = ring
         self.deviceWritesBuffers = deviceWritesBuffers
         self.eventIdx = eventIdx
-        self.indirect = indirect
     }
 }
 

@@ -48,7 +48,6 @@ final class HostLink {
         generator = TrafficGenerator(frameSize: frameSize, rate: rate, dst: macGuest, src: macOwn)
     }
 
-    deinit { generator.template.deallocate() }
 
     /// Whether the link takes TX frames only to count them (sink and source).
     var consumesTX: Bool { kind == .sink || kind == .source }
@@ -82,7 +81,7 @@ final class HostLink {
 
 /// The `source` link's frame generator: a template frame whose sequence field (epoch << 48 |
 /// sequence) counts every frame it produced, and its rate limiter.
-struct TrafficGenerator {
+struct TrafficGenerator: ~Copyable {
     let frameSize: Int
     /// Frames per second; 0 = as fast as the guest posts buffers.
     let rate: UInt64
@@ -94,7 +93,7 @@ struct TrafficGenerator {
     var sent: UInt64 = 0
     /// Round-robin over the running RX rings.
     var nextRing = 0
-    /// The frame (preallocated once; HostLink frees it).
+    /// The frame (preallocated once, freed once in deinit: the generator cannot be copied).
     let template: UnsafeMutableRawPointer
 
     init(frameSize: Int, rate: UInt64, dst: UInt64, src: UInt64) {
@@ -103,6 +102,8 @@ struct TrafficGenerator {
         template = .allocate(byteCount: LinkSpec.maxFrame, alignment: 64)
         if frameSize > 0 { Frames.writeSource(to: template, size: frameSize, dst: dst, src: src, sequence: 0) }
     }
+
+    deinit { template.deallocate() }
 
     /// A new run (the RX ring started): a new epoch, numbers from 0, the rate from now.
     mutating func restart() {

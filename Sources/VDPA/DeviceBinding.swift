@@ -53,6 +53,12 @@ final class DeviceBinding: VhostUserDeviceHooks {
     }
 
     func memoryTableChanged(_ table: GuestMemoryTable) throws(VhostUserError) {
+        // The session refuses such regions when its port set the limit (Port does); a device must
+        // never see guest memory over the daemon's own mappings, whoever made the session.
+        guard table.guestPhysEnd <= reservedIOVABase else {
+            throw VhostUserError(.semantics, "SET_MEM_TABLE", field: "guest_phys_addr",
+                                 "guest memory reaches the daemon's reserved IOVA range at 0x\(String(reservedIOVABase, radix: 16))")
+        }
         state.memory = table
         try dev(logger, "SET_MEM_TABLE") { () throws(DeviceError) in try device.setMemory(Self.deviceMemory(table)) }
         try migration.memoryChanged(table)
@@ -61,17 +67,17 @@ final class DeviceBinding: VhostUserDeviceHooks {
     func vringStarted(_ ring: RingSetup) throws(VhostUserError) {
         let i = ring.index
         let request = "start ring \(i)"
-        state.rings[i] = ring
         let memory = Self.deviceMemory(state.memory)
         try dev(logger, request) { () throws(DeviceError) in try device.setMemory(memory) }
-        if migration.startsMediated(i, state) {
-            // A ring started while logging is on starts in relay mode: it is held disabled until
-            // its used ring points at the mediated ring, so no completion escapes the relay.
-            try dev(logger, request) { () throws(DeviceError) in try device.startRing(Self.deviceConfig(ring, enabled: false)) }
-            try migration.takeOver(i, state)
-        } else {
-            try dev(logger, request) { () throws(DeviceError) in try device.startRing(Self.deviceConfig(ring, enabled: ring.enabled)) }
+        let mediated = migration.startsMediated(i, state)
+        // A ring started while logging is on starts in relay mode: it is held disabled until its
+        // used ring points at the mediated ring, so no completion escapes the relay.
+        try dev(logger, request) { () throws(DeviceError) in
+            try device.startRing(Self.deviceConfig(ring, enabled: mediated ? false : ring.enabled))
         }
+        // Recorded once the device runs it (a ring it refused has nothing to stop).
+        state.rings[i] = ring
+        if mediated { try migration.takeOver(i, state) }
     }
 
     func vringStopping(_ index: Int) throws(VhostUserError) -> UInt32? {

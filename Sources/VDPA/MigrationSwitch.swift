@@ -112,7 +112,7 @@ final class MigrationSwitch {
         } else if s.logAll, hasUsableLog(s), let log = s.log, let ring = s.rings[index] {
             // A ring kept direct while logging (TX: the device only writes its used ring there):
             // its whole used ring is marked now, so the final log is complete.
-            log.mark(gpa: ring.usedLogGPA, length: UInt64(6 + 8 * Int(ring.size)))
+            log.mark(gpa: ring.usedLogGPA, length: UInt64(SplitRingLayout.usedRingBytes(queueSize: ring.size)))
         }
         if s.rings.keys.allSatisfy({ $0 == index }), let log = s.log { staleLog = log }
     }
@@ -242,7 +242,7 @@ final class MigrationSwitch {
             try relay.setLog(s.log)
             try relay.setMemory(s.memory)
             let mediated = try MediatedUsedRing(size: ring.size)
-            let usedBytes = 6 + 8 * Int(ring.size)
+            let usedBytes = SplitRingLayout.usedRingBytes(queueSize: ring.size)
             if let table = s.memory.hostPointer(gpa: ring.usedGPA, length: UInt64(usedBytes)) {
                 // Seed the device's notification state (flags, avail_event) from the guest's ring.
                 // Safety: the mediated ring holds at least usedBytes (its size rounded up to a
@@ -258,8 +258,7 @@ final class MigrationSwitch {
                                                  call: deviceCall, interruptEveryBatch: true)
             redirected = true
             try relay.attach(RelayRingConfig(ring: ring, deviceWritesBuffers: true,
-                                             eventIdx: s.features & VirtioFeature.ringEventIdx != 0,
-                                             indirect: s.features & VirtioFeature.ringIndirectDesc != 0),
+                                             eventIdx: s.features & VirtioFeature.ringEventIdx != 0),
                              mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
             setMode(i, .relay(mediated))
             let gap = (MonotonicClock.nanoseconds - held) / 1000

@@ -40,13 +40,7 @@ public final class Port: Sendable {
         self.spec = spec
         self.device = device
         self.options = options
-        // The port asks its device what to offer: the device's features the relay can migrate,
-        // and vhost-user's own bits. Guest memory stays below the IOVA range the daemon maps its
-        // own rings in.
-        config = BackendConfig(queuePairs: spec.queuePairs,
-                               virtioFeatures: ((device?.virtioFeatures ?? VirtioNetFeatureSet.migratable) & VirtioNetFeatureSet.migratable)
-                                   | BackendConfig.vhostUserFeatures,
-                               guestPhysLimit: reservedIOVABase)
+        config = Self.backendConfig(queuePairs: spec.queuePairs, device: device)
         var l = logger
         l[metadataKey: "port"] = "\(spec.id)"
         self.logger = l
@@ -54,6 +48,16 @@ public final class Port: Sendable {
         if let device { initial.device = device.summary }
         state = Mutex(initial)
         wake = SharedFD(try EventFD.make())
+    }
+
+    /// What a port offers: it asks its device, and offers the device's features the relay can
+    /// migrate plus vhost-user's own bits (a port without a device offers the migratable set).
+    /// Guest memory stays below the IOVA range the daemon maps its own rings in.
+    public static func backendConfig(queuePairs: Int, device: (any VDPADevice)?) -> BackendConfig {
+        BackendConfig(queuePairs: queuePairs,
+                      virtioFeatures: ((device?.virtioFeatures ?? VirtioNetFeatureSet.migratable) & VirtioNetFeatureSet.migratable)
+                          | BackendConfig.vhostUserFeatures,
+                      guestPhysLimit: reservedIOVABase)
     }
 
     public var status: PortStatus { state.withLock { $0 } }

@@ -60,7 +60,9 @@ public struct SplitRingLayout: Equatable, Sendable {
     /// 6 + 2n: flags, idx, ring[n], used_event.
     public var availRingBytes: Int { 6 + 2 * Int(queueSize) }
     /// 6 + 8n: flags, idx, ring[n], avail_event.
-    public var usedRingBytes: Int { 6 + Self.usedElementSize * Int(queueSize) }
+    public var usedRingBytes: Int { Self.usedRingBytes(queueSize: queueSize) }
+    /// Bytes of a used ring of `queueSize` entries: flags, idx, the entries, avail_event.
+    public static func usedRingBytes(queueSize: UInt16) -> Int { 6 + usedElementSize * Int(queueSize) }
 
     /// Offset of used_event (the avail ring's tail word).
     public var usedEventOffset: Int { Self.availRingOffset + 2 * Int(queueSize) }

@@ -131,9 +131,25 @@ final class ConfinedWorkerTests: XCTestCase {
         let start = Date()
         XCTAssertThrowsError(try worker.perform { _ in 1 }) { XCTAssertEqual($0 as? WorkerError, .stopped) }
         XCTAssertLessThan(Date().timeIntervalSince(start), 0.05)
-        // Once free, the abandoned thread runs the stop it was sent and ends.
+        XCTAssertFalse(worker.stop(), "a second stop waits for the thread again and does not pretend it ended")
+        // Once free, the abandoned thread sees the stop flag and ends; a later stop joins it.
         hold.release()
         XCTAssertTrue(waitFor { target.loopEnded.load(ordering: .acquiring) })
+        XCTAssertTrue(worker.stop())
+    }
+
+    /// A stop that comes while operations already fail fast (the thread did not answer one) still
+    /// reaches the thread: once free, it ends.
+    func testStopAfterAnUnresponsiveOperationStillEndsTheThread() throws {
+        let worker = try ConfinedWorker<Counter>(name: "worker-test", timeoutSeconds: 0.1)
+        let target = Counter()
+        try worker.start(target)
+        let hold = try Hold(worker)
+        XCTAssertThrowsError(try worker.perform { _ in 1 }) { XCTAssertEqual($0 as? WorkerError, .unresponsive) }
+        XCTAssertFalse(worker.stop(), "still held: abandoned for now")
+        hold.release()
+        XCTAssertTrue(waitFor { target.loopEnded.load(ordering: .acquiring) }, "the stop reached the thread once it was free")
+        XCTAssertTrue(worker.stop())
     }
 
     /// Holds the worker's thread inside an operation (no progress, no system call to interrupt)

@@ -61,9 +61,46 @@ final class DeviceFrameworkTests: XCTestCase {
         XCTAssertEqual(p2.config.virtioFeatures, VirtioFeature.version1 | BackendConfig.vhostUserFeatures)
     }
 
-    func ring(_ i: Int, enabled: Bool = true) -> RingSetup {
-        RingSetup(index: i, size: 64, descGPA: 0x1000, availGPA: 0x2000, usedGPA: 0x3000, usedLogGPA: 0x3000, base: 0,
+    func ring(_ i: Int, enabled: Bool = true, usedLogGPA: UInt64 = 0x3000) -> RingSetup {
+        RingSetup(index: i, size: 64, descGPA: 0x1000, availGPA: 0x2000, usedGPA: 0x3000, usedLogGPA: usedLogGPA, base: 0,
                   kick: nil, call: nil, enabled: enabled)
+    }
+
+    /// What a port may offer of a virtio-net device: split rings with mergeable buffers, several
+    /// queue pairs, MTU, EVENT_IDX, indirect descriptors, guest announce; never what QEMU keeps
+    /// for itself with vhost-user (control queue, MAC, link status) nor what the relay cannot walk
+    /// (packed rings).
+    func testTheMigratableSet() {
+        let m = VirtioNetFeatureSet.migratable
+        for bit in [VirtioFeature.version1, VirtioNetFeature.mrgRxbuf, VirtioNetFeature.mq, VirtioNetFeature.mtu,
+                    VirtioFeature.ringEventIdx, VirtioFeature.ringIndirectDesc, VirtioNetFeature.guestAnnounce] {
+            XCTAssertNotEqual(m & bit, 0, describeFeatures(bit))
+        }
+        for bit in [VirtioNetFeature.ctrlVq, VirtioNetFeature.mac, VirtioNetFeature.status, VirtioFeature.ringPacked,
+                    VirtioFeature.vhostLogAll, VirtioFeature.vhostUserProtocolFeatures] {
+            XCTAssertEqual(m & bit, 0, describeFeatures(bit))
+        }
+    }
+
+    /// The used rings are marked at the log address the frontend gave with the log flag, not at
+    /// the used ring's own address: a TX ring's whole used ring when it stops, a relayed RX ring's
+    /// when the relay lets it go.
+    func testUsedRingsAreMarkedAtTheirLogAddress() throws {
+        let device = RecordingDevice()
+        let binding = DeviceBinding(device: device, portID: "t", relayMode: .event, migration: MigrationStatsTable(),
+                                    testSwitches: TestSwitches(), logger: logger)
+        defer { binding.reset() }
+        let log = try log()
+        try binding.featuresChanged(VirtioFeature.version1 | VirtioFeature.vhostLogAll, ringsEnabled: [true, true])
+        try binding.logChanged(log)
+        try binding.vringStarted(ring(0, usedLogGPA: 0x7000))
+        try binding.vringStarted(ring(1, usedLogGPA: 0x5000))
+        XCTAssertEqual(binding.mode(ofRing: 0), .relay)
+        _ = try binding.vringStopping(1)
+        XCTAssertTrue(log.isMarked(page: 5), "TX used ring marked at its log address")
+        _ = try binding.vringStopping(0)
+        XCTAssertTrue(log.isMarked(page: 7), "relayed RX used ring marked at its log address")
+        XCTAssertFalse(log.isMarked(page: 3), "never at the used ring's own address")
     }
 
     func log() throws -> DirtyLog {
