@@ -57,7 +57,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
         // never see guest memory over the daemon's own mappings, whoever made the session.
         guard table.guestPhysEnd <= reservedIOVABase else {
             throw VhostUserError(.semantics, "SET_MEM_TABLE", field: "guest_phys_addr",
-                                 "guest memory reaches the daemon's reserved IOVA range at 0x\(String(reservedIOVABase, radix: 16))")
+                                 "guest memory ends at 0x\(String(table.guestPhysEnd, radix: 16)), above the IOVA base 0x\(String(reservedIOVABase, radix: 16)) the daemon keeps for its own mappings: no device is given it")
         }
         state.memory = table
         try dev(logger, "SET_MEM_TABLE") { () throws(DeviceError) in try device.setMemory(Self.deviceMemory(table)) }

@@ -82,6 +82,26 @@ final class DeviceFrameworkTests: XCTestCase {
         }
     }
 
+    /// A session made without the port's limit cannot hand a device guest memory over the
+    /// daemon's own IOVA range: the binding refuses the table before the device sees it.
+    func testBindingRefusesMemoryOverTheReservedIOVARange() throws {
+        let device = RecordingDevice()
+        let binding = DeviceBinding(device: device, portID: "t", relayMode: .event, migration: MigrationStatsTable(),
+                                    testSwitches: TestSwitches(), logger: logger)
+        let high = try MemoryRegion(MemoryRegionDescription(guestPhysAddr: reservedIOVABase - 0x1000, size: 0x2000,
+                                                            userAddr: 0x1000_0000, mmapOffset: 0),
+                                    fd: makeMemfd(name: "high", size: 0x2000))
+        XCTAssertThrowsError(try binding.memoryTableChanged(GuestMemoryTable(regions: [high]))) { error in
+            XCTAssertEqual((error as? VhostUserError)?.field, "guest_phys_addr")
+        }
+        XCTAssertEqual(device.take(), [], "the device never saw it")
+        let low = try MemoryRegion(MemoryRegionDescription(guestPhysAddr: reservedIOVABase - 0x2000, size: 0x2000,
+                                                           userAddr: 0x1000_0000, mmapOffset: 0),
+                                   fd: makeMemfd(name: "low", size: 0x2000))
+        try binding.memoryTableChanged(GuestMemoryTable(regions: [low]))
+        XCTAssertEqual(device.take(), ["memory"], "up to the base is guest memory")
+    }
+
     /// The used rings are marked at the log address the frontend gave with the log flag, not at
     /// the used ring's own address: a TX ring's whole used ring when it stops, a relayed RX ring's
     /// when the relay lets it go.
