@@ -68,8 +68,9 @@ public final class ConfinedWorker<Target: ConfinedTarget>: Sendable {
             mailbox.close()
             ended.signal()
         }
-        started.store(true, ordering: .releasing)
+        // The thread is stored before `started` is set: a stop that sees `started` finds it.
         thread.withLock { $0 = t }
+        started.store(true, ordering: .releasing)
     }
 
     /// Runs `body` on the owner thread between two units of its work, waits for it and returns its

@@ -46,8 +46,8 @@ public struct Epoll: ~Copyable {
     }
 
     public func remove(_ target: Int32) {
-        // Fails only when `target` is not watched (ENOENT) or not open (EBADF): either way it is
-        // not watched afterwards, which is all a caller asks.
+        // Fails only when `target` is not watched (ENOENT) or not open (EBADF). Callers remove an
+        // fd before they close it, so neither happens in this tree; there is nothing to report.
         _ = epoll_ctl(fd.raw, EPOLL_CTL_DEL, target, nil)
     }
 

@@ -113,6 +113,8 @@ public final class Mailbox<Target: AnyObject>: Sendable {
 
     /// The owner thread is ending: later posts fail at once; queued ones are released unrun.
     public func close() {
+        // No interrupt may be aimed at this thread once it has ended (its id can be reused).
+        owner.store(0, ordering: .releasing)
         let items = queue.withLock { q -> [(@Sendable (Target) -> Void, Ticket)] in
             q.closed = true
             let w = q.items

@@ -48,7 +48,6 @@ final class HostLink {
         generator = TrafficGenerator(frameSize: frameSize, rate: rate, dst: macGuest, src: macOwn)
     }
 
-
     /// Whether the link takes TX frames only to count them (sink and source).
     var consumesTX: Bool { kind == .sink || kind == .source }
 

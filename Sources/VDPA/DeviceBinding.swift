@@ -56,7 +56,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
         // The session refuses such regions when its port set the limit (Port does); a device must
         // never see guest memory over the daemon's own mappings, whoever made the session.
         guard table.guestPhysEnd <= reservedIOVABase else {
-            throw VhostUserError(.semantics, "SET_MEM_TABLE", field: "guest_phys_addr",
+            throw VhostUserError(.semantics, "memory table", field: "guest_phys_addr",
                                  "guest memory ends at 0x\(String(table.guestPhysEnd, radix: 16)), above the IOVA base 0x\(String(reservedIOVABase, radix: 16)) the daemon keeps for its own mappings: no device is given it")
         }
         state.memory = table

@@ -1,4 +1,3 @@
-import Virtio
 /// Guest-physical addresses of one split virtqueue's three parts.
 public struct PlacedRing: Equatable, Sendable {
     public var index: UInt32
@@ -38,7 +37,7 @@ public enum RingPlacement {
 
     public static func descTableBytes(size: UInt32) -> UInt64 { 16 * UInt64(size) }
     public static func availRingBytes(size: UInt32) -> UInt64 { 6 + 2 * UInt64(size) }
-    public static func usedRingBytes(size: UInt32) -> UInt64 { UInt64(SplitRingLayout.usedRingBytes(queueSize: UInt16(truncatingIfNeeded: size))) }
+    public static func usedRingBytes(size: UInt32) -> UInt64 { 6 + 8 * UInt64(size) }
 
     static func alignUp(_ v: UInt64, _ a: UInt64) -> UInt64 { (v + a - 1) / a * a }
 

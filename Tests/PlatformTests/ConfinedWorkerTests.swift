@@ -138,6 +138,20 @@ final class ConfinedWorkerTests: XCTestCase {
         XCTAssertTrue(worker.stop())
     }
 
+    /// Several stops at once all return true once the thread has ended, and it is joined once.
+    func testConcurrentStopsAllSeeTheEnd() throws {
+        let worker = try ConfinedWorker<Counter>(name: "worker-test", timeoutSeconds: 0.5)
+        let target = Counter()
+        try worker.start(target)
+        let results = Mutex<[Bool]>([])
+        DispatchQueue.concurrentPerform(iterations: 4) { _ in
+            let r = worker.stop()
+            results.withLock { $0.append(r) }
+        }
+        XCTAssertEqual(results.withLock { $0 }, [true, true, true, true])
+        XCTAssertTrue(target.loopEnded.load(ordering: .acquiring))
+    }
+
     /// A stop that comes while operations already fail fast (the thread did not answer one) still
     /// reaches the thread: once free, it ends.
     func testStopAfterAnUnresponsiveOperationStillEndsTheThread() throws {
