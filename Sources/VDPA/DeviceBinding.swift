@@ -31,8 +31,7 @@ final class DeviceBinding: VhostUserDeviceHooks {
 
     /// The guest's memory as the device is given it.
     static func deviceMemory(_ table: GuestMemoryTable) -> DeviceMemory {
-        DeviceMemory(regions: table.regions.map { GuestMemoryView.Region(gpa: $0.guestPhysAddr, size: $0.size, host: UInt(bitPattern: $0.host)) },
-                     owner: table)
+        DeviceMemory(regions: table.viewRegions, owner: table)
     }
 
     static func deviceConfig(_ r: RingSetup, enabled: Bool) -> VDPARingConfig {

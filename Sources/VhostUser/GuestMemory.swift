@@ -65,6 +65,10 @@ public final class GuestMemoryTable: @unchecked Sendable {
     /// Valid while this table is alive (the thread holds the table).
     public var view: GuestMemoryView { GuestMemoryView(base: UnsafePointer(flat.baseAddress!), count: regions.count) }
 
+    /// The regions as `view` translates through them (guest-physical address, size, host
+    /// address), as values; the host addresses are valid while this table is alive.
+    public var viewRegions: [GuestMemoryView.Region] { Array(flat.prefix(regions.count)) }
+
     public static let empty = GuestMemoryTable(regions: [])
 
     /// End of the highest region (guest-physical), 0 when empty.
