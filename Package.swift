@@ -45,8 +45,12 @@ let package = Package(
         .target(name: "SoftNIC", dependencies: [
             "Platform", "Virtio", "DeviceFramework", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
+        // The kernel vhost-vdpa driver: a VDPADevice over /dev/vhost-vdpa-N.
+        .target(name: "VhostVDPA", dependencies: [
+            "Platform", "Virtio", "DeviceFramework", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
         .executableTarget(name: "vdpad", dependencies: [
-            "VDPA", "DeviceFramework", "SoftNIC", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "VDPA", "DeviceFramework", "SoftNIC", "VhostVDPA", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpa-bench", dependencies: [
@@ -60,6 +64,7 @@ let package = Package(
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VhostUser", "Platform"], swiftSettings: strict),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VhostUserFrontend", "Platform", "Virtio"], swiftSettings: strict),
         .testTarget(name: "VDPATests", dependencies: ["VDPA", "DeviceFramework", "VhostUserFrontend", "VhostUser", "Platform"], swiftSettings: strict),
+        .testTarget(name: "VhostVDPATests", dependencies: ["VhostVDPA", "SoftNIC", "DeviceFramework", "VDPA", "Relay", "VhostUserFrontend", "VhostUser", "Virtio", "Platform"], swiftSettings: strict),
         .testTarget(name: "SoftNICTests", dependencies: ["SoftNIC", "DeviceFramework", "VDPA", "Relay", "VhostUserFrontend", "VhostUser", "Virtio", "Platform"], swiftSettings: strict),
     ]
 )

@@ -26,6 +26,9 @@ public final class MediatedUsedRing: @unchecked Sendable {
         self.size = size
         let bytes = SplitRingLayout(queueSize: size).map { $0.usedRingBytes } ?? 4096
         byteCount = (bytes + 4095) & ~4095
-        mapping = try MemoryMapping(anonymous: byteCount)
+        // Shared memory from a memfd, not anonymous memory: a kernel vDPA device that works on
+        // virtual addresses (VDUSE's) maps only shared file-backed ranges into its IOTLB.
+        let fd = try makeMemfd(name: "vdpa-mediated-used", size: byteCount)
+        mapping = try MemoryMapping(fd: fd, offset: 0, length: byteCount)
     }
 }

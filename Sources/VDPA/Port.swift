@@ -40,7 +40,10 @@ public final class Port: Sendable {
         self.spec = spec
         self.device = device
         self.options = options
-        config = Self.backendConfig(queuePairs: spec.queuePairs, device: device)
+        // A device offers at most its own queue pairs; a kernel device offers them all unless
+        // `queues=` asked for fewer (vdpad refuses more than it has).
+        let pairs = device.map { spec.queuesGiven ? min(spec.queuePairs, $0.queuePairs) : $0.queuePairs } ?? spec.queuePairs
+        config = Self.backendConfig(queuePairs: pairs, device: device)
         var l = logger
         l[metadataKey: "port"] = "\(spec.id)"
         self.logger = l

@@ -4,6 +4,7 @@ import Logging
 import Platform
 import Relay
 import SoftNIC
+import VhostVDPA
 import VDPA
 
 @main
@@ -12,12 +13,14 @@ struct Vdpad: ParsableCommand {
         commandName: "vdpad",
         abstract: "vhost-user backend daemon that hands the virtio-net data path to a vDPA device.",
         discussion: """
-        Each --port binds one vhost-user socket to one software vDPA NIC:
-          socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client]
+        Each --port binds one vhost-user socket to one vDPA NIC (the software NIC by default):
+          socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE]
           socket=PATH  the vhost-user socket (paths containing ',' are not supported)
           id=NAME      port name (default vdpa0, vdpa1, ... in order)
           link=LINK    loopback (default) | sink | source[:size=BYTES][:rate=PPS] | tap[:ifname=IF] | wire:ID
-          queues=N     queue pairs (default 1)
+          queues=N     queue pairs (default 1; a kernel device: all it has)
+          device=DEV   softnic (default) | vhost-vdpa:/dev/vhost-vdpa-N (a kernel vDPA NIC;
+                       link= and mac= are the software NIC's)
           mac=MAC      the guest's MAC: destination of frames the source link generates
           client       connect to the frontend's socket (reconnecting with backoff) instead of listening
         With no --port: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
@@ -115,15 +118,28 @@ struct Vdpad: ParsableCommand {
         }
         let options = PortOptions(relayLoop: RelayLoopMode(rawValue: relayLoop) ?? .hybrid, testSwitches: switches)
         let signalFD = try SignalNotifier.installTermination()
-        for s in specs {
+        for s in specs where s.device == .softnic {
             do { _ = try LinkSpec.parse(s.link) } catch { throw ValidationError("--port \(s.id): \(error)") }
         }
         let daemon: Daemon
         do {
             daemon = try Daemon(specs: specs, controlPath: control, logger: logger, options: options,
                                 controlOptions: controlOptions) { spec in
-                try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac,
-                            logger: logger)
+                switch spec.device {
+                case .softnic:
+                    return try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac,
+                                       logger: logger)
+                case .vhostVDPA(let path):
+                    var l = logger
+                    l[metadataKey: "port"] = "\(spec.id)"
+                    let device = try VhostVDPADevice(kernel: try VhostVDPAFile(path: path), path: path, logger: l)
+                    if spec.queuesGiven && spec.queuePairs > device.queuePairs {
+                        device.close()
+                        throw ValidationError("--port \(spec.id): queues=\(spec.queuePairs) but \(path) has \(device.queuePairs) queue pair(s)")
+                    }
+                    l.info("\(device.summary): features 0x\(String(device.deviceFeatures, radix: 16)), \(device.queuePairs) queue pair(s)")
+                    return device
+                }
             }
         } catch {
             logger.critical("cannot create the ports' devices: \(error)")

@@ -1,0 +1,511 @@
+import DeviceFramework
+import Logging
+import Platform
+import Synchronization
+import Virtio
+
+/// How a kernel vDPA device is moved between states it cannot reach while running (a ring
+/// added, removed, enabled or disabled, a used ring pointed elsewhere).
+public enum VhostVDPASwitchover: String, Sendable, Codable {
+    /// SUSPEND, change the rings, RESUME: the device keeps its ring positions (vhost-vdpa's
+    /// VHOST_BACKEND_F_SUSPEND and _RESUME).
+    case suspend
+    /// Reset the device (every completion it made is then in a used ring), read each ring's used
+    /// index from memory, program the rings again from those indices, DRIVER_OK. For devices
+    /// without SUSPEND/RESUME (VDUSE in Linux 6.12). Chains the device had taken but not
+    /// completed are taken again after the reset: RX buffers are refilled, an unfinished TX
+    /// frame may be sent twice; nothing completed is lost or repeated.
+    case reset
+}
+
+/// What status output shows of a kernel vDPA device.
+public struct VhostVDPAInfo: Sendable, Codable, Equatable {
+    public var path: String
+    public var deviceID: UInt32
+    public var deviceFeatures: UInt64
+    public var backendFeatures: [String]
+    public var queues: UInt32
+    public var maxQueueSize: UInt16
+    public var mac: String?
+    public var mtu: UInt16?
+    public var maxQueuePairs: UInt16
+    public var switchover: VhostVDPASwitchover
+    public var status: UInt8
+    public var negotiatedFeatures: UInt64?
+    public var rings: [VhostVDPARingInfo]
+}
+
+public struct VhostVDPARingInfo: Sendable, Codable, Equatable {
+    public var index: Int
+    public var size: UInt16
+    public var base: UInt16
+    public var enabled: Bool
+    /// Where the device writes completions: the guest's used ring, or a mediated one.
+    public var usedIOVA: UInt64
+}
+
+/// A kernel vDPA network device (`/dev/vhost-vdpa-N`) behind a vhost-user port. The frontend's
+/// memory is mapped into the device's IOTLB at IOVA = guest-physical address; the frontend's
+/// kick and call eventfds are handed to the kernel, which connects them to the device's doorbell
+/// and interrupt: no daemon thread is in the data path. Calls come from the port's thread (the
+/// `VDPADevice` contract); `info` and `counters` may come from any thread.
+public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
+    // @unchecked Sendable: the mutable driver state is touched only from the port's thread (the
+    // protocol's contract); what other threads read is the `snapshot`, behind its mutex.
+    private let kernel: any VhostVDPAKernel
+    private let logger: Logger
+    public let path: String
+    public let queuePairs: Int
+    /// Virtio features the device offers (VHOST_GET_FEATURES).
+    public let deviceFeatures: UInt64
+    /// Backend features acked (VHOST_SET_BACKEND_FEATURES).
+    public let backendFeatures: UInt64
+    public let switchover: VhostVDPASwitchover
+    private let queueCount: UInt32
+    private let maxQueueSize: UInt16
+    private let config: NetConfig
+    private let deviceID: UInt32
+
+    private struct Ring {
+        var size: UInt16
+        var desc: UInt64, avail: UInt64, guestUsed: UInt64
+        /// Where the device writes completions now (guest used ring, or a mediated ring).
+        var used: UInt64
+        /// The avail index the device (re)starts from when the ring is programmed.
+        var base: UInt16
+        var kick: SharedFD?
+        var call: SharedFD?
+        var enabled: Bool
+    }
+    private var rings: [Int: Ring] = [:]
+    private var negotiated: UInt64?
+    private var memory = DeviceMemory.empty
+    private var extra: [UInt64: IOVAMapping] = [:]
+    /// What the device's IOTLB holds, by IOVA: (size, host address).
+    private var mapped: [UInt64: (size: UInt64, uaddr: UInt64)] = [:]
+    /// DRIVER_OK is set and the rings in `rings` that are enabled run.
+    private var live = false
+    private var suspended = false
+    /// Set by a reset-kind quiesce: the device is reset and must be programmed again.
+    private var needsProgram = false
+    private let snapshot: Mutex<VhostVDPAInfo>
+
+    /// The virtio-net configuration fields the driver reads (virtio spec 5.1.4).
+    struct NetConfig {
+        var mac: [UInt8]?
+        var maxQueuePairs: UInt16
+        var mtu: UInt16?
+    }
+
+    /// Opens the device through `kernel` (`VhostVDPAFile(path:)` for a real one) and reads what
+    /// it offers. `forceReset` makes the reset switchover the one used even when the device can
+    /// suspend (tests compare the two kinds on one device).
+    public init(kernel: any VhostVDPAKernel, path: String, forceReset: Bool = false, logger: Logger) throws(DeviceError) {
+        self.kernel = kernel
+        self.path = path
+        self.logger = logger
+        func k<R>(_ what: String, _ body: () throws(SystemError) -> R) throws(DeviceError) -> R {
+            do { return try body() } catch { throw DeviceError("\(path): \(what): \(error)") }
+        }
+        try k("VHOST_SET_OWNER (is another process driving this device?)") { () throws(SystemError) in try kernel.setOwner() }
+        deviceID = try k("device id") { () throws(SystemError) in try kernel.deviceID() }
+        guard deviceID == 1 else {
+            throw DeviceError("\(path): virtio device id \(deviceID) is not a network device (1): vdpad drives vDPA NICs only")
+        }
+        let offered = try k("backend features") { () throws(SystemError) in try kernel.backendFeatures() }
+        guard offered & VhostBackendFeature.iotlbMsgV2 != 0 else {
+            throw DeviceError("\(path): the device does not offer IOTLB_MSG_V2 (backend features 0x\(String(offered, radix: 16))): too old a kernel")
+        }
+        let wanted = VhostBackendFeature.iotlbMsgV2 | VhostBackendFeature.iotlbBatch | VhostBackendFeature.suspend
+            | VhostBackendFeature.resume | VhostBackendFeature.enableAfterDriverOK | VhostBackendFeature.iotlbPersist
+        let acked = offered & wanted
+        backendFeatures = acked
+        try k("set backend features") { () throws(SystemError) in try kernel.setBackendFeatures(acked) }
+        deviceFeatures = try k("features") { () throws(SystemError) in try kernel.deviceFeatures() }
+        queueCount = try k("queue count") { () throws(SystemError) in try kernel.queueCount() }
+        maxQueueSize = try k("maximum queue size") { () throws(SystemError) in try kernel.maxQueueSize() }
+        let size = try k("config size") { () throws(SystemError) in try kernel.configSize() }
+        let bytes = try k("config") { () throws(SystemError) in try kernel.readConfig(offset: 0, length: min(size, 12)) }
+        config = Self.parseConfig(bytes, features: deviceFeatures)
+        let range = try k("IOVA range") { () throws(SystemError) in try kernel.iovaRange() }
+        guard range.first == 0, range.last >= reservedIOVABase + (1 << 30) else {
+            throw DeviceError("\(path): the device maps IOVA [0x\(String(range.first, radix: 16)), 0x\(String(range.last, radix: 16))] only: it needs guest-physical addresses from 0 and the daemon's range at 0x\(String(reservedIOVABase, radix: 16))")
+        }
+        guard queueCount >= 2 else { throw DeviceError("\(path): \(queueCount) virtqueue(s): a NIC needs at least one RX/TX pair") }
+        var pairs = Int(queueCount / 2)
+        if deviceFeatures & VirtioNetFeature.mq != 0 { pairs = min(pairs, Int(max(config.maxQueuePairs, 1))) } else { pairs = 1 }
+        queuePairs = pairs
+        let canSwitchBySuspend = backendFeatures & VhostBackendFeature.suspend != 0 && backendFeatures & VhostBackendFeature.resume != 0
+        switchover = canSwitchBySuspend && !forceReset ? .suspend : .reset
+        snapshot = Mutex(VhostVDPAInfo(
+            path: path, deviceID: deviceID, deviceFeatures: deviceFeatures, backendFeatures: VhostBackendFeature.names(backendFeatures),
+            queues: queueCount, maxQueueSize: maxQueueSize, mac: config.mac.map(Self.formatMAC), mtu: config.mtu,
+            maxQueuePairs: config.maxQueuePairs, switchover: switchover, status: 0, negotiatedFeatures: nil, rings: []))
+        try k("reset") { () throws(SystemError) in try kernel.setStatus(0) }
+    }
+
+    static func parseConfig(_ b: [UInt8], features: UInt64) -> NetConfig {
+        func u16(_ o: Int) -> UInt16? { b.count >= o + 2 ? UInt16(b[o]) | UInt16(b[o + 1]) << 8 : nil }
+        let mac = features & VirtioNetFeature.mac != 0 && b.count >= 6 ? Array(b[0..<6]) : nil
+        let pairs = features & VirtioNetFeature.mq != 0 ? (u16(8) ?? 1) : 1
+        let mtu = features & VirtioNetFeature.mtu != 0 ? u16(10) : nil
+        return NetConfig(mac: mac, maxQueuePairs: pairs, mtu: mtu)
+    }
+
+    static func formatMAC(_ m: [UInt8]) -> String {
+        m.map { let s = String($0, radix: 16); return s.count == 1 ? "0" + s : s }.joined(separator: ":")
+    }
+
+    // MARK: VDPADevice
+
+    public var summary: String {
+        "vhost-vdpa \(path) queues=\(queueCount) switchover=\(switchover.rawValue) backend=\(VhostBackendFeature.names(backendFeatures).joined(separator: "+"))"
+    }
+
+    /// The device's features less those the vhost-user side must not see: ACCESS_PLATFORM (the
+    /// frontend gives guest-physical addresses; the daemon is the device's IOMMU).
+    public var virtioFeatures: UInt64 { deviceFeatures & ~VirtioFeature.accessPlatform }
+
+    public var info: VhostVDPAInfo { snapshot.withLock { $0 } }
+
+    private func k<R>(_ what: String, _ body: () throws(SystemError) -> R) throws(DeviceError) -> R {
+        do { return try body() } catch { throw DeviceError("\(path): \(what): \(error)") }
+    }
+
+    public func setFeatures(_ features: UInt64) throws(DeviceError) {
+        // Only the device's own bits: vhost-user's (LOG_ALL, PROTOCOL_FEATURES) are the port's.
+        var want = features & deviceFeatures & ~VirtioFeature.vhostLogAll & ~VirtioFeature.vhostUserProtocolFeatures
+        want |= deviceFeatures & VirtioFeature.accessPlatform
+        if negotiated == want { return }
+        if negotiated != nil {
+            guard rings.isEmpty else {
+                throw DeviceError("\(path): features 0x\(String(want, radix: 16)) asked while rings run with 0x\(String(negotiated ?? 0, radix: 16)): a device takes features once per reset")
+            }
+            try resetDevice()
+        }
+        try negotiate(want)
+        publish()
+    }
+
+    private func negotiate(_ want: UInt64) throws(DeviceError) {
+        let s = VirtioStatus.acknowledge | VirtioStatus.driver
+        try k("status ACKNOWLEDGE|DRIVER") { () throws(SystemError) in try kernel.setStatus(s) }
+        try k("set features 0x\(String(want, radix: 16))") { () throws(SystemError) in try kernel.setFeatures(want) }
+        try k("status FEATURES_OK") { () throws(SystemError) in try kernel.setStatus(s | VirtioStatus.featuresOK) }
+        let now = try k("status") { () throws(SystemError) in try kernel.status() }
+        guard now & VirtioStatus.featuresOK != 0 else {
+            throw DeviceError("\(path): the device refused features 0x\(String(want, radix: 16)) (status 0x\(String(now, radix: 16)) without FEATURES_OK)")
+        }
+        negotiated = want
+    }
+
+    public func setMemory(_ memory: DeviceMemory) throws(DeviceError) {
+        self.memory = memory
+        try syncIOTLB()
+    }
+
+    public func startRing(_ c: VDPARingConfig) throws(DeviceError) {
+        guard c.index < Int(queueCount) else {
+            throw DeviceError("\(path): ring \(c.index) does not exist (the device has \(queueCount))")
+        }
+        guard c.size > 0, c.size <= maxQueueSize else {
+            throw DeviceError("\(path): ring \(c.index): size \(c.size) is above the device's maximum \(maxQueueSize)")
+        }
+        guard c.kick != nil else {
+            throw DeviceError("\(path): ring \(c.index) has no kick eventfd: a kernel vDPA device cannot poll")
+        }
+        guard let negotiated else { throw DeviceError("\(path): ring \(c.index) started before the features were set") }
+        _ = negotiated
+        let ring = Ring(size: c.size, desc: c.descGPA, avail: c.availGPA, guestUsed: c.usedGPA, used: c.usedGPA, base: c.base,
+                        kick: c.kick, call: c.call, enabled: c.enabled)
+        if live || suspended || needsProgram {
+            try reconfigure(ring: c.index) { $0.rings[c.index] = ring }
+        } else {
+            rings[c.index] = ring
+            try syncIOTLB()
+            try program(c.index)
+            if c.enabled { try goLive() }
+        }
+        publish()
+    }
+
+    public func setRingEnabled(_ index: Int, _ enabled: Bool) throws(DeviceError) {
+        guard let r = rings[index], r.enabled != enabled else { return }
+        if !live || needsProgram {
+            rings[index]?.enabled = enabled
+            if !needsProgram { try k("enable ring \(index)") { () throws(SystemError) in try kernel.setRingEnabled(index, enabled) } }
+            if enabled && !needsProgram { try goLive() }
+        } else if backendFeatures & VhostBackendFeature.enableAfterDriverOK != 0 {
+            try k("enable ring \(index)") { () throws(SystemError) in try kernel.setRingEnabled(index, enabled) }
+            rings[index]?.enabled = enabled
+        } else {
+            // The device ignores enable changes after DRIVER_OK (VDUSE does): reprogram it.
+            try reconfigure(ring: index, byReset: true) { $0.rings[index]?.enabled = enabled }
+        }
+        publish()
+    }
+
+    public func setRingCall(_ index: Int, _ call: SharedFD?) throws(DeviceError) {
+        guard rings[index] != nil else { return }
+        rings[index]?.call = call
+        if !needsProgram {
+            try k("set ring \(index)'s call") { () throws(SystemError) in try kernel.setRingCall(index, fd: call?.raw ?? -1) }
+        }
+    }
+
+    public func stopRing(_ index: Int) throws(DeviceError) -> UInt16 {
+        guard let r = rings[index] else { throw DeviceError("\(path): ring \(index) is not running") }
+        let othersRun = rings.contains { $0.key != index && $0.value.enabled }
+        if (live || suspended) && r.enabled && !needsProgram {
+            if switchover == .suspend {
+                try quiesce()
+            } else {
+                try resetAndRecordBases()
+            }
+        }
+        let base = suspended ? try k("GET_VRING_BASE(\(index))") { () throws(SystemError) in try kernel.ringBase(index) }
+                             : rings[index]?.base ?? r.base
+        rings.removeValue(forKey: index)
+        if othersRun {
+            // The others run on; the stopped ring must not.
+            if suspended && backendFeatures & VhostBackendFeature.enableAfterDriverOK != 0 {
+                try k("disable ring \(index)") { () throws(SystemError) in try kernel.setRingEnabled(index, false) }
+            } else if !needsProgram {
+                try resetAndRecordBases()
+            }
+            try restart()
+        } else {
+            // Nothing runs: reset, keeping the features and the IOTLB for the next start.
+            try resetDevice(keepFeatures: true)
+        }
+        publish()
+        return base
+    }
+
+    public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?,
+                                 interruptEveryBatch: Bool) throws(DeviceError) -> UInt16 {
+        guard let r = rings[index] else { throw DeviceError("\(path): ring \(index) is not running") }
+        if let mapping { extra[mapping.iova] = mapping }
+        let target = usedIOVA ?? r.guestUsed
+        let at = try suspendRing(index)
+        rings[index]?.used = target
+        rings[index]?.call = call
+        try syncIOTLB()
+        if suspended {
+            try k("SET_VRING_ADDR(\(index))") { () throws(SystemError) in try kernel.setRingAddress(index, desc: r.desc, avail: r.avail, used: target) }
+            try k("SET_VRING_CALL(\(index))") { () throws(SystemError) in try kernel.setRingCall(index, fd: call?.raw ?? -1) }
+            try restart()
+        } else if needsProgram {
+            try restart()
+        } else {
+            // Not running yet: programmed as it is now, taken at DRIVER_OK.
+            try program(index)
+        }
+        publish()
+        return at
+    }
+
+    /// Quiesces the device (SUSPEND, or a reset with the bases recorded) and returns the used
+    /// index of ring `index`: every completion up to it is published where its used ring is.
+    public func suspendRing(_ index: Int) throws(DeviceError) -> UInt16 {
+        guard let r = rings[index] else { throw DeviceError("\(path): ring \(index) is not running") }
+        guard live || suspended || needsProgram else { return r.base }
+        try quiesce()
+        return suspended ? try usedIndex(index) : rings[index]?.base ?? r.base
+    }
+
+    public func unmapIOVA(_ iova: UInt64) throws(DeviceError) {
+        guard extra.removeValue(forKey: iova) != nil else { return }
+        try syncIOTLB()
+    }
+
+    public func migrationDone() {}
+
+    /// A kernel vDPA device takes frames from the guest only: the daemon cannot inject one.
+    public func sendRARP(mac: [UInt8]) -> Bool { false }
+
+    /// vhost-vdpa reports no per-queue counters (vendor statistics come over netlink, not read
+    /// yet): none are invented.
+    public func counters() -> [QueueCounters] { [] }
+
+    public func reset() {
+        do throws(DeviceError) { try resetDevice() } catch { logger.error("\(error)") }
+        rings = [:]
+        negotiated = nil
+        memory = .empty
+        extra = [:]
+        do throws(DeviceError) { try syncIOTLB() } catch { logger.error("\(error)") }
+        publish()
+    }
+
+    public func close() { reset() }
+
+    // MARK: device state
+
+    /// Programs ring `i` as recorded (the device must not be running it).
+    private func program(_ i: Int) throws(DeviceError) {
+        guard let r = rings[i] else { return }
+        try k("ring \(i)") { () throws(SystemError) in
+            try kernel.setRingSize(i, r.size)
+            try kernel.setRingAddress(i, desc: r.desc, avail: r.avail, used: r.used)
+            try kernel.setRingBase(i, r.base)
+            try kernel.setRingKick(i, fd: r.kick?.raw ?? -1)
+            try kernel.setRingCall(i, fd: r.call?.raw ?? -1)
+            try kernel.setRingEnabled(i, r.enabled)
+        }
+    }
+
+    private func goLive() throws(DeviceError) {
+        guard !live else { return }
+        let s = VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK | VirtioStatus.driverOK
+        try k("status DRIVER_OK") { () throws(SystemError) in try kernel.setStatus(s) }
+        let now = try k("status") { () throws(SystemError) in try kernel.status() }
+        guard now & VirtioStatus.driverOK != 0, now & (VirtioStatus.needsReset | VirtioStatus.failed) == 0 else {
+            throw DeviceError("\(path): the device did not take DRIVER_OK (status 0x\(String(now, radix: 16)))")
+        }
+        live = true
+    }
+
+    /// Stops the device from touching the rings with every completion published: SUSPEND, or a
+    /// reset after which each ring's used index is read back as its base.
+    private func quiesce() throws(DeviceError) {
+        if suspended || needsProgram || !live { return }
+        if switchover == .suspend {
+            try k("SUSPEND") { () throws(SystemError) in try kernel.suspend() }
+            suspended = true
+        } else {
+            try resetAndRecordBases()
+        }
+    }
+
+    /// Resets the device and takes the used index of each ring that ran (every completion it
+    /// made is published once the reset returns) as the avail index it restarts from.
+    private func resetAndRecordBases() throws(DeviceError) {
+        try k("reset") { () throws(SystemError) in try kernel.setStatus(0) }
+        let ran = live || suspended
+        live = false
+        suspended = false
+        needsProgram = true
+        guard ran else { return }
+        for i in rings.keys.sorted() where rings[i]?.enabled == true {
+            rings[i]?.base = try usedIndex(i)
+        }
+    }
+
+    /// Back to running after `quiesce` and the changes: RESUME, or features, IOTLB and every ring
+    /// programmed again, then DRIVER_OK.
+    private func restart() throws(DeviceError) {
+        if suspended {
+            try k("RESUME") { () throws(SystemError) in try kernel.resume() }
+            suspended = false
+            return
+        }
+        guard needsProgram else { return }
+        needsProgram = false
+        guard let want = negotiated else { return }
+        try negotiate(want)
+        try remapAll()
+        for i in rings.keys.sorted() { try program(i) }
+        if rings.values.contains(where: \.enabled) { try goLive() }
+    }
+
+    /// Applies `change` to a live device. A used ring's new address is applied while suspended
+    /// (see `redirectUsedRing`); a ring added, enabled or disabled needs ENABLE_AFTER_DRIVER_OK
+    /// to be applied while suspended, and the reset path otherwise.
+    private func reconfigure(ring index: Int, byReset: Bool = false, _ change: (VhostVDPADevice) -> Void) throws(DeviceError) {
+        let whileSuspended = switchover == .suspend && !byReset && !needsProgram
+            && backendFeatures & VhostBackendFeature.enableAfterDriverOK != 0
+        if whileSuspended {
+            try quiesce()
+            change(self)
+            try syncIOTLB()
+            try program(index)
+        } else {
+            if !needsProgram { try resetAndRecordBases() }
+            change(self)
+        }
+        try restart()
+    }
+
+    private func resetDevice(keepFeatures: Bool = false) throws(DeviceError) {
+        try k("reset") { () throws(SystemError) in try kernel.setStatus(0) }
+        live = false
+        suspended = false
+        needsProgram = false
+        if keepFeatures, let want = negotiated { try negotiate(want); try remapAll() } else { negotiated = nil }
+    }
+
+    /// The used index of ring `i` as its current used ring holds it (the device is quiesced).
+    private func usedIndex(_ i: Int) throws(DeviceError) -> UInt16 {
+        guard let r = rings[i] else { throw DeviceError("\(path): ring \(i) is not running") }
+        guard let p = hostPointer(iova: r.used &+ 2, length: 2) else {
+            throw DeviceError("\(path): ring \(i)'s used ring at IOVA 0x\(String(r.used, radix: 16)) is not in the device's memory")
+        }
+        // Safety: 2 bytes at p lie inside a live mapping (guest memory or a mediated ring).
+        return UInt16(littleEndian: p.loadUnaligned(as: UInt16.self))
+    }
+
+    private func hostPointer(iova: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
+        for r in memory.regions where iova >= r.gpa && iova - r.gpa <= r.size && length <= r.size - (iova - r.gpa) {
+            return UnsafeMutableRawPointer(bitPattern: r.host + UInt(iova - r.gpa))
+        }
+        for m in extra.values where iova >= m.iova && iova - m.iova <= m.size && length <= m.size - (iova - m.iova) {
+            return m.host + Int(iova - m.iova)
+        }
+        return nil
+    }
+
+    /// What the IOTLB must hold: the guest's regions at their guest-physical addresses and the
+    /// daemon's mappings (mediated rings) at theirs.
+    private var wantedMappings: [UInt64: (size: UInt64, uaddr: UInt64)] {
+        var want: [UInt64: (size: UInt64, uaddr: UInt64)] = [:]
+        for r in memory.regions where r.size > 0 { want[r.gpa] = (r.size, UInt64(r.host)) }
+        for m in extra.values { want[m.iova] = (m.size, UInt64(UInt(bitPattern: m.host))) }
+        return want
+    }
+
+    /// Brings the IOTLB in step with `wantedMappings`: ranges gone or changed are invalidated,
+    /// new ones mapped, in one batch when the device takes batches.
+    private func syncIOTLB() throws(DeviceError) {
+        let want = wantedMappings
+        var messages: [IOTLBMessage] = []
+        for (iova, m) in mapped.sorted(by: { $0.key < $1.key }) where want[iova].map({ $0 != m }) ?? true {
+            messages.append(.invalidate(iova: iova, size: m.size))
+        }
+        for (iova, m) in want.sorted(by: { $0.key < $1.key }) where mapped[iova].map({ $0 != m }) ?? true {
+            messages.append(.update(iova: iova, size: m.size, uaddr: m.uaddr, writable: true))
+        }
+        try sendBatch(messages)
+        mapped = want
+    }
+
+    /// After a reset the device may have dropped its mappings (no IOTLB_PERSIST): all again.
+    private func remapAll() throws(DeviceError) {
+        if backendFeatures & VhostBackendFeature.iotlbPersist != 0 { return try syncIOTLB() }
+        var messages: [IOTLBMessage] = mapped.sorted(by: { $0.key < $1.key }).map { .invalidate(iova: $0.key, size: $0.value.size) }
+        mapped = [:]
+        let want = wantedMappings
+        messages += want.sorted(by: { $0.key < $1.key }).map { .update(iova: $0.key, size: $0.value.size, uaddr: $0.value.uaddr, writable: true) }
+        try sendBatch(messages)
+        mapped = want
+    }
+
+    private func sendBatch(_ messages: [IOTLBMessage]) throws(DeviceError) {
+        guard !messages.isEmpty else { return }
+        let batch = backendFeatures & VhostBackendFeature.iotlbBatch != 0 ? [.batchBegin] + messages + [.batchEnd] : messages
+        try k("IOTLB update") { () throws(SystemError) in try kernel.send(batch) }
+    }
+
+    private func publish() {
+        let status = (try? kernel.status()) ?? 0
+        let list = rings.keys.sorted().compactMap { i in
+            rings[i].map { VhostVDPARingInfo(index: i, size: $0.size, base: $0.base, enabled: $0.enabled, usedIOVA: $0.used) }
+        }
+        let negotiated = self.negotiated
+        snapshot.withLock {
+            $0.status = status
+            $0.negotiatedFeatures = negotiated
+            $0.rings = list
+        }
+    }
+}
