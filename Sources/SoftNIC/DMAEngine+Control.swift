@@ -105,6 +105,7 @@ extension DMAEngine {
 
     func stopRingLocal(_ r: EngineRing) {
         flush(r)
+        if let c = r.config { r.stoppedAt = (c.descGPA, c.availGPA, r.lastAvail) }
         if let k = r.kick { epoll.remove(k.raw) }
         r.kick = nil
         r.call = nil

@@ -16,6 +16,10 @@ final class EngineRing {
     /// Raise the interrupt on every published batch (set while a relay consumes the interrupts).
     var interruptEveryBatch = false
     var failure: String?
+    /// Where the ring stopped last (its descriptor and avail areas, next avail index): a start
+    /// at exactly that point continues the ring (a device reset and reprogram, as a kernel vDPA
+    /// switchover does), any other start is a new run.
+    var stoppedAt: (desc: UInt64, avail: UInt64, next: UInt16)?
     var queue: SplitQueue?
     var walker: DescriptorChainWalker
     var lastAvail: UInt16 = 0

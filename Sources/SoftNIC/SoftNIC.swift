@@ -70,8 +70,11 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     public func startRing(_ config: VDPARingConfig) throws(DeviceError) {
         try apply("start ring \(config.index)") { e in
             e.rings[config.index].guestUsedGPA = config.usedGPA
-            if config.index % 2 == 0 && e.link.kind == .source {
-                // Each start of the generator gets a new epoch: numbers never repeat.
+            let r = e.rings[config.index]
+            let continues = r.stoppedAt.map { $0.desc == config.descGPA && $0.avail == config.availGPA && $0.next == config.base } ?? false
+            if config.index % 2 == 0 && e.link.kind == .source && !continues {
+                // Each new run of the generator gets a new epoch: numbers never repeat. A ring
+                // started again exactly where it stopped (a reset-based switchover) continues.
                 e.link.generator.restart()
             }
             e.startRing(config)

@@ -83,7 +83,11 @@ public final class Daemon: Sendable {
             let relay = p.migration.relay.withLock { $0 }
             let busy = relay?.busyNanos.load(ordering: .relaxed) ?? 0
             let moved = relay?.busyElements.load(ordering: .relaxed) ?? 0
-            return PortStats(id: p.spec.id, device: st.device, queues: counters.map { c in
+            // Every queue of the port, whether or not its device counts it.
+            let indices = Array(0..<(2 * p.config.queuePairs))
+            return PortStats(id: p.spec.id, device: st.device, queues: indices.map { i in
+                let counted = counters.first { $0.index == i }
+                let c = counted ?? QueueCounters(index: i)
                 let m = mig[c.index]
                 let running = st.queues.indices.contains(c.index) && st.queues[c.index].started
                 return QueueStats(index: c.index, direction: c.index % 2 == 0 ? "rx" : "tx",
@@ -92,7 +96,8 @@ public final class Daemon: Sendable {
                            interrupts: c.interrupts, doorbells: c.doorbells,
                            relayed: m?.counters?.relayed.load(ordering: .relaxed) ?? 0,
                            pagesMarked: m?.counters?.pagesMarked.load(ordering: .relaxed) ?? 0,
-                           switchovers: m?.switchovers ?? 0, lastSwitchoverGapMicros: m?.lastSwitchoverGapMicros ?? 0)
+                           switchovers: m?.switchovers ?? 0, lastSwitchoverGapMicros: m?.lastSwitchoverGapMicros ?? 0,
+                           deviceCounters: counted != nil)
             }, relay: relay.map { r in
                 RelayStats(loop: r.mode.rawValue, cpuMillis: r.cpuNanos.load(ordering: .relaxed) / 1_000_000,
                            busyNanos: busy, busyElements: moved,

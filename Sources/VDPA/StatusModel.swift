@@ -164,4 +164,8 @@ public struct QueueStats: Codable, Sendable, Equatable {
     /// Direct ↔ relay switches of this ring, and how long the last one held the ring.
     public var switchovers: Int
     public var lastSwitchoverGapMicros: UInt64
+    /// False when the device reports no counters for this queue (a kernel vDPA device without
+    /// vendor statistics): packets, bytes, drops, faults, interrupts and doorbells are then 0
+    /// because nobody counted, not because nothing moved. Absent in replies of older versions.
+    public var deviceCounters: Bool? = true
 }

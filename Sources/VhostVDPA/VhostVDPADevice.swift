@@ -324,9 +324,9 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     /// A kernel vDPA device takes frames from the guest only: the daemon cannot inject one.
     public func sendRARP(mac: [UInt8]) -> Bool { false }
 
-    /// vhost-vdpa reports no per-queue counters (vendor statistics come over netlink, not read
-    /// yet): none are invented.
-    public func counters() -> [QueueCounters] { [] }
+    /// The device's own per-queue counters where it has them (`VhostVDPAKernel.vendorCounters`);
+    /// none are invented: without them the stats say the queues are not counted.
+    public func counters() -> [QueueCounters] { kernel.vendorCounters() ?? [] }
 
     public func reset() {
         do throws(DeviceError) { try resetDevice() } catch { logger.error("\(error)") }
@@ -388,7 +388,8 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         needsProgram = true
         guard ran else { return }
         for i in rings.keys.sorted() where rings[i]?.enabled == true {
-            rings[i]?.base = try usedIndex(i)
+            let used = try usedIndex(i)
+            rings[i]?.base = used
         }
     }
 

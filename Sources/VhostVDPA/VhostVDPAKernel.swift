@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CVDPAShims
+import DeviceFramework
 import Platform
 
 /// One message of the device's IOTLB protocol (vhost_msg_v2 written to the character device).
@@ -75,6 +76,8 @@ public protocol VhostVDPAKernel: AnyObject {
     func setRingEnabled(_ index: Int, _ enabled: Bool) throws(SystemError)
     func suspend() throws(SystemError)
     func resume() throws(SystemError)
+    /// Per-queue counters the device keeps (vendor statistics), or nil when none are read.
+    func vendorCounters() -> [QueueCounters]?
 }
 
 /// `/dev/vhost-vdpa-N`, opened read-write. The raw ioctls live here and nowhere else.
@@ -215,4 +218,7 @@ public final class VhostVDPAFile: VhostVDPAKernel, @unchecked Sendable {
     public func resume() throws(SystemError) {
         try syscallRetrying("VHOST_VDPA_RESUME") { cvdpa_ioctl_none(fd.raw, CVDPA_VHOST_VDPA_RESUME) }
     }
+    /// Vendor statistics come over the vdpa netlink family (VDPA_CMD_DEV_VSTATS_GET), which
+    /// this driver does not read yet: nil, and the stats say the device reported no counters.
+    public func vendorCounters() -> [QueueCounters]? { nil }
 }

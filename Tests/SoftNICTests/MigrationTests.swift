@@ -11,9 +11,13 @@ import Virtio
 import XCTest
 
 /// Live-migration logging through the relay, driven by the frontend library as QEMU would.
-final class MigrationTests: SoftNICTestCase {
+class MigrationTests: SoftNICTestCase {
+    /// nil: the SoftNIC serves the port directly; otherwise through the kernel vhost-vdpa driver
+    /// over the kernel model, with (true) or without (false) SUSPEND (subclasses below).
+    var kernelModel: Bool? { nil }
+
     func start(link: String = "source:size=128", loop: RelayLoopMode = .hybrid) throws -> (SoftNICTestDaemon, TestGuest) {
-        let d = try makeDaemon([.init(id: "vm", link: link, mac: TestFrames.dst)], options: PortOptions(relayLoop: loop))
+        let d = try makeDaemon([.init(id: "vm", link: link, mac: TestFrames.dst, kernelModel: kernelModel)], options: PortOptions(relayLoop: loop))
         let g = try d.connectAndStart("vm")
         return (d, g)
     }
@@ -92,7 +96,7 @@ final class MigrationTests: SoftNICTestCase {
     /// The check above can fail: with the test-only switch that skips buffer marking, it finds the
     /// device's pages unmarked.
     func testMarkingCheckCatchesSkippedMarking() throws {
-        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)],
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst, kernelModel: kernelModel)],
                                options: PortOptions(testSwitches: TestSwitches(skipBufferMarking: true)))
         let g = try d.connectAndStart("vm")
         let r = try loggedRun(d, g)
@@ -182,7 +186,7 @@ final class MigrationTests: SoftNICTestCase {
 
     /// A ring started while logging is on starts in relay mode.
     func testRingStartedDuringLoggingStartsInRelay() throws {
-        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst)])
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst, kernelModel: kernelModel)])
         let g = try d.connect("vm")
         try g.startRing(1)
         let log = try g.frontend.enableLogging(requireU64Reply: true)

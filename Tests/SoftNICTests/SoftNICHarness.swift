@@ -6,6 +6,7 @@ import Foundation
 import Logging
 import Platform
 import SoftNIC
+import VhostVDPA
 import VDPA
 import VhostUser
 import VhostUserFrontend
@@ -52,7 +53,15 @@ final class SoftNICTestDaemon {
         var link: String
         var mac: [UInt8]? = nil
         var queuePairs = 1
+        /// Serve the port through the kernel vhost-vdpa driver over a model of the kernel
+        /// (`VhostVDPAModel`): nil = the SoftNIC directly; false = a device without SUSPEND
+        /// (reset switchover), true = one with SUSPEND and RESUME.
+        var kernelModel: Bool? = nil
     }
+
+    /// The models behind ports served through the vhost-vdpa driver.
+    final class Models: @unchecked Sendable { var byPort: [String: VhostVDPAModel] = [:] }
+    let models = Models()
 
     let dir: String
     let daemon: Daemon
@@ -70,8 +79,13 @@ final class SoftNICTestDaemon {
             PortSpec(id: $0.id, socketPath: "\(dir)/\($0.id).sock", queuePairs: $0.queuePairs, link: $0.link, mac: $0.mac)
         }
         let log = logger
+        let models = self.models
         daemon = try Daemon(specs: specs, controlPath: dir + "/control.sock", logger: logger, options: options) { spec in
-            try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac, logger: log)
+            let nic = try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac, logger: log)
+            guard let suspend = defs.first(where: { $0.id == spec.id })?.kernelModel else { return nic }
+            let model = VhostVDPAModel(nic: nic, offersSuspend: suspend)
+            models.byPort[spec.id] = model
+            return try VhostVDPADevice(kernel: model, path: "model:\(spec.id)", logger: log)
         }
         try daemon.start()
     }
@@ -79,6 +93,7 @@ final class SoftNICTestDaemon {
     func socketPath(_ id: String) -> String { "\(dir)/\(id).sock" }
 
     func device(_ id: String) -> SoftNIC {
+        if let m = models.byPort[id] { return m.nic }
         let p = daemon.ports.first { $0.spec.id == id }!
         return p.device as! SoftNIC
     }

@@ -1,0 +1,127 @@
+import DeviceFramework
+import Foundation
+import Platform
+import Relay
+import SoftNIC
+import VDPA
+import VhostUser
+import VhostUserFrontend
+import VhostVDPA
+import Virtio
+import XCTest
+
+/// Every migration test again, with the port served by the kernel vhost-vdpa driver over the
+/// kernel model of a device that cannot suspend: the switchover is reset-based.
+final class VhostVDPAResetMigrationTests: MigrationTests {
+    override var kernelModel: Bool? { false }
+    /// A kernel vDPA device cannot inject a frame: SEND_RARP is answered as not done.
+    override func testSendRARP() throws {
+        let (d, g) = try start(link: "loopback")
+        g.postRX(count: 4)
+        XCTAssertThrowsError(try g.frontend.request(.sendRARP, payload: .u64(0x5634_1200_5452), needReply: true),
+                             "the port says it did not announce (QEMU then announces the guest itself)")
+        XCTAssertEqual(d.queue("vm", 0).packets, 0)
+    }
+}
+
+/// The same with SUSPEND and RESUME: the switchover suspends the device and moves the used ring.
+final class VhostVDPASuspendMigrationTests: MigrationTests {
+    override var kernelModel: Bool? { true }
+    override func testSendRARP() throws {
+        let (d, g) = try start(link: "loopback")
+        g.postRX(count: 4)
+        XCTAssertThrowsError(try g.frontend.request(.sendRARP, payload: .u64(0x5634_1200_5452), needReply: true),
+                             "the port says it did not announce (QEMU then announces the guest itself)")
+        XCTAssertEqual(d.queue("vm", 0).packets, 0)
+    }
+}
+
+/// The driver's own behaviour: what it asks of the kernel, in which order.
+final class VhostVDPADriverTests: SoftNICTestCase {
+    func start(suspend: Bool, link: String = "loopback") throws -> (SoftNICTestDaemon, TestGuest, VhostVDPAModel) {
+        let d = try makeDaemon([.init(id: "k", link: link, mac: TestFrames.dst, kernelModel: suspend)])
+        let g = try d.connectAndStart("k")
+        return (d, g, d.models.byPort["k"]!)
+    }
+
+    /// Frames go guest → device → loopback → guest through the kernel driver, and the stats
+    /// carry the device's counters.
+    func testLoopbackTrafficThroughTheDriver() throws {
+        for suspend in [false, true] {
+            let (d, g, model) = try start(suspend: suspend)
+            XCTAssertTrue(model.ops.contains("DRIVER_OK"))
+            XCTAssertEqual(model.statusByte & VhostVDPAModel.driverOK, VhostVDPAModel.driverOK)
+            g.postRX(count: 16)
+            let frames = (0..<8).map { TestFrames.make(length: 200 + $0, seed: $0) }
+            g.sendAndComplete(frames)
+            let got = g.receive(8)
+            XCTAssertEqual(got.map(\.frame), frames, "suspend=\(suspend)")
+            let rx = stats(d, "k", 0) { $0.packets == 8 }
+            XCTAssertEqual(rx.deviceCounters, true)
+            XCTAssertEqual(model.queues[0].num, 256)
+            XCTAssertEqual(Set(model.iotlb.keys), [0], "guest RAM mapped at IOVA = guest-physical address")
+            d.stop(); daemon = nil
+        }
+    }
+
+    /// A ring that starts after DRIVER_OK, on a device that cannot take it while running, is
+    /// added by a reset; the ring that ran keeps its position (base = its used index).
+    func testRingAddedAfterDriverOKByReset() throws {
+        let d = try makeDaemon([.init(id: "k", link: "loopback", mac: TestFrames.dst, kernelModel: false)])
+        let g = try d.connect("k")
+        try g.startRing(1)
+        let model = d.models.byPort["k"]!
+        XCTAssertTrue(model.ops.contains("DRIVER_OK"))
+        g.sendAndComplete([TestFrames.make(length: 100, seed: 1)])  // dropped: no RX ring yet
+        let before = model.ops.count
+        try g.startRing(0)
+        let after = Array(model.ops[before...])
+        XCTAssertTrue(after.contains("reset"), "\(after)")
+        XCTAssertEqual(model.queues[1].base, 1, "TX restarts at its used index")
+        g.postRX(count: 4)
+        let f = TestFrames.make(length: 120, seed: 2)
+        g.sendAndComplete([f])
+        XCTAssertEqual(g.receive(1).first?.frame, f)
+    }
+
+    /// The switchover kinds: SUSPEND/SET_VRING_ADDR/RESUME with no reset, or a reset.
+    func testSwitchoverKinds() throws {
+        for suspend in [false, true] {
+            let (d, g, model) = try start(suspend: suspend, link: "source:size=128")
+            g.postRX(count: 8); _ = g.receive(8)
+            let before = model.ops.count
+            _ = try g.frontend.enableLogging(requireU64Reply: true)
+            XCTAssertEqual(d.queue("k", 0).mode, "relay")
+            let ops = Array(model.ops[before...])
+            if suspend {
+                XCTAssertTrue(ops.contains("SUSPEND") && ops.contains("RESUME"), "\(ops)")
+                XCTAssertFalse(ops.contains("reset"), "\(ops)")
+                XCTAssertEqual(model.queues[0].used, MediatedUsedRing.iova(forRing: 0))
+            } else {
+                XCTAssertTrue(ops.contains("reset") && ops.contains("DRIVER_OK"), "\(ops)")
+                XCTAssertEqual(model.queues[0].used, MediatedUsedRing.iova(forRing: 0))
+            }
+            XCTAssertNotNil(model.iotlb[MediatedUsedRing.iova(forRing: 0)], "the mediated ring is in the device's IOTLB")
+            try g.frontend.disableLogging()
+            XCTAssertEqual(d.queue("k", 0).mode, "direct")
+            XCTAssertNil(model.iotlb[MediatedUsedRing.iova(forRing: 0)], "unmapped after the switch back")
+            XCTAssertEqual(model.queues[0].used, g.placed[0]!.usedGPA)
+            d.stop(); daemon = nil
+        }
+    }
+
+    /// A device that fails an ioctl fails the frontend's message with the device's error; the
+    /// daemon keeps serving.
+    func testFailingIoctlFailsTheMessage() throws {
+        let d = try makeDaemon([.init(id: "k", link: "loopback", mac: TestFrames.dst, kernelModel: false),
+                                .init(id: "soft", link: "loopback", mac: TestFrames.dst)])
+        let g = try d.connect("k")
+        d.models.byPort["k"]!.failNext["SET_VRING_ADDR"] = EIO
+        XCTAssertThrowsError(try g.startRing(0))
+        let other = try d.connectAndStart("soft")
+        other.postRX(count: 2)
+        let f = TestFrames.make(length: 90, seed: 3)
+        other.sendAndComplete([f])
+        XCTAssertEqual(other.receive(1).first?.frame, f)
+    }
+}
