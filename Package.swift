@@ -64,7 +64,7 @@ let package = Package(
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VhostUser", "Platform"], swiftSettings: strict),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VhostUserFrontend", "Platform", "Virtio"], swiftSettings: strict),
         .testTarget(name: "VDPATests", dependencies: ["VDPA", "DeviceFramework", "VhostUserFrontend", "VhostUser", "Platform"], swiftSettings: strict),
-        .testTarget(name: "VhostVDPATests", dependencies: ["VhostVDPA", "DeviceFramework", "VDPA", "Platform"], swiftSettings: strict),
+        .testTarget(name: "VhostVDPATests", dependencies: ["VhostVDPA", "DeviceFramework", "Virtio", "Platform"], swiftSettings: strict),
         .testTarget(name: "SoftNICTests", dependencies: ["SoftNIC", "VhostVDPA", "DeviceFramework", "VDPA", "Relay", "VhostUserFrontend", "VhostUser", "Virtio", "Platform"], swiftSettings: strict),
     ]
 )

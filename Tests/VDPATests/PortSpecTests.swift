@@ -12,7 +12,20 @@ final class PortSpecTests: XCTestCase {
         XCTAssertEqual(try PortSpec.parse("socket=/a/b.sock", defaultID: "vdpa3"),
                        PortSpec(id: "vdpa3", socketPath: "/a/b.sock", client: false, queuePairs: 1))
         XCTAssertEqual(try PortSpec.parse("socket=/x,id=net0,client,queues=4", defaultID: "vdpa0"),
-                       PortSpec(id: "net0", socketPath: "/x", client: true, queuePairs: 4))
+                       PortSpec(id: "net0", socketPath: "/x", client: true, queuePairs: 4, queuesGiven: true))
+        XCTAssertEqual(try PortSpec.parse("socket=/x,device=vhost-vdpa:/dev/vhost-vdpa-0", defaultID: "vdpa0").device,
+                       .vhostVDPA(path: "/dev/vhost-vdpa-0"))
+        XCTAssertEqual(try PortSpec.parse("socket=/x,device=softnic", defaultID: "vdpa0").device, .softnic)
+    }
+
+    /// device= names one of the two drivers; a kernel device takes neither link= nor mac=.
+    func testDeviceErrors() {
+        for (bad, says) in [("socket=/x,device=mlx5", "not a device"), ("socket=/x,device=vhost-vdpa:", "absolute path"),
+                            ("socket=/x,device=vhost-vdpa:dev/x", "absolute path"),
+                            ("socket=/x,device=vhost-vdpa:/dev/vhost-vdpa-0,link=sink", "software NIC"),
+                            ("socket=/x,device=vhost-vdpa:/dev/vhost-vdpa-0,mac=52:54:00:12:34:56", "software NIC")] {
+            XCTAssertThrowsError(try PortSpec.parse(bad, defaultID: "vdpa0"), bad) { XCTAssertTrue("\($0)".contains(says), "\(bad): \($0)") }
+        }
     }
 
     func testErrors() {
