@@ -54,6 +54,36 @@ public struct QueueCounters: Codable, Sendable, Equatable {
     }
 }
 
+/// What status output shows of a device beyond its one-line summary (a kernel device's path,
+/// features, backend features, switchover kind, status byte and rings). Keys are added, never
+/// renamed (docs/CONTROL.md).
+public struct DeviceDetails: Codable, Sendable, Equatable {
+    public struct Ring: Codable, Sendable, Equatable {
+        public var index: Int
+        public var size: Int
+        /// The avail index the device (re)starts the ring from.
+        public var base: Int
+        public var enabled: Bool
+        /// Where the device writes completions (hex IOVA): the guest's used ring or a mediated one.
+        public var usedIOVA: String
+        public init(index: Int, size: Int, base: Int, enabled: Bool, usedIOVA: String) {
+            self.index = index; self.size = size; self.base = base; self.enabled = enabled; self.usedIOVA = usedIOVA
+        }
+    }
+    public var driver: String
+    public var path: String?
+    public var deviceFeatures: String?
+    public var negotiatedFeatures: String?
+    public var backendFeatures: [String]?
+    public var switchover: String?
+    public var status: Int?
+    public var mac: String?
+    public var mtu: Int?
+    public var maxQueuePairs: Int?
+    public var rings: [Ring]?
+    public init(driver: String) { self.driver = driver }
+}
+
 /// A device operation that was not applied (the device stopped, or does not answer).
 public struct DeviceError: Error, CustomStringConvertible, Sendable {
     public let message: String
@@ -108,4 +138,10 @@ public protocol VDPADevice: AnyObject, Sendable {
     func reset()
     /// The port is closing for good: stop the device's threads.
     func close()
+    /// Details for status output (any thread); nil when the summary says it all.
+    var details: DeviceDetails? { get }
+}
+
+extension VDPADevice {
+    public var details: DeviceDetails? { nil }
 }

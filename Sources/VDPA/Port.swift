@@ -63,7 +63,11 @@ public final class Port: Sendable {
                       guestPhysLimit: reservedIOVABase)
     }
 
-    public var status: PortStatus { state.withLock { $0 } }
+    public var status: PortStatus {
+        var s = state.withLock { $0 }
+        s.deviceDetails = device?.details
+        return s
+    }
 
     /// Binds the socket (server mode) and starts the port's thread. Errors here are start-up
     /// errors: the socket path cannot be used.

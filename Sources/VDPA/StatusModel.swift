@@ -1,3 +1,4 @@
+import DeviceFramework
 import Virtio
 import VhostUser
 
@@ -51,6 +52,9 @@ public struct PortStatus: Codable, Sendable, Equatable {
     /// "listening", "connected", "connecting" (client mode, retrying) or "closed".
     public var connection: String
     public var device: String
+    /// The device's details (a kernel vDPA device's features, backend features, switchover kind,
+    /// status and rings); absent for the software NIC and in older replies.
+    public var deviceDetails: DeviceDetails?
     public var features: FeatureStatus
     public var protocolFeatures: FeatureStatus
     public var memoryRegions: [RegionStatus]

@@ -168,6 +168,25 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
 
     public var info: VhostVDPAInfo { snapshot.withLock { $0 } }
 
+    public var details: DeviceDetails? {
+        let i = info
+        var d = DeviceDetails(driver: "vhost-vdpa")
+        d.path = i.path
+        d.deviceFeatures = "0x" + String(i.deviceFeatures, radix: 16)
+        d.negotiatedFeatures = i.negotiatedFeatures.map { "0x" + String($0, radix: 16) }
+        d.backendFeatures = i.backendFeatures
+        d.switchover = i.switchover.rawValue
+        d.status = Int(i.status)
+        d.mac = i.mac
+        d.mtu = i.mtu.map(Int.init)
+        d.maxQueuePairs = Int(i.maxQueuePairs)
+        d.rings = i.rings.map {
+            DeviceDetails.Ring(index: $0.index, size: Int($0.size), base: Int($0.base), enabled: $0.enabled,
+                               usedIOVA: "0x" + String($0.usedIOVA, radix: 16))
+        }
+        return d
+    }
+
     private func k<R>(_ what: String, _ body: () throws(SystemError) -> R) throws(DeviceError) -> R {
         do { return try body() } catch { throw DeviceError("\(path): \(what): \(error)") }
     }

@@ -61,6 +61,19 @@ struct Vdpactl: ParsableCommand {
             for p in status.ports {
                 print("\(p.id)  \(p.role) \(p.socket)  \(p.connection)")
                 print("  device: \(p.device)")
+                if let d = p.deviceDetails {
+                    var line = "  \(d.driver)"
+                    if let v = d.path { line += " \(v)" }
+                    if let v = d.deviceFeatures { line += " features \(v)" }
+                    if let v = d.negotiatedFeatures { line += " negotiated \(v)" }
+                    if let v = d.backendFeatures { line += " backend [\(v.joined(separator: " "))]" }
+                    if let v = d.switchover { line += " switchover \(v)" }
+                    if let v = d.status { line += " status 0x\(String(v, radix: 16))" }
+                    print(line)
+                    for r in d.rings ?? [] {
+                        print("  device ring \(r.index): size \(r.size) base \(r.base) enabled \(r.enabled) used at \(r.usedIOVA)")
+                    }
+                }
                 print("  features: \(p.features.acked) [\(p.features.ackedNames)] of \(p.features.offered)")
                 print("  protocol: \(p.protocolFeatures.acked) [\(p.protocolFeatures.ackedNames)] of \(p.protocolFeatures.offered)")
                 for r in p.memoryRegions { print("  region gpa \(r.guestPhysAddr) size \(r.size) uva \(r.userAddr)") }

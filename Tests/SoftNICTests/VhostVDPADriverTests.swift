@@ -60,6 +60,13 @@ final class VhostVDPADriverTests: SoftNICTestCase {
             XCTAssertEqual(rx.deviceCounters, true)
             XCTAssertEqual(model.queues[0].num, 256)
             XCTAssertEqual(Set(model.iotlb.keys), [0], "guest RAM mapped at IOVA = guest-physical address")
+            let details = try XCTUnwrap(d.portStatus("k").deviceDetails)
+            XCTAssertEqual(details.driver, "vhost-vdpa")
+            XCTAssertEqual(details.switchover, suspend ? "suspend" : "reset")
+            XCTAssertEqual(details.backendFeatures?.contains("SUSPEND"), suspend)
+            XCTAssertEqual(details.rings?.map(\.index), [0, 1])
+            XCTAssertEqual(details.status.map { $0 & 4 }, 4, "DRIVER_OK")
+            XCTAssertEqual(details.mac, "52:54:00:12:34:56")
             d.stop(); daemon = nil
         }
     }
