@@ -140,8 +140,13 @@ public protocol VDPADevice: AnyObject, Sendable {
     func close()
     /// Details for status output (any thread); nil when the summary says it all.
     var details: DeviceDetails? { get }
+    /// Whether `redirectUsedRing(interruptEveryBatch: true)` is honoured. A kernel vDPA device
+    /// follows the guest's interrupt suppression whatever it is told, so the relay cannot count
+    /// on an interrupt for every completion and wakes on its own as well.
+    var interruptsEveryBatch: Bool { get }
 }
 
 extension VDPADevice {
     public var details: DeviceDetails? { nil }
+    public var interruptsEveryBatch: Bool { true }
 }

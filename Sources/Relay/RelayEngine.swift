@@ -134,6 +134,7 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
             e.translate(q)
             e.queues[config.ring.index] = q
             e.active = Array(e.queues.values)
+            e.updateSleep()
             return nil
         }
         if let failure { throw failure }
@@ -148,7 +149,15 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
             e.markWholeUsedRing(q.config)
             e.epoll.remove(q.deviceCall.raw)
             e.active = Array(e.queues.values)
+            e.updateSleep()
         }
+    }
+
+    /// How long the loop sleeps at most when nothing wakes it: 1 ms while a relayed ring's device
+    /// may not interrupt, 100 ms otherwise.
+    var sleepMillis: Int32 = 100
+    func updateSleep() {
+        sleepMillis = queues.values.contains { $0.config.deviceMayNotInterrupt } ? 1 : 100
     }
 
     public func setGuestCall(_ index: Int, _ call: SharedFD?) throws(SystemError) {

@@ -60,7 +60,7 @@ extension RelayEngine {
 
     private func sleepOnEvents() {
         do {
-            _ = try epoll.wait(timeoutMillis: 100) { ev in
+            _ = try epoll.wait(timeoutMillis: sleepMillis) { ev in
                 if ev.token == Self.wakeToken {
                     EventFD.drain(wake.raw)
                 } else if let q = queues[Int(ev.token)] {

@@ -12,6 +12,10 @@ public struct RelayRingConfig: Sendable {
     /// Whether the device writes the chains' buffers (RX): their written bytes are marked.
     public var deviceWritesBuffers: Bool
     public var eventIdx: Bool
+    /// The device may complete into the mediated ring without interrupting (it follows the
+    /// guest's suppression: a kernel vDPA device); the relay then wakes every millisecond while
+    /// it relays this ring, instead of every 100 ms.
+    public var deviceMayNotInterrupt = false
 
     /// Indirect tables are followed whether or not INDIRECT_DESC was negotiated (the device
     /// decided when the ring started; marking a chain it completed is never wrong).

@@ -257,8 +257,10 @@ final class MigrationSwitch {
                                                  mapping: IOVAMapping(iova: iova, size: UInt64(mediated.byteCount), host: mediated.base, owner: mediated),
                                                  call: deviceCall, interruptEveryBatch: true)
             redirected = true
-            try relay.attach(RelayRingConfig(ring: ring, deviceWritesBuffers: true,
-                                             eventIdx: s.features & VirtioFeature.ringEventIdx != 0),
+            var config = RelayRingConfig(ring: ring, deviceWritesBuffers: true,
+                                         eventIdx: s.features & VirtioFeature.ringEventIdx != 0)
+            config.deviceMayNotInterrupt = !device.interruptsEveryBatch
+            try relay.attach(config,
                              mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
             setMode(i, .relay(mediated))
             let gap = (MonotonicClock.nanoseconds - held) / 1000

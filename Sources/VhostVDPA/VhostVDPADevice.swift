@@ -168,6 +168,9 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
 
     public var info: VhostVDPAInfo { snapshot.withLock { $0 } }
 
+    /// The device interrupts as the guest's avail ring says, never on the relay's request.
+    public var interruptsEveryBatch: Bool { false }
+
     public var details: DeviceDetails? {
         let i = info
         var d = DeviceDetails(driver: "vhost-vdpa")
