@@ -360,7 +360,10 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         publish()
     }
 
-    public func close() { reset() }
+    public func close() {
+        reset()
+        kernel.release()
+    }
 
     // MARK: device state
 

@@ -78,27 +78,37 @@ public protocol VhostVDPAKernel: AnyObject {
     func resume() throws(SystemError)
     /// Per-queue counters the device keeps (vendor statistics), or nil when none are read.
     func vendorCounters() -> [QueueCounters]?
+    /// Gives the device up (closes the character device: the kernel resets the device and
+    /// another process may open it). Later calls fail.
+    func release()
 }
 
 /// `/dev/vhost-vdpa-N`, opened read-write. The raw ioctls live here and nowhere else.
 public final class VhostVDPAFile: VhostVDPAKernel, @unchecked Sendable {
-    // @unchecked Sendable: the fd is immutable; the driver serialises every call (its lock).
+    // @unchecked Sendable: the driver serialises every call, release included (the port thread).
     public let path: String
-    private let fd: FileDescriptor
+    /// The open character device; -1 once released.
+    private var fd: Int32
 
     public init(path: String) throws(SystemError) {
         self.path = path
-        let raw = try syscallRetrying("open \(path)") { open(path, O_RDWR | O_CLOEXEC) }
-        fd = FileDescriptor(owning: raw)
+        fd = try syscallRetrying("open \(path)") { open(path, O_RDWR | O_CLOEXEC) }
+    }
+
+    deinit { release() }
+
+    public func release() {
+        if fd >= 0 { _ = Glibc.close(fd) }
+        fd = -1
     }
 
     private func call<T>(_ name: String, _ request: UInt, _ value: inout T) throws(SystemError) {
         // Safety: `value` is a plain C-layout value of the size the request's _IOC encodes.
-        try syscallRetrying(name) { withUnsafeMutablePointer(to: &value) { cvdpa_ioctl_ptr(fd.raw, request, $0) } }
+        try syscallRetrying(name) { withUnsafeMutablePointer(to: &value) { cvdpa_ioctl_ptr(fd, request, $0) } }
     }
 
     public func setOwner() throws(SystemError) {
-        try syscallRetrying("VHOST_SET_OWNER") { cvdpa_ioctl_none(fd.raw, CVDPA_VHOST_SET_OWNER) }
+        try syscallRetrying("VHOST_SET_OWNER") { cvdpa_ioctl_none(fd, CVDPA_VHOST_SET_OWNER) }
     }
     public func deviceID() throws(SystemError) -> UInt32 {
         var v: UInt32 = 0; try call("VHOST_VDPA_GET_DEVICE_ID", CVDPA_VHOST_VDPA_GET_DEVICE_ID, &v); return v
@@ -131,7 +141,7 @@ public final class VhostVDPAFile: VhostVDPAKernel, @unchecked Sendable {
         withUnsafeBytes(of: length.littleEndian) { raw.replaceSubrange(4..<8, with: $0) }
         // Safety: `raw` holds the 8-byte header plus `length` bytes, as the request reads and writes.
         try syscallRetrying("VHOST_VDPA_GET_CONFIG") {
-            raw.withUnsafeMutableBytes { cvdpa_ioctl_ptr(fd.raw, CVDPA_VHOST_VDPA_GET_CONFIG, $0.baseAddress) }
+            raw.withUnsafeMutableBytes { cvdpa_ioctl_ptr(fd, CVDPA_VHOST_VDPA_GET_CONFIG, $0.baseAddress) }
         }
         return Array(raw[8...])
     }
@@ -154,7 +164,7 @@ public final class VhostVDPAFile: VhostVDPAKernel, @unchecked Sendable {
             let bytes = Self.encode(m)
             let n = try syscallRetrying("write IOTLB message to \(path)") {
                 // Safety: `bytes` is 72 bytes long and stays alive for the call.
-                bytes.withUnsafeBytes { Glibc.write(fd.raw, $0.baseAddress, $0.count) }
+                bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
             }
             guard n == bytes.count else { throw SystemError("short IOTLB write (\(n) of \(bytes.count) bytes)", errno: EIO) }
         }
@@ -213,10 +223,10 @@ public final class VhostVDPAFile: VhostVDPAKernel, @unchecked Sendable {
         try call("VHOST_VDPA_SET_VRING_ENABLE(\(index))", CVDPA_VHOST_VDPA_SET_VRING_ENABLE, &s)
     }
     public func suspend() throws(SystemError) {
-        try syscallRetrying("VHOST_VDPA_SUSPEND") { cvdpa_ioctl_none(fd.raw, CVDPA_VHOST_VDPA_SUSPEND) }
+        try syscallRetrying("VHOST_VDPA_SUSPEND") { cvdpa_ioctl_none(fd, CVDPA_VHOST_VDPA_SUSPEND) }
     }
     public func resume() throws(SystemError) {
-        try syscallRetrying("VHOST_VDPA_RESUME") { cvdpa_ioctl_none(fd.raw, CVDPA_VHOST_VDPA_RESUME) }
+        try syscallRetrying("VHOST_VDPA_RESUME") { cvdpa_ioctl_none(fd, CVDPA_VHOST_VDPA_RESUME) }
     }
     /// Vendor statistics come over the vdpa netlink family (VDPA_CMD_DEV_VSTATS_GET), which
     /// this driver does not read yet: nil, and the stats say the device reported no counters.

@@ -15,9 +15,11 @@ class MigrationTests: SoftNICTestCase {
     /// nil: the SoftNIC serves the port directly; otherwise through the kernel vhost-vdpa driver
     /// over the kernel model, with (true) or without (false) SUSPEND (subclasses below).
     var kernelModel: Bool? { nil }
+    /// A real vhost-vdpa character device to run on instead (the vDPA guest's tests).
+    var kernelDevice: String? { nil }
 
     func start(link: String = "source:size=128", loop: RelayLoopMode = .hybrid) throws -> (SoftNICTestDaemon, TestGuest) {
-        let d = try makeDaemon([.init(id: "vm", link: link, mac: TestFrames.dst, kernelModel: kernelModel)], options: PortOptions(relayLoop: loop))
+        let d = try makeDaemon([.init(id: "vm", link: link, mac: TestFrames.dst, kernelModel: kernelModel, kernelDevice: kernelDevice)], options: PortOptions(relayLoop: loop))
         let g = try d.connectAndStart("vm")
         return (d, g)
     }
@@ -96,7 +98,7 @@ class MigrationTests: SoftNICTestCase {
     /// The check above can fail: with the test-only switch that skips buffer marking, it finds the
     /// device's pages unmarked.
     func testMarkingCheckCatchesSkippedMarking() throws {
-        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst, kernelModel: kernelModel)],
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst, kernelModel: kernelModel, kernelDevice: kernelDevice)],
                                options: PortOptions(testSwitches: TestSwitches(skipBufferMarking: true)))
         let g = try d.connectAndStart("vm")
         let r = try loggedRun(d, g)
@@ -186,7 +188,7 @@ class MigrationTests: SoftNICTestCase {
 
     /// A ring started while logging is on starts in relay mode.
     func testRingStartedDuringLoggingStartsInRelay() throws {
-        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst, kernelModel: kernelModel)])
+        let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst, kernelModel: kernelModel, kernelDevice: kernelDevice)])
         let g = try d.connect("vm")
         try g.startRing(1)
         let log = try g.frontend.enableLogging(requireU64Reply: true)

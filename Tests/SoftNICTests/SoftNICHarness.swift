@@ -57,6 +57,9 @@ final class SoftNICTestDaemon {
         /// (`VhostVDPAModel`): nil = the SoftNIC directly; false = a device without SUSPEND
         /// (reset switchover), true = one with SUSPEND and RESUME.
         var kernelModel: Bool? = nil
+        /// Serve the port through the vhost-vdpa driver on this real character device (the
+        /// VDUSE tests in the vDPA guest); the device's own link replaces `link`.
+        var kernelDevice: String? = nil
     }
 
     /// The models behind ports served through the vhost-vdpa driver.
@@ -81,6 +84,9 @@ final class SoftNICTestDaemon {
         let log = logger
         let models = self.models
         daemon = try Daemon(specs: specs, controlPath: dir + "/control.sock", logger: logger, options: options) { spec in
+            if let path = defs.first(where: { $0.id == spec.id })?.kernelDevice {
+                return try VhostVDPADevice(kernel: try VhostVDPAFile(path: path), path: path, logger: log)
+            }
             let nic = try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac, logger: log)
             guard let suspend = defs.first(where: { $0.id == spec.id })?.kernelModel else { return nic }
             let model = VhostVDPAModel(nic: nic, offersSuspend: suspend)

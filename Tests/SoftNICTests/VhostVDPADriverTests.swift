@@ -36,6 +36,54 @@ final class VhostVDPASuspendMigrationTests: MigrationTests {
     }
 }
 
+/// Every migration test on a real kernel vDPA device: run inside the vDPA test guest
+/// (tests/peers/vduse-migration.sh) with VDPA_TEST_VHOST_VDPA_SOURCE naming the vhost-vdpa
+/// device of a VDUSE SoftNIC whose link is `source:size=128` with the tests' guest MAC. Skipped
+/// elsewhere (the host has no vDPA).
+final class VhostVDPAKernelDeviceMigrationTests: MigrationTests {
+    override var kernelDevice: String? { ProcessInfo.processInfo.environment["VDPA_TEST_VHOST_VDPA_SOURCE"] }
+    override func setUpWithError() throws {
+        guard kernelDevice != nil else { throw XCTSkip("VDPA_TEST_VHOST_VDPA_SOURCE is not set: runs in the vDPA guest only") }
+    }
+    override func testSendRARP() throws {
+        let (_, g) = try start(link: "loopback")
+        XCTAssertThrowsError(try g.frontend.request(.sendRARP, payload: .u64(0x5634_1200_5452), needReply: true))
+    }
+}
+
+/// Traffic both ways through a real kernel vDPA device whose link is `loopback` (a VDUSE
+/// SoftNIC in the vDPA guest, VDPA_TEST_VHOST_VDPA_LOOPBACK): frames the guest sends come back
+/// byte for byte, the port's status shows the device, and the counts are printed for the peer
+/// script to compare with the device side's counters. Skipped elsewhere.
+final class VhostVDPAKernelDeviceTests: SoftNICTestCase {
+    var path: String? { ProcessInfo.processInfo.environment["VDPA_TEST_VHOST_VDPA_LOOPBACK"] }
+    override func setUpWithError() throws {
+        guard path != nil else { throw XCTSkip("VDPA_TEST_VHOST_VDPA_LOOPBACK is not set: runs in the vDPA guest only") }
+    }
+
+    func testLoopbackBothWays() throws {
+        let d = try makeDaemon([.init(id: "k", link: "loopback", kernelDevice: path)])
+        let g = try d.connectAndStart("k")
+        let details = try XCTUnwrap(d.portStatus("k").deviceDetails)
+        XCTAssertEqual(details.driver, "vhost-vdpa")
+        XCTAssertEqual(details.status.map { $0 & 4 }, 4, "DRIVER_OK")
+        var sent = 0, bytes = 0
+        for round in 0..<20 {
+            g.postRX(count: 16)
+            let frames = (0..<16).map { TestFrames.make(length: 60 + (round * 16 + $0) * 7 % 1400, seed: round * 16 + $0) }
+            g.sendAndComplete(frames)
+            let got = g.receive(16, timeout: 20)
+            XCTAssertEqual(got.map(\.frame), frames, "round \(round)")
+            sent += frames.count
+            bytes += frames.reduce(0) { $0 + $1.count }
+        }
+        // For tests/peers/vduse-vhost-vdpa.sh, which compares them with the device's counters.
+        print("VDUSE-FRONTEND-COUNTS tx_frames=\(sent) tx_bytes=\(bytes) rx_frames=\(sent) rx_bytes=\(bytes)")
+        _ = try g.stopRing(0)
+        _ = try g.stopRing(1)
+    }
+}
+
 /// The driver's own behaviour: what it asks of the kernel, in which order.
 final class VhostVDPADriverTests: SoftNICTestCase {
     func start(suspend: Bool, link: String = "loopback") throws -> (SoftNICTestDaemon, TestGuest, VhostVDPAModel) {

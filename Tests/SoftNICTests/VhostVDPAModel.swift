@@ -205,4 +205,5 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
         suspended = false
     }
     func vendorCounters() -> [QueueCounters]? { nic.counters() }
+    func release() { nic.close() }
 }
