@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# vdpad drives a kernel vDPA device through /dev/vhost-vdpa-N behind a vhost-user socket,
+# inside the vDPA test guest (Debian's 6.12 kernel under TCG, scripts/guest/run-vdpa-guest).
+# The device is the SoftNIC exported through VDUSE by a second vdpad (`vdpad --vduse ...,
+# bind=vhost-vdpa`): the kernel's vhost_vdpa driver sits between the two processes, so every
+# ring address, IOTLB entry, kick and interrupt goes through the real kernel paths.
+#
+# In the guest:
+#   1. VDUSE device vd0 (link=loopback) bound to vhost_vdpa. The project's test bundle runs
+#      VhostVDPAKernelDeviceTests on its /dev/vhost-vdpa-N (a port of the vdpad library with
+#      device=vhost-vdpa, the project's frontend library as the guest): 320 frames of 60-1453
+#      bytes go out on TX and come back on RX byte for byte; the status shows the device at
+#      DRIVER_OK. Then vd0's daemon is stopped and the counters it logs for the device's
+#      queues must equal the frontend's: TX packets and bytes, RX packets and bytes.
+#   2. VDUSE device vd1 (link=source:size=128) bound to vhost_vdpa, and the vdpad binary with
+#      --port socket=...,device=vhost-vdpa:/dev/vhost-vdpa-M; vdpa-bench (the frontend library
+#      as a fast RX guest) receives for 2 s: completions > 0; `vdpactl status --json` shows the
+#      vhost-vdpa details (DRIVER_OK, both rings); the port's stats say the device reports no
+#      counters (deviceCounters false) rather than zeros; on SIGTERM vdpad closes the device
+#      and the VDUSE daemon sees it reset.
+#
+# Environment: VDPA_GUEST_RUNNER (default scripts/guest/run-vdpa-guest), XCTEST (default the
+# debug build's swift-vdpaPackageTests.xctest).
+set -uo pipefail
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+peer_init vduse-vhost-vdpa 600
+resolve_bins
+RUNNER=${VDPA_GUEST_RUNNER:-$GUEST_DIR/run-vdpa-guest}
+BIN=$(dirname "$VDPAD")
+XCTEST=${XCTEST:-$BIN/swift-vdpaPackageTests.xctest}
+BENCH=$BIN/vdpa-bench
+[[ -x $RUNNER ]] || fail "no guest runner $RUNNER (scripts/guest/run-vdpa-guest; run scripts/install-deps)"
+for f in "$VDPAD" "$VDPACTL" "$XCTEST" "$BENCH"; do [[ -x $f ]] || fail "not built: $f (swift build --build-tests)"; done
+
+cat > "$TMP/guest.sh" <<'GUEST'
+#!/bin/bash
+set -u
+fail() { echo "FAIL-REASON: $*"; for f in /tmp/*.log; do echo "----- $f -----"; tail -n 40 "$f"; done; exit 1; }
+step() { echo "STEP $*"; }
+[[ -c /dev/vduse/control ]] || fail "no /dev/vduse/control in the guest"
+
+# vduse NAME LINK: a VDUSE SoftNIC bound to vhost_vdpa; prints its /dev/vhost-vdpa-N.
+vduse() {
+    "$VDPAD" --vduse "name=$1,bind=vhost-vdpa,mac=52:54:00:aa:bb:01,link=$2" --control "/tmp/$1.sock" \
+        --log-level debug > "/tmp/$1.log" 2>&1 &
+    echo $! > "/tmp/$1.pid"
+    for _ in $(seq 1 300); do
+        grep -q "on the vDPA bus" "/tmp/$1.log" && break
+        kill -0 "$(cat "/tmp/$1.pid")" 2>/dev/null || fail "vdpad --vduse $1 exited: $(tail -n 5 "/tmp/$1.log")"
+        sleep 0.1
+    done
+    grep -q "on the vDPA bus, driver vhost_vdpa" "/tmp/$1.log" || fail "$1 not on the vDPA bus with vhost_vdpa within 30 s"
+    local d
+    d=$(ls -d /sys/bus/vdpa/devices/"$1"/vhost-vdpa-* 2>/dev/null | head -n 1)
+    [[ -n $d && -c /dev/$(basename "$d") ]] || fail "$1 has no vhost-vdpa character device"
+    echo "/dev/$(basename "$d")"
+}
+stop_vduse() {
+    local pid; pid=$(cat "/tmp/$1.pid")
+    kill -TERM "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && fail "vdpad --vduse $1 did not exit within 10 s of SIGTERM"
+    wait "$pid" || fail "vdpad --vduse $1 exited with status $?"
+}
+# q NAME INDEX: the counters vdpad logged for queue INDEX of VDUSE device NAME at exit.
+q() { sed -n "s/.*VDUSE $1: queue $2 ([rt]x): \(.*\)/\1/p" "/tmp/$1.log" | tail -n 1; }
+field() { echo "$1" | sed -n "s/.*$2 \([^ ,]*\).*/\1/p"; }
+
+# --- 1: the test bundle's kernel-device tests on vd0 ------------------------------------------
+dev0=$(vduse vd0 loopback) || exit 1
+step "vd0 at $dev0"
+VDPA_TEST_VHOST_VDPA_LOOPBACK=$dev0 "$XCTEST" SoftNICTests.VhostVDPAKernelDeviceTests > /tmp/xctest.log 2>&1 ||
+    fail "VhostVDPAKernelDeviceTests failed: $(grep -E 'error|failed' /tmp/xctest.log | head -n 5)"
+grep -q "Executed 1 test, with 0 failures" /tmp/xctest.log || fail "the kernel-device test did not run: $(tail -n 3 /tmp/xctest.log)"
+counts=$(sed -n 's/.*VDUSE-FRONTEND-COUNTS //p' /tmp/xctest.log | tail -n 1)
+[[ -n $counts ]] || fail "the test printed no counts"
+step "frontend: $counts"
+stop_vduse vd0
+rxq=$(q vd0 0) txq=$(q vd0 1)
+[[ -n $rxq && -n $txq ]] || fail "vd0's daemon logged no queue counters at exit"
+step "device rx: $rxq"
+step "device tx: $txq"
+fv() { echo "$counts" | sed -n "s/.*$1=\([0-9]*\).*/\1/p"; }
+[[ $(field "$txq" packets) == "$(fv tx_frames)" ]] || fail "device TX packets $(field "$txq" packets) != frontend's $(fv tx_frames)"
+[[ $(field "$rxq" packets) == "$(fv rx_frames)" ]] || fail "device RX packets $(field "$rxq" packets) != frontend's $(fv rx_frames)"
+[[ $(field "$txq" bytes) == "$(fv tx_bytes)" ]] || fail "device TX bytes $(field "$txq" bytes) != frontend's $(fv tx_bytes)"
+[[ $(field "$rxq" bytes) == "$(fv rx_bytes)" ]] || fail "device RX bytes $(field "$rxq" bytes) != frontend's $(fv rx_bytes)"
+[[ $(field "$rxq" faults) == 0 && $(field "$txq" faults) == 0 ]] || fail "device faults: rx [$rxq] tx [$txq]"
+step "counters agree on both sides"
+
+# --- 2: the vdpad binary with device=vhost-vdpa, vdpa-bench as the guest ----------------------
+dev1=$(vduse vd1 source:size=128) || exit 1
+"$VDPAD" --port "socket=/tmp/k.sock,id=k,device=vhost-vdpa:$dev1" --control /tmp/k-control.sock \
+    --log-level debug > /tmp/port.log 2>&1 &
+ppid=$!
+for _ in $(seq 1 200); do [[ -S /tmp/k-control.sock ]] && break; sleep 0.1; done
+[[ -S /tmp/k-control.sock ]] || fail "vdpad with the vhost-vdpa port did not start: $(tail -n 5 /tmp/port.log)"
+"$BENCH" --socket /tmp/k.sock --control /tmp/k-control.sock --mode direct --seconds 2 --ring-size 256 > /tmp/bench.log 2>&1 &
+bpid=$!
+sleep 1.5
+"$VDPACTL" status --control /tmp/k-control.sock --json > /tmp/status.json 2>&1 || fail "vdpactl status: $(cat /tmp/status.json)"
+"$VDPACTL" stats --control /tmp/k-control.sock --json > /tmp/stats.json 2>&1 || fail "vdpactl stats: $(cat /tmp/stats.json)"
+wait "$bpid" || fail "vdpa-bench failed: $(tail -n 5 /tmp/bench.log)"
+grep -q '"driver":"vhost-vdpa"' /tmp/status.json || fail "status has no vhost-vdpa details: $(head -c 400 /tmp/status.json)"
+grep -q '"switchover":"reset"' /tmp/status.json || fail "status does not say the switchover is reset-based (VDUSE has no SUSPEND)"
+grep -q '"deviceCounters":false' /tmp/stats.json || fail "stats do not say the device reports no counters"
+mpps=$(sed -n 's/.*"phase0_direct_mpps":\([0-9.e-]*\).*/\1/p' /tmp/bench.log | tail -n 1)
+step "bench: direct through vhost-vdpa ${mpps:-?} Mpps (TCG)"
+awk -v x="${mpps:-0}" 'BEGIN { exit !(x > 0) }' || fail "vdpa-bench saw no completions: $(tail -n 5 /tmp/bench.log)"
+kill -TERM "$ppid"; wait "$ppid" || fail "vdpad (port) exited with status $?"
+grep -q "VDUSE vd1: status 0\|reset" /tmp/vd1.log || step "note: vd1's log shows no reset after the port closed"
+stop_vduse vd1
+exit 0
+GUEST
+
+log "booting the vDPA guest"
+"$RUNNER" --name vduse-vhost-vdpa --log-dir "$TMP" --quiet --timeout 540 --mem 1024 \
+    --env "VDPAD=$VDPAD" --env "VDPACTL=$VDPACTL" --env "XCTEST=$XCTEST" --env "BENCH=$BENCH" \
+    "$TMP/guest.sh" "$VDPAD" "$VDPACTL" "$XCTEST" "$BENCH" > "$TMP/runner.log" 2>&1
+rc=$?
+out=$TMP/vduse-vhost-vdpa.output.log
+[[ ${VDPA_VERBOSE:-0} == 1 && -r $out ]] && sed -n 's/^STEP /... vduse-vhost-vdpa: /p' "$out" | tr -d '\r' >&2
+if [[ $rc != 0 ]]; then
+    reason=$(tr -d '\r' < "$out" 2>/dev/null | sed -n 's/^FAIL-REASON: //p' | head -n 1)
+    [[ -n $reason ]] || reason="the guest run ended with status $rc: $(tail -n 5 "$TMP/runner.log" | tr '\n' ' ')"
+    tail -n 80 "$out" >&2 2>/dev/null
+    fail "$reason"
+fi
+tr -d '\r' < "$out" | sed -n 's/^STEP \(frontend.*\|counters.*\|bench.*\)/  \1/p'
+pass
