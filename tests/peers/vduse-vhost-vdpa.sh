@@ -40,7 +40,8 @@ fail() { echo "FAIL-REASON: $*"; for f in /tmp/*.log; do echo "----- $f -----"; 
 step() { echo "STEP $*"; }
 [[ -c /dev/vduse/control ]] || fail "no /dev/vduse/control in the guest"
 
-# vduse NAME LINK: a VDUSE SoftNIC bound to vhost_vdpa; prints its /dev/vhost-vdpa-N.
+# vduse NAME LINK: a VDUSE SoftNIC bound to vhost_vdpa; sets DEV to its /dev/vhost-vdpa-N.
+# (Not in a subshell: the daemon must stay this shell's child, for `wait`.)
 vduse() {
     "$VDPAD" --vduse "name=$1,bind=vhost-vdpa,mac=52:54:00:aa:bb:01,link=$2" --control "/tmp/$1.sock" \
         --log-level debug > "/tmp/$1.log" 2>&1 &
@@ -54,7 +55,7 @@ vduse() {
     local d
     d=$(ls -d /sys/bus/vdpa/devices/"$1"/vhost-vdpa-* 2>/dev/null | head -n 1)
     [[ -n $d && -c /dev/$(basename "$d") ]] || fail "$1 has no vhost-vdpa character device"
-    echo "/dev/$(basename "$d")"
+    DEV=/dev/$(basename "$d")
 }
 stop_vduse() {
     local pid; pid=$(cat "/tmp/$1.pid")
@@ -68,7 +69,8 @@ q() { sed -n "s/.*VDUSE $1: queue $2 ([rt]x): \(.*\)/\1/p" "/tmp/$1.log" | tail 
 field() { echo "$1" | sed -n "s/.*$2 \([^ ,]*\).*/\1/p"; }
 
 # --- 1: the test bundle's kernel-device tests on vd0 ------------------------------------------
-dev0=$(vduse vd0 loopback) || exit 1
+vduse vd0 loopback
+dev0=$DEV
 step "vd0 at $dev0"
 VDPA_TEST_VHOST_VDPA_LOOPBACK=$dev0 "$XCTEST" SoftNICTests.VhostVDPAKernelDeviceTests > /tmp/xctest.log 2>&1 ||
     fail "VhostVDPAKernelDeviceTests failed: $(grep -E 'error|failed' /tmp/xctest.log | head -n 5)"
@@ -90,7 +92,8 @@ fv() { echo "$counts" | sed -n "s/.*$1=\([0-9]*\).*/\1/p"; }
 step "counters agree on both sides"
 
 # --- 2: the vdpad binary with device=vhost-vdpa, vdpa-bench as the guest ----------------------
-dev1=$(vduse vd1 source:size=128) || exit 1
+vduse vd1 source:size=128
+dev1=$DEV
 "$VDPAD" --port "socket=/tmp/k.sock,id=k,device=vhost-vdpa:$dev1" --control /tmp/k-control.sock \
     --log-level debug > /tmp/port.log 2>&1 &
 ppid=$!
