@@ -84,6 +84,54 @@ final class VhostVDPAKernelDeviceTests: SoftNICTestCase {
     }
 }
 
+/// A kernel device that vanishes under a port (tests/peers/vduse-faults.sh, in the vDPA guest):
+/// two ports on two VDUSE SoftNICs (loopback), the first one's VDUSE daemon is killed; the next
+/// control operation on that port fails with an error naming the device (after VDUSE's message
+/// timeout, which the script sets to 2 s), the port says so in its status, and the other port's
+/// traffic carries on. Skipped elsewhere.
+final class VhostVDPAKernelDeviceFaultTests: SoftNICTestCase {
+    let env = ProcessInfo.processInfo.environment
+    override var stopTimeout: Double { 30 }
+    override func setUpWithError() throws {
+        guard env["VDPA_TEST_VHOST_VDPA_DOOMED"] != nil else { throw XCTSkip("VDPA_TEST_VHOST_VDPA_DOOMED is not set: runs in the vDPA guest only") }
+    }
+
+    func roundTrip(_ g: TestGuest, seed: Int, file: StaticString = #filePath, line: UInt = #line) {
+        g.postRX(count: 4)
+        let frames = (0..<4).map { TestFrames.make(length: 100 + $0, seed: seed + $0) }
+        g.sendAndComplete(frames, file: file, line: line)
+        XCTAssertEqual(g.receive(4, timeout: 20, file: file, line: line).map(\.frame), frames, file: file, line: line)
+    }
+
+    func testVanishedDeviceFailsItsPortOnly() throws {
+        let doomed = try XCTUnwrap(env["VDPA_TEST_VHOST_VDPA_DOOMED"])
+        let other = try XCTUnwrap(env["VDPA_TEST_VHOST_VDPA_OTHER"])
+        let pid = try XCTUnwrap(env["VDPA_TEST_VDUSE_DOOMED_PID"].flatMap { Int32($0) })
+        let d = try makeDaemon([.init(id: "a", link: "loopback", kernelDevice: doomed), .init(id: "b", link: "loopback", kernelDevice: other)])
+        let ga = try d.connectAndStart("a")
+        let gb = try d.connectAndStart("b")
+        roundTrip(ga, seed: 0)
+        roundTrip(gb, seed: 10)
+
+        XCTAssertEqual(kill(pid, SIGKILL), 0, "kill the VDUSE daemon behind port a")
+        usleep(300_000)
+        let t0 = Date()
+        XCTAssertThrowsError(try ga.stopRing(0), "GET_VRING_BASE on a vanished device must fail, not hang")
+        let took = Date().timeIntervalSince(t0)
+        print("VANISHED-DEVICE-ERROR after \(String(format: "%.1f", took)) s")
+        XCTAssertLessThan(took, 15, "the port waited \(took) s on the vanished device")
+        XCTAssertTrue(waitUntil(10) { (d.portStatus("a").lastError ?? "").contains(doomed) },
+                      "port a's last error names the device: \(d.portStatus("a").lastError ?? "none")")
+        print("VANISHED-DEVICE-STATUS \(d.portStatus("a").lastError ?? "")")
+        roundTrip(gb, seed: 20)
+        // A new frontend on port a is refused cleanly or fails at its first ring, never hangs.
+        let t1 = Date()
+        if let g2 = try? d.connect("a") { XCTAssertThrowsError(try g2.startRing(0)) }
+        XCTAssertLessThan(Date().timeIntervalSince(t1), 15)
+        roundTrip(gb, seed: 30)
+    }
+}
+
 /// The driver's own behaviour: what it asks of the kernel, in which order.
 final class VhostVDPADriverTests: SoftNICTestCase {
     func start(suspend: Bool, link: String = "loopback") throws -> (SoftNICTestDaemon, TestGuest, VhostVDPAModel) {
