@@ -27,7 +27,7 @@ require_vdpa_guest
 resolve_bins
 
 want_exit=${VDUSE_SMOKE_EXIT:-0}
-[[ $want_exit =~ ^[0-9]+$ ]] && ((want_exit <= 255)) || fail "bad VDUSE_SMOKE_EXIT=$want_exit (0-255)"
+if ! [[ $want_exit =~ ^[0-9]+$ ]] || ((want_exit > 255)); then fail "bad VDUSE_SMOKE_EXIT=$want_exit (0-255)"; fi
 
 cat > "$TMP/guest.sh" <<'EOF'
 #!/bin/sh
