@@ -14,7 +14,7 @@
 set -uo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
-peer_init vduse-faults 400
+peer_init vduse-faults 170
 resolve_bins
 RUNNER=${VDPA_GUEST_RUNNER:-$GUEST_DIR/run-vdpa-guest}
 BIN=$(dirname "$VDPAD")
@@ -72,7 +72,7 @@ exit 0
 GUEST
 
 log "booting the vDPA guest"
-"$RUNNER" --name vduse-faults --log-dir "$TMP" --quiet --timeout 360 --mem 1024 \
+"$RUNNER" --name vduse-faults --log-dir "$TMP" --quiet --timeout 160 --mem 1024 \
     --env "VDPAD=$VDPAD" --env "XCTEST=$XCTEST" \
     "$TMP/guest.sh" "$VDPAD" "$XCTEST" > "$TMP/runner.log" 2>&1
 rc=$?

@@ -23,7 +23,7 @@
 set -uo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
-peer_init vduse-migration 900
+peer_init vduse-migration 170
 resolve_bins
 RUNNER=${VDPA_GUEST_RUNNER:-$GUEST_DIR/run-vdpa-guest}
 BIN=$(dirname "$VDPAD")
@@ -76,7 +76,7 @@ exit 0
 GUEST
 
 log "booting the vDPA guest"
-"$RUNNER" --name vduse-migration --log-dir "$TMP" --quiet --timeout 840 --mem 1024 \
+"$RUNNER" --name vduse-migration --log-dir "$TMP" --quiet --timeout 160 --mem 1024 \
     --env "VDPAD=$VDPAD" --env "VDPACTL=$VDPACTL" --env "XCTEST=$XCTEST" --env "BENCH=$BENCH" \
     "$TMP/guest.sh" "$VDPAD" "$VDPACTL" "$XCTEST" "$BENCH" > "$TMP/runner.log" 2>&1
 rc=$?
