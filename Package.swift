@@ -45,8 +45,12 @@ let package = Package(
         .target(name: "SoftNIC", dependencies: [
             "Platform", "Virtio", "DeviceFramework", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
+        // The SoftNIC exported to the kernel as a VDUSE device (docs/ARCHITECTURE.md, "VDUSE").
+        .target(name: "VDUSE", dependencies: [
+            "SoftNIC", "DeviceFramework", "Virtio", "Platform", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
         .executableTarget(name: "vdpad", dependencies: [
-            "VDPA", "DeviceFramework", "SoftNIC", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "VDPA", "DeviceFramework", "SoftNIC", "VDUSE", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpa-bench", dependencies: [
@@ -60,6 +64,7 @@ let package = Package(
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VhostUser", "Platform"], swiftSettings: strict),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VhostUserFrontend", "Platform", "Virtio"], swiftSettings: strict),
         .testTarget(name: "VDPATests", dependencies: ["VDPA", "DeviceFramework", "VhostUserFrontend", "VhostUser", "Platform"], swiftSettings: strict),
+        .testTarget(name: "VDUSETests", dependencies: ["VDUSE", "SoftNIC", "DeviceFramework", "Virtio", "Platform", "CVDPAShims"], swiftSettings: strict),
         .testTarget(name: "SoftNICTests", dependencies: ["SoftNIC", "DeviceFramework", "VDPA", "Relay", "VhostUserFrontend", "VhostUser", "Virtio", "Platform"], swiftSettings: strict),
     ]
 )

@@ -26,6 +26,7 @@
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include "CVDPAGuard.h"
+#include "CVDPAVduse.h"
 
 static inline size_t cvdpa_cmsg_space(size_t len) { return CMSG_SPACE(len); }
 static inline size_t cvdpa_cmsg_len(size_t len) { return CMSG_LEN(len); }
