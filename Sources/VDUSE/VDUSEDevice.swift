@@ -107,6 +107,10 @@ public final class VDUSEDevice: Sendable {
             Self.removeFromBus(name, logger: logger)
             r.stop(logger: logger)
             let failed = r.interrupts.failed.load(ordering: .relaxed)
+            for c in r.nic.counters() {
+                let drops = c.drops.filter { $0.value > 0 }.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+                logger.info("VDUSE \(name): queue \(c.index) (\(c.index % 2 == 0 ? "rx" : "tx")): packets \(c.packets) bytes \(c.bytes) drops \(drops.isEmpty ? "0" : drops) faults \(c.faults) interrupts \(c.interrupts) doorbells \(c.doorbells)\(c.error.map { " error: \($0)" } ?? "")")
+            }
             logger.info("VDUSE \(name): \(r.server.answered.load(ordering: .relaxed)) requests answered, \(r.server.refused.load(ordering: .relaxed)) refused; \(r.interrupts.raised.load(ordering: .relaxed)) interrupts raised, \(failed) refused by the kernel\(failed > 0 ? " (last errno \(r.interrupts.lastErrno.load(ordering: .relaxed)))" : ""); IOMMU misses \(r.iotlb.misses.load(ordering: .relaxed)), \(r.iotlb.resolvedMisses.load(ordering: .relaxed)) mapped")
         }
         // Every holder of the device's fd is gone once its threads stopped: the fd is closed.
