@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CVDPAShims
 import DeviceFramework
 import Platform
 import Virtio
@@ -98,8 +99,22 @@ final class VDUSEIOTLBTests: XCTestCase {
         XCTAssertEqual(pipe(&p), 0)
         close(p[1])
         dev.map(0x20000, size: 4096, file: SharedFD(FileDescriptor(owning: p[0])))  // a pipe
+        // A regular file on a disk filesystem (beside the test binary): mappable, but a fault
+        // there could wait for the disk, and the device's writes would go to it.
+        var onDisk: [UInt64] = []
+        let dir = try XCTUnwrap(FileSystem.linkTarget("/proc/self/exe")).split(separator: "/").dropLast().joined(separator: "/")
+        let path = "/\(dir)/vduse-iotlb-test-\(getpid())"
+        let raw = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        XCTAssertGreaterThanOrEqual(raw, 0, path)
+        unlink(path)
+        let disk = FileDescriptor(owning: raw)
+        XCTAssertEqual(ftruncate(disk.raw, 8192), 0)
+        if cvdpa_fstatfs_type(disk.raw) != 0x0102_1994 {  // not tmpfs here
+            dev.map(0x30000, size: 4096, file: SharedFD(disk))
+            onDisk = [0x30000]
+        }
         let tlb = try VDUSEIOTLB(device: dev, name: "t", logger: quietLogger)
-        for iova: UInt64 in [0x1000, 0x3000, 0x5000, 0x10000, 0x20000] {
+        for iova: UInt64 in [0x1000, 0x3000, 0x5000, 0x10000, 0x20000] + onDisk {
             XCTAssertNil(tlb.resolve(iova: iova, length: 8), "0x\(String(iova, radix: 16))")
         }
         XCTAssertEqual(tlb.ranges, [])
