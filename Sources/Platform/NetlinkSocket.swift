@@ -9,6 +9,7 @@ import CVDPAShims
 /// caller's (the VDUSE module encodes generic netlink).
 public struct NetlinkSocket: ~Copyable {
     private let fd: FileDescriptor
+    /// Safety: 64 KiB owned by this socket alone, allocated in init and freed once in deinit.
     private let buffer: UnsafeMutableRawBufferPointer
 
     /// Opens a socket for netlink `protocolFamily` (e.g. NETLINK_GENERIC).

@@ -30,6 +30,7 @@ public enum VDUSEMessage {
     /// Decodes one request; nil when `bytes` is not one whole request.
     public static func decode(_ bytes: UnsafeRawBufferPointer) -> Decoded? {
         guard bytes.count == requestSize else { return nil }
+        // Safety: every field read below ends by byte 40 of the 152 checked above.
         func u32(_ o: Int) -> UInt32 { UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: o, as: UInt32.self)) }
         func u64(_ o: Int) -> UInt64 { UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: o, as: UInt64.self)) }
         let type = u32(0)

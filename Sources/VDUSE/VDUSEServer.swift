@@ -113,6 +113,7 @@ final class VDUSEServer: ConfinedTarget, @unchecked Sendable {
             logger.critical("VDUSE \(name): cannot watch the device: \(error); its requests go unanswered")
             return
         }
+        // Safety: one request's bytes, owned by this loop alone and freed when it ends.
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: VDUSEMessage.requestSize, alignment: 8)
         defer { buffer.deallocate() }
         var watching = true
@@ -161,6 +162,7 @@ final class VDUSEServer: ConfinedTarget, @unchecked Sendable {
     /// device closed it): it is not watched any more.
     func serveRequests(_ buffer: UnsafeMutableRawBufferPointer) -> Bool {
         while true {
+            // Safety: read writes at most buffer.count bytes into the loop's buffer.
             let n = Self.readRaw(device.messageFD, buffer.baseAddress!, buffer.count)
             if n < 0 {
                 let e = cvdpa_errno()
@@ -169,14 +171,15 @@ final class VDUSEServer: ConfinedTarget, @unchecked Sendable {
                 return true
             }
             if n == 0 { return false }
+            // Safety: 0 < n <= buffer.count, and read just wrote those n bytes.
             guard let m = VDUSEMessage.decode(UnsafeRawBufferPointer(rebasing: buffer[0..<n])) else {
                 logger.error("VDUSE \(name): a \(n)-byte read is no request (\(VDUSEMessage.requestSize) bytes expected)")
                 continue
             }
             let (reply, afterwards) = handle(m)
-            let w = reply.withUnsafeBytes { Self.writeRaw(device.messageFD, $0.baseAddress!, $0.count) }
+            // Safety: the reply's 152 bytes are valid for the call; errno is read before anything else runs.
+            let (w, e) = reply.withUnsafeBytes { b in (Self.writeRaw(device.messageFD, b.baseAddress!, b.count), cvdpa_errno()) }
             if w != reply.count {
-                let e = cvdpa_errno()
                 // ENOENT: the kernel no longer waits for this request (it timed out).
                 logger.error("VDUSE \(name): answering request \(m.id) (\(m.request)): \(SystemError("write", errno: e))")
             }
