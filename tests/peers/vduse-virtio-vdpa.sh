@@ -21,7 +21,7 @@
 #
 # Environment: VDUSE_IDLE_CPU_MAX (default 20): vdpad's maximum CPU % while idle;
 # VDPA_GUEST_RUNNER: the guest runner (default scripts/guest/run-vdpa-guest);
-# VDUSE_BYTES (default 2097152): bytes sent each way.
+# VDUSE_BYTES (default 2097152, at most 16 MiB): bytes sent each way.
 set -uo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -80,8 +80,8 @@ nsx ping -c 3 -W 5 10.81.0.2 > /tmp/ping2 2>&1 || fail "the namespace cannot pin
 step "ping both ways"
 
 # Known bytes, different each way.
-seq 1 1000000 | head -c "$bytes" > /tmp/to-ns.bin
-seq 1000001 2000000 | head -c "$bytes" > /tmp/to-guest.bin
+seq 1 4000000 | head -c "$bytes" > /tmp/to-ns.bin
+seq 4000001 8000000 | head -c "$bytes" > /tmp/to-guest.bin
 [[ $(stat -c %s /tmp/to-ns.bin) == "$bytes" && $(stat -c %s /tmp/to-guest.bin) == "$bytes" ]] || fail "payload generation"
 t0=$(date +%s)
 nsx nc -l -p 5001 > /tmp/got-ns.bin &
