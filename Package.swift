@@ -49,8 +49,12 @@ let package = Package(
         .target(name: "VhostVDPA", dependencies: [
             "Platform", "Virtio", "DeviceFramework", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
+        // The SoftNIC exported to the kernel as a VDUSE device (docs/ARCHITECTURE.md, "VDUSE").
+        .target(name: "VDUSE", dependencies: [
+            "SoftNIC", "DeviceFramework", "Virtio", "Platform", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
         .executableTarget(name: "vdpad", dependencies: [
-            "VDPA", "DeviceFramework", "SoftNIC", "VhostVDPA", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "VDPA", "DeviceFramework", "SoftNIC", "VhostVDPA", "VDUSE", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpa-bench", dependencies: [
@@ -65,6 +69,7 @@ let package = Package(
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VhostUserFrontend", "Platform", "Virtio"], swiftSettings: strict),
         .testTarget(name: "VDPATests", dependencies: ["VDPA", "DeviceFramework", "VhostUserFrontend", "VhostUser", "Platform"], swiftSettings: strict),
         .testTarget(name: "VhostVDPATests", dependencies: ["VhostVDPA", "DeviceFramework", "Virtio", "Platform"], swiftSettings: strict),
+        .testTarget(name: "VDUSETests", dependencies: ["VDUSE", "SoftNIC", "DeviceFramework", "Virtio", "Platform", "CVDPAShims"], swiftSettings: strict),
         .testTarget(name: "SoftNICTests", dependencies: ["SoftNIC", "VhostVDPA", "DeviceFramework", "VDPA", "Relay", "VhostUserFrontend", "VhostUser", "Virtio", "Platform"], swiftSettings: strict),
     ]
 )

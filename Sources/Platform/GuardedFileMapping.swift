@@ -9,6 +9,8 @@ public enum FileWindowError: Error, CustomStringConvertible, Equatable {
     case overflow(offset: UInt64, length: UInt64)
     case beyondEnd(offset: UInt64, length: UInt64, fileSize: UInt64)
     case noGuardSlot
+    /// Not shared memory (a memfd, tmpfs or hugetlbfs file, or an allowed anonymous inode).
+    case notSharedMemory(kind: String)
     case system(SystemError)
 
     public var description: String {
@@ -18,6 +20,8 @@ public enum FileWindowError: Error, CustomStringConvertible, Equatable {
         case .overflow(let o, let l): return "offset \(o) + length \(l) overflows"
         case .beyondEnd(let o, let l, let s): return "[\(o), +\(l)) lies beyond the end of the file (\(s) bytes)"
         case .noGuardSlot: return "too many guest mappings in the daemon (SIGBUS guard table full)"
+        case .notSharedMemory(let kind):
+            return "\(kind) is not shared memory (a memfd, tmpfs or hugetlbfs file): a device maps nothing else"
         case .system(let e): return e.description
         }
     }
@@ -45,9 +49,55 @@ public struct GuardedFileMapping: ~Copyable {
     static let hugetlbfsMagic: UInt64 = 0x9584_58f6
 
     public init(fd: borrowing FileDescriptor, offset: UInt64, length: UInt64, notify: SharedFD?) throws(FileWindowError) {
+        let end = try Self.checkWindow(offset: offset, length: length)
+        let fsType = cvdpa_fstatfs_type(fd.raw)
+        guard fsType >= 0 else { throw .system(SystemError("fstatfs", errno: cvdpa_errno())) }
+        let page = try Self.checkRegularFile(fd, end: end, offset: offset, length: length, fsType: UInt64(fsType))
+        try self.init(mapping: fd, offset: offset, length: length, end: end, page: page, notify: notify)
+    }
+
+    /// TMPFS_MAGIC (memfds too) and ANON_INODE_FS_MAGIC (linux/magic.h).
+    static let tmpfsMagic: UInt64 = 0x0102_1994
+    static let anonInodeMagic: UInt64 = 0x0904_1934
+
+    /// A window of a file that a device was pointed at (a VDUSE IOTLB entry): only shared memory
+    /// is mapped, never a file whose pages the daemon's access could block on or write to disk
+    /// (FUSE, NFS, a disk filesystem) or a device file. Accepted: a regular file on tmpfs (memfds)
+    /// or hugetlbfs that holds the whole window (checked as in `init(fd:...)`), or an anonymous
+    /// inode whose name (as /proc shows it, e.g. "anon_inode:[vduse-domain]") is in
+    /// `anonymousInodes`: such a file has no size; a page its owner does not back raises SIGBUS,
+    /// which the guard absorbs like a shrunk file's.
+    public init(sharedMemoryOf fd: borrowing FileDescriptor, offset: UInt64, length: UInt64, notify: SharedFD?,
+                anonymousInodes: Set<String>) throws(FileWindowError) {
+        let end = try Self.checkWindow(offset: offset, length: length)
+        let fsType = cvdpa_fstatfs_type(fd.raw)
+        guard fsType >= 0 else { throw .system(SystemError("fstatfs", errno: cvdpa_errno())) }
+        let page: UInt64
+        switch UInt64(fsType) {
+        case Self.tmpfsMagic, Self.hugetlbfsMagic:
+            page = try Self.checkRegularFile(fd, end: end, offset: offset, length: length, fsType: UInt64(fsType))
+        case Self.anonInodeMagic:
+            let kind = EventFD.fileKind(fd.raw)
+            guard anonymousInodes.contains(kind) else { throw .notSharedMemory(kind: "\(kind)") }
+            page = UInt64(max(sysconf(Int32(_SC_PAGESIZE)), 4096))
+        default:
+            throw .notSharedMemory(kind: "\(EventFD.fileKind(fd.raw)) (filesystem type 0x\(String(UInt64(fsType), radix: 16)))")
+        }
+        try self.init(mapping: fd, offset: offset, length: length, end: end, page: page, notify: notify)
+    }
+
+    /// The window's end, checked: non-empty, no overflow, and far from the top of the offset type.
+    private static func checkWindow(offset: UInt64, length: UInt64) throws(FileWindowError) -> UInt64 {
         guard length > 0 else { throw .overflow(offset: offset, length: length) }
         let (end, overflow) = offset.addingReportingOverflow(length)
         guard !overflow, end <= UInt64(Int.max) / 2 else { throw .overflow(offset: offset, length: length) }
+        return end
+    }
+
+    /// Checks that `fd` is a regular file holding [offset, end); returns the page size its
+    /// mappings use.
+    private static func checkRegularFile(_ fd: borrowing FileDescriptor, end: UInt64, offset: UInt64, length: UInt64,
+                                         fsType: UInt64) throws(FileWindowError) -> UInt64 {
         var st = stat()
         guard fstat(fd.raw, &st) == 0 else { throw .system(SystemError("fstat", errno: cvdpa_errno())) }
         guard st.st_mode & S_IFMT == S_IFREG else { throw .notRegularFile(mode: UInt32(st.st_mode)) }
@@ -58,12 +108,16 @@ public struct GuardedFileMapping: ~Copyable {
         // filesystems), not a mapping granule, so the system page size is used there.
         let system = UInt64(max(sysconf(Int32(_SC_PAGESIZE)), 4096))
         var page = system
-        let fsType = cvdpa_fstatfs_type(fd.raw)
-        guard fsType >= 0 else { throw .system(SystemError("fstatfs", errno: cvdpa_errno())) }
-        if UInt64(fsType) == Self.hugetlbfsMagic {
+        if fsType == Self.hugetlbfsMagic {
             let huge = UInt64(max(st.st_blksize, 0))
             if huge > system && huge & (huge - 1) == 0 { page = huge }
         }
+        return page
+    }
+
+    /// Maps the pages holding [offset, end) (checked by the caller) and registers them with the guard.
+    private init(mapping fd: borrowing FileDescriptor, offset: UInt64, length: UInt64, end: UInt64, page: UInt64,
+                 notify: SharedFD?) throws(FileWindowError) {
         let first = offset & ~(page - 1)
         // end <= Int.max / 2, so rounding up by less than a page cannot overflow.
         let last = (end + page - 1) & ~(page - 1)

@@ -31,6 +31,23 @@ extension DMAEngine {
         }
     }
 
+    /// A ring's interrupt: its call eventfd, or without one the device's raiser (if it has one).
+    func setCall(_ r: EngineRing, _ call: SharedFD?) {
+        r.call = call
+        r.callFD = call?.raw ?? -1
+        r.raises = call == nil && raiser != nil
+    }
+
+    /// An access to [iova, iova + length) missed the IOMMU: asks the device's resolver, which may
+    /// map the range (see `IOMMUMissResolver`), and takes the memory it returns. True when the
+    /// access should be retried: the rings were translated again, so callers re-read `r.queue`
+    /// and `view`; a ring whose areas no longer translate has faulted. False: it faults as before.
+    func resolveMiss(_ range: IOVARange) -> Bool {
+        guard let resolver = missResolver, let memory = resolver.resolve(iova: range.iova, length: range.length) else { return false }
+        setMemory(memory)
+        return true
+    }
+
     func setMemory(_ memory: DeviceMemory) {
         self.memory = memory
         iommu = IOMMUTable(memory: memory, extra: Array(extraMappings.values))
@@ -55,8 +72,7 @@ extension DMAEngine {
         r.publishedUsed = c.base
         r.availCache = c.base
         r.enabled = c.enabled
-        r.call = c.call
-        r.callFD = c.call?.raw ?? -1
+        setCall(r, c.call)
         r.kick = c.kick
         if let k = c.kick {
             // Each SET_VRING_KICK brings its own fd number (SCM_RIGHTS), so two rings given one
@@ -87,8 +103,7 @@ extension DMAEngine {
     func redirect(_ r: EngineRing, usedGPA: UInt64, call: SharedFD?, interruptEveryBatch: Bool) {
         guard r.config != nil else { return }
         r.config!.usedGPA = usedGPA
-        r.call = call
-        r.callFD = call?.raw ?? -1
+        setCall(r, call)
         r.interruptEveryBatch = interruptEveryBatch
         translate(r)
         // The new used ring carries the device's index from now on: seed it before resuming.
@@ -108,8 +123,8 @@ extension DMAEngine {
         if let c = r.config { r.stoppedAt = (c.descGPA, c.availGPA, r.lastAvail) }
         if let k = r.kick { epoll.remove(k.raw) }
         r.kick = nil
-        r.call = nil
-        r.callFD = -1
+        setCall(r, nil)
+        r.raises = false
         r.config = nil
         r.queue = nil
         r.suspended = false

@@ -114,6 +114,13 @@ extension DMAEngine {
         }
     }
 
+    /// Raises a ring's interrupt through the device's raiser (VDUSE: an ioctl). A failure is the
+    /// raiser's to count: the engine has nothing else to try.
+    @inline(never)
+    func raise(_ r: EngineRing) {
+        _ = raiser?.raise(ring: r.index)
+    }
+
     var hasRunningRX: Bool {
         var i = 0
         while i < active.count {
@@ -135,9 +142,13 @@ extension DMAEngine {
         let old = r.publishedUsed
         q.publishUsedIndex(r.usedIdx)
         r.publishedUsed = r.usedIdx
-        if r.callFD >= 0 && (r.interruptEveryBatch || q.needsInterrupt(oldUsed: old, newUsed: r.usedIdx, eventIdx: eventIdx)) {
-            // Interrupted out of the write: the eventfd was blocking (see quarantineBlockingFDs).
-            if !EventFD.signal(r.callFD) { quarantineBlockingFDs() }
+        if (r.callFD >= 0 || r.raises) && (r.interruptEveryBatch || q.needsInterrupt(oldUsed: old, newUsed: r.usedIdx, eventIdx: eventIdx)) {
+            if r.raises {
+                raise(r)
+            } else if !EventFD.signal(r.callFD) {
+                // Interrupted out of the write: the eventfd was blocking (see quarantineBlockingFDs).
+                quarantineBlockingFDs()
+            }
             r.stats.interrupts.wrappingAdd(1, ordering: .relaxed)
         }
     }

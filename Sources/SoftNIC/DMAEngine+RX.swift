@@ -10,16 +10,27 @@ extension DMAEngine {
     /// frame for later).
     @discardableResult
     func deliver(_ frame: UnsafeRawPointer, length: Int, to r: EngineRing, countDrop: Bool = true) -> Bool {
-        guard let q = r.queue else { r.stats.drop(.noBuffer); return false }
-        let writer = RXWriter(queue: q, memory: view, headerLength: headerLength, mergeable: mergeable)
-        var position = RXPosition(lastAvail: r.lastAvail, usedIdx: r.usedIdx, availCache: r.availCache)
-        let outcome: RXOutcome
-        do throws(RXFault) {
-            outcome = try writer.write(frame, length: length, walker: &r.walker, at: &position)
-        } catch {
-            r.availCache = position.availCache
-            fault(r, error.text)
-            return false
+        var resolutions = 0
+        var outcome: RXOutcome
+        var position: RXPosition
+        while true {
+            guard let q = r.queue else { r.stats.drop(.noBuffer); return false }
+            let writer = RXWriter(queue: q, memory: view, headerLength: headerLength, mergeable: mergeable)
+            position = RXPosition(lastAvail: r.lastAvail, usedIdx: r.usedIdx, availCache: r.availCache)
+            do throws(RXFault) {
+                outcome = try writer.write(frame, length: length, walker: &r.walker, at: &position)
+                break
+            } catch {
+                r.availCache = position.availCache
+                // A miss is found while the frame is checked to fit, before any byte is written:
+                // once the resolver mapped more, the frame is tried again with the new memory.
+                if resolutions < Self.maxMissResolutions, let miss = error.unmapped, resolveMiss(miss) {
+                    resolutions += 1
+                    continue
+                }
+                fault(r, error.text)
+                return false
+            }
         }
         r.availCache = position.availCache
         switch outcome {
@@ -107,7 +118,11 @@ extension DMAEngine {
         var n = 0
         var misses = 0
         while n < budget && misses < count {
-            let r = activeRX[link.generator.nextRing % count]
+            // Read again for every frame: a ring that faults (or an IOMMU miss that made the
+            // engine translate the rings again) leaves `activeRX` shorter than it was.
+            let running = activeRX.count
+            if running == 0 { break }
+            let r = activeRX[link.generator.nextRing % running]
             link.generator.nextRing &+= 1
             if source(into: r, budget: 1) == 0 { misses += 1 } else { misses = 0 }
             n += 1

@@ -6,7 +6,7 @@ extension DMAEngine {
     /// Serves up to one batch of TX chains: gathers each frame into the device buffer, hands it to
     /// the link, completes the chain. Returns the number of chains.
     func serviceTX(_ r: EngineRing) -> Int {
-        guard let q = r.queue else { return 0 }
+        guard var q = r.queue else { return 0 }
         // Ring state in locals for the loop: class property accesses cost exclusivity checks.
         var lastAvail = r.lastAvail
         var usedIdx = r.usedIdx
@@ -25,6 +25,7 @@ extension DMAEngine {
         var tooLarge: UInt64 = 0
         var done = 0
         var faultText: String?
+        var resolutions = 0
         while done < n {
             let head = q.availHead(at: lastAvail)
             let length: Int
@@ -32,6 +33,18 @@ extension DMAEngine {
                 let chain = try r.walker.walk(head: head, queue: q, memory: view)
                 length = gather(chain)
             } catch {
+                if resolutions < Self.maxMissResolutions, let miss = error.unmappedRange, resolveMiss(miss) {
+                    // The device's memory changed under this batch: go on with the ring as translated
+                    // now, or stop if it faulted (its areas went away); the chain was not consumed.
+                    resolutions &+= 1
+                    guard r.running, let now = r.queue else {
+                        r.lastAvail = lastAvail
+                        r.usedIdx = usedIdx
+                        return done
+                    }
+                    q = now
+                    continue
+                }
                 faultText = "TX chain at avail index \(lastAvail) (head \(head)): \(error)"
                 break
             }

@@ -19,6 +19,9 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     let portID: String
     let rings: [EngineRing]
     let link: HostLink
+    /// Where interrupts go for rings without a call eventfd (VDUSE), and who maps IOMMU misses.
+    let raiser: (any InterruptRaiser)?
+    let missResolver: (any IOMMUMissResolver)?
     private let worker: ConfinedWorker<DMAEngine>
     var wake: SharedFD { worker.wake }
 
@@ -46,6 +49,9 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     let epoll: Epoll
 
     static let batch = 64
+    /// IOMMU misses resolved for one chain or frame before the ring faults anyway (each resolution
+    /// maps at least one more range, so a chain needs at most one per buffer it spans).
+    static let maxMissResolutions = 16
     /// How long the engine keeps polling after its last work before it sleeps.
     static let pollNanos: UInt64 = 200_000
     static let wakeToken: UInt64 = 0
@@ -54,8 +60,10 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     static let kickTokenBase: UInt64 = 16
 
     init(portID: String, link spec: LinkSpec, ringCount: Int, macOwn: UInt64, macGuest: UInt64, stats: [QueueCounterSet],
-         logger: Logger) throws {
+         raiser: (any InterruptRaiser)?, missResolver: (any IOMMUMissResolver)?, logger: Logger) throws {
         self.portID = portID
+        self.raiser = raiser
+        self.missResolver = missResolver
         self.logger = logger
         rings = (0..<ringCount).map { EngineRing(index: $0, stats: stats[$0]) }
         link = try HostLink(spec, portID: portID, macOwn: macOwn, macGuest: macGuest, logger: logger)
@@ -105,6 +113,7 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
                 which.append("call")
                 r.callFD = -1
                 r.call = nil
+                r.raises = false
             }
             if let k = r.kick, !EventFD.isNonBlocking(k.raw) {
                 which.append("kick")

@@ -32,6 +32,8 @@ final class EngineRing {
     var kick: SharedFD?
     var call: SharedFD?
     var callFD: Int32 = -1
+    /// The ring has no call eventfd and the device has an `InterruptRaiser`: interrupts go there.
+    var raises = false
     var notificationsEnabled = true
     /// RX counts not yet added to `stats` (added once per batch, in flush).
     var pendingPackets: UInt64 = 0

@@ -23,6 +23,8 @@ enum RXOutcome: Equatable {
 /// would cost the hot path a call per frame.)
 struct RXFault: Error, Equatable {
     let text: String
+    /// The range that missed the IOMMU, when that is why (the engine may map it and retry).
+    var unmapped: IOVARange? = nil
 }
 
 /// Writes frames (virtio-net header + bytes) into a device's RX ring through guest memory, one
@@ -51,6 +53,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
         let start = position.lastAvail
         var problem: DropReason?
         var faultText: String?
+        var unmapped: IOVARange?
 
         // First, make sure the frame fits in the buffers the guest posted. The common case, one
         // chain large enough, walks once.
@@ -85,6 +88,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
                 }
             } catch {
                 faultText = "RX chain at avail index \(start): \(error)"
+                unmapped = error.unmappedRange
             }
         }
 
@@ -129,6 +133,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
                     }
                 } catch {
                     faultText = "RX chain at avail index \(idx) (head \(head)): \(error)"
+                    unmapped = error.unmappedRange
                     break
                 }
                 if chainWritten == 0 {
@@ -142,7 +147,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
             }
             if problem == nil && faultText == nil && written < needed { problem = .bufferTooSmall }
         }
-        if let faultText { throw RXFault(text: faultText) }
+        if let faultText { throw RXFault(text: faultText, unmapped: unmapped) }
         if let problem { return .dropped(problem) }  // used entries written past usedIdx stay unpublished
         // num_buffers exists in the 12-byte header (VERSION_1 or MRG_RXBUF); it is 1 without MRG_RXBUF.
         // Safety: numBuffersAt + 2 <= the header's 12 bytes, written above into a translated segment.

@@ -30,7 +30,11 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         "softnic link=\(link) mac=\(Frames.format(mac))" + (guestMAC.map { " guest-mac=\(Frames.format($0))" } ?? "")
     }
 
-    public init(portID: String, queuePairs: Int, link: LinkSpec, guestMAC: [UInt8]?, logger: Logger) throws {
+    /// `raiser` and `missResolver` are for a device the kernel drives (VDUSE): interrupts of rings
+    /// without a call eventfd go to `raiser`, and IOMMU misses are offered to `missResolver`
+    /// before a ring faults (see DeviceHooks.swift). A vhost-user port gives neither.
+    public init(portID: String, queuePairs: Int, link: LinkSpec, guestMAC: [UInt8]?,
+                raiser: (any InterruptRaiser)? = nil, missResolver: (any IOMMUMissResolver)? = nil, logger: Logger) throws {
         self.queuePairs = queuePairs
         self.portID = portID
         self.link = link
@@ -41,7 +45,8 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         self.guestMAC = guestMAC.map(Frames.pack)
         stats = (0..<(queuePairs * 2)).map { QueueCounterSet(index: $0) }
         engine = try DMAEngine(portID: portID, link: link, ringCount: queuePairs * 2, macOwn: mac,
-                               macGuest: self.guestMAC ?? Frames.broadcast, stats: stats, logger: logger)
+                               macGuest: self.guestMAC ?? Frames.broadcast, stats: stats, raiser: raiser,
+                               missResolver: missResolver, logger: logger)
         engine.link.generator.epoch = UInt64(UInt16.random(in: 0...UInt16.max))
         try engine.start()
     }
@@ -91,9 +96,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
 
     public func setRingCall(_ index: Int, _ call: SharedFD?) throws(DeviceError) {
         try apply("set ring \(index)'s call") { e in
-            let r = e.rings[index]
-            r.call = call
-            r.callFD = call?.raw ?? -1
+            e.setCall(e.rings[index], call)
         }
     }
 

@@ -6,6 +6,7 @@ import Relay
 import SoftNIC
 import VhostVDPA
 import VDPA
+import VDUSE
 
 @main
 struct Vdpad: ParsableCommand {
@@ -23,7 +24,18 @@ struct Vdpad: ParsableCommand {
                        link= and mac= are the software NIC's)
           mac=MAC      the guest's MAC: destination of frames the source link generates
           client       connect to the frontend's socket (reconnecting with backoff) instead of listening
-        With no --port: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
+        With no --port and no --vduse: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
+        Each --vduse exports a software vDPA NIC to this kernel as a VDUSE device on the vDPA bus:
+          name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none]
+          name=NAME    /dev/vduse/NAME and the vDPA device's name (letters, digits, '-', '_', '.')
+          link=LINK    as for --port (default loopback)
+          mac=MAC      the MAC in the device's config space (default: derived from the name)
+          queues=N     queue pairs (default 1; more need bind=vhost-vdpa or none: the kernel's
+                       virtio_net refuses several without a control queue, which VDUSE lacks)
+          bind=...     the kernel driver to bind (default vhost-vdpa: /dev/vhost-vdpa-N;
+                       virtio-vdpa: a netdev in this kernel; none: unbound)
+        It needs the vduse and vdpa modules (and the driver's) and CAP_NET_ADMIN; it is removed
+        from the bus and destroyed when vdpad exits.
         While the frontend logs dirty pages (VHOST_F_LOG_ALL, live migration) each RX ring runs
         through a relay that marks every page the device writes (--relay-loop picks its loop).
         Not implemented: relay=avail+used (the optional avail relay).
@@ -31,6 +43,9 @@ struct Vdpad: ParsableCommand {
 
     @Option(name: .customLong("port"), help: "A vhost-user port (repeatable).")
     var ports: [String] = []
+
+    @Option(name: .customLong("vduse"), help: "A SoftNIC exported as a VDUSE device (repeatable).")
+    var vduse: [String] = []
 
     @Option(help: "Control socket path.")
     var control: String = "/run/vdpad/control.sock"
@@ -81,9 +96,18 @@ struct Vdpad: ParsableCommand {
         }
         let logger = Logger(label: "vdpad")
 
+        var vduseSpecs: [VDUSESpec] = []
+        do {
+            for t in vduse { vduseSpecs.append(try VDUSESpec.parse(t)) }
+        } catch {
+            throw ValidationError("\(error)")
+        }
+        if let dup = Dictionary(grouping: vduseSpecs, by: \.name).first(where: { $0.value.count > 1 })?.key {
+            throw ValidationError("two --vduse devices are named '\(dup)'")
+        }
         var specs: [PortSpec] = []
         do {
-            let texts = ports.isEmpty ? ["socket=/run/vdpad/vdpa0.sock"] : ports
+            let texts = ports.isEmpty && vduse.isEmpty ? ["socket=/run/vdpad/vdpa0.sock"] : ports
             for (i, t) in texts.enumerated() { specs.append(try PortSpec.parse(t, defaultID: "vdpa\(i)")) }
         } catch {
             throw ValidationError("\(error)")
@@ -121,6 +145,18 @@ struct Vdpad: ParsableCommand {
         for s in specs where s.device == .softnic {
             do { _ = try LinkSpec.parse(s.link) } catch { throw ValidationError("--port \(s.id): \(error)") }
         }
+        // VDUSE devices first: a port may drive one of them through /dev/vhost-vdpa-N.
+        var vduseDevices: [VDUSEDevice] = []
+        func closeVDUSE() {
+            for d in vduseDevices.reversed() { d.close() }
+        }
+        for s in vduseSpecs {
+            do { vduseDevices.append(try VDUSEDevice.create(s, logger: logger)) } catch {
+                logger.critical("\(error)")
+                closeVDUSE()
+                throw ExitCode(1)
+            }
+        }
         let daemon: Daemon
         do {
             daemon = try Daemon(specs: specs, controlPath: control, logger: logger, options: options,
@@ -143,20 +179,24 @@ struct Vdpad: ParsableCommand {
             }
         } catch {
             logger.critical("cannot create the ports' devices: \(error)")
+            closeVDUSE()
             throw ExitCode(1)
         }
         do {
             try daemon.start(ownership: ownership)
         } catch {
             logger.critical("\(error)")
+            closeVDUSE()
             throw ExitCode(1)
         }
         do { _ = try Poll.waitReadable(signalFD, until: nil) } catch {
             logger.critical("cannot wait for a signal (\(error)); closing ports")
             daemon.stop()
+            closeVDUSE()
             throw ExitCode(1)
         }
         logger.info("signal received; closing ports")
         daemon.stop()
+        closeVDUSE()
     }
 }

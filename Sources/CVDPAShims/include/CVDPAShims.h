@@ -27,6 +27,7 @@
 #include <sys/vfs.h>
 #include "CVDPAGuard.h"
 #include "CVDPAVhostVdpa.h"
+#include "CVDPAVduse.h"
 
 static inline size_t cvdpa_cmsg_space(size_t len) { return CMSG_SPACE(len); }
 static inline size_t cvdpa_cmsg_len(size_t len) { return CMSG_LEN(len); }
