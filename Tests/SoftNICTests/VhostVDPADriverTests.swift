@@ -205,7 +205,10 @@ final class VhostVDPADriverTests: SoftNICTestCase {
                 XCTAssertEqual(model.queues[0].used, MediatedUsedRing.iova(forRing: 0))
             }
             XCTAssertNotNil(model.iotlb[MediatedUsedRing.iova(forRing: 0)], "the mediated ring is in the device's IOTLB")
+            let on = d.queue("k", 0).lastSwitchoverGapMicros
             try g.frontend.disableLogging()
+            // The ring-held figures the closing note and docs/BENCHMARKS.md quote for the model.
+            print("SWITCHOVER kind=\(suspend ? "suspend" : "reset") held-on=\(on)us held-off=\(d.queue("k", 0).lastSwitchoverGapMicros)us (kernel model over a SoftNIC, host)")
             XCTAssertEqual(d.queue("k", 0).mode, "direct")
             XCTAssertNil(model.iotlb[MediatedUsedRing.iova(forRing: 0)], "unmapped after the switch back")
             XCTAssertEqual(model.queues[0].used, g.placed[0]!.usedGPA)
