@@ -46,6 +46,8 @@ final class RelayQueue {
     var lastRelayed: UInt16
     var lastFlags: UInt16
     var lastAvailEvent: UInt16
+    /// The device index was more than a ring ahead (counted once per episode, see `step`).
+    var insaneIndexSeen = false
     let counters: RelayCounters
     var guestCallFD: Int32
 

@@ -18,6 +18,13 @@ extension RelayEngine {
         let notifyChanged = flags != q.lastFlags || availEvent != q.lastAvailEvent
         if n == 0 && !notifyChanged { return 0 }
         let c = q.config
+        // More than a ring of new entries cannot be the device's: an index that is not (yet) its
+        // own. Nothing is relayed until the device writes a sane one.
+        if n > c.ring.size {
+            if !q.insaneIndexSeen { q.insaneIndexSeen = true; q.counters.errors.wrappingAdd(1, ordering: .relaxed) }
+            return 0
+        }
+        q.insaneIndexSeen = false
         guard let log else { return 0 }
         var marker = WrittenBytesMarker(batch: DirtyLog.Batch(log: log), skipMarking: skipBufferMarking,
                                         journal: journal.map { JournalContext(journal: $0, view: view, ring: c.ring.index, publishIndex: deviceIndex) })

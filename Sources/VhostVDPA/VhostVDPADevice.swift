@@ -307,9 +307,20 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?,
                                  interruptEveryBatch: Bool) throws(DeviceError) -> UInt16 {
         guard let r = rings[index] else { throw DeviceError("\(path): ring \(index) is not running") }
-        if let mapping { extra[mapping.iova] = mapping }
+        if let mapping {
+            // Mapped before the device stops: it does not use it until the ring is moved there.
+            extra[mapping.iova] = mapping
+            try syncIOTLB()
+        }
         let target = usedIOVA ?? r.guestUsed
         let at = try suspendRing(index)
+        if let p = daemonPointer(iova: target &+ 2, length: 2) {
+            // The target is the daemon's (a mediated ring): its index starts at the device's, so
+            // the relay, which may look before the device's first completion, sees no entry that
+            // is not the device's. (The guest's own used ring is the relay's to write.)
+            // Safety: 2 bytes at p lie in a live mapping of `extra`; the device is quiesced.
+            p.storeBytes(of: at.littleEndian, as: UInt16.self)
+        }
         rings[index]?.used = target
         rings[index]?.call = call
         try syncIOTLB()
@@ -424,6 +435,7 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         if suspended {
             try k("RESUME") { () throws(SystemError) in try kernel.resume() }
             suspended = false
+            notifyRunningRings()
             return
         }
         guard needsProgram else { return }
@@ -432,7 +444,21 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         try negotiate(want)
         try remapAll()
         for i in rings.keys.sorted() { try program(i) }
-        if rings.values.contains(where: \.enabled) { try goLive() }
+        if rings.values.contains(where: \.enabled) {
+            try goLive()
+            notifyRunningRings()
+        }
+    }
+
+    /// A kick the guest gave while the device was reset or suspended may be lost (VDUSE drops
+    /// kicks to a queue that is not ready; vhost-vdpa forwards them whatever the device's
+    /// state): the driver owes the device a notification of the buffers that may be waiting.
+    /// A spurious kick costs the device one look at an avail index. (The SoftNIC scans its rings
+    /// when they start, so no test here can see a lost kick; devices that wait for one need this.)
+    private func notifyRunningRings() {
+        for r in rings.values where r.enabled {
+            if let k = r.kick { _ = EventFD.signal(k.raw) }
+        }
     }
 
     /// Applies `change` to a live device. A used ring's new address is applied while suspended
@@ -469,6 +495,13 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         }
         // Safety: 2 bytes at p lie inside a live mapping (guest memory or a mediated ring).
         return UInt16(littleEndian: p.loadUnaligned(as: UInt16.self))
+    }
+
+    private func daemonPointer(iova: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
+        for m in extra.values where iova >= m.iova && iova - m.iova <= m.size && length <= m.size - (iova - m.iova) {
+            return m.host + Int(iova - m.iova)
+        }
+        return nil
     }
 
     private func hostPointer(iova: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {

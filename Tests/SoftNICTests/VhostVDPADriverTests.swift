@@ -254,4 +254,51 @@ final class VhostVDPADriverTests: SoftNICTestCase {
         }
         XCTAssertLessThan(worst, 0.05, "completions waited \(Int(worst * 1000)) ms in the mediated ring for a relay wake-up")
     }
+
+    /// The relay may look at the mediated ring before the device's first completion there (the
+    /// poll loop does at once). Whatever index the ring held before the switch (here a stale
+    /// one written while the device is reset) must not be taken for the device's: the driver
+    /// sets it to the used index at the switch, and the relay never takes more than a ring.
+    func testStaleMediatedIndexIsNotRelayed() throws {
+        let d = try makeDaemon([.init(id: "k", link: "source:size=128", mac: TestFrames.dst, kernelModel: false)],
+                               options: PortOptions(relayLoop: .poll))
+        let g = try d.connectAndStart("k")
+        let model = d.models.byPort["k"]!
+        g.postRX(count: 8); XCTAssertEqual(g.receive(8).count, 8)
+        let stale = g.usedIndex(0) &- 7
+        model.onReset = {
+            guard let m = model.iotlb[MediatedUsedRing.iova(forRing: 0)], let p = UnsafeMutableRawPointer(bitPattern: UInt(m.uaddr)) else { return }
+            p.storeBytes(of: stale.littleEndian, toByteOffset: 2, as: UInt16.self)
+        }
+        _ = try g.frontend.enableLogging(requireU64Reply: true)
+        XCTAssertEqual(d.queue("k", 0).mode, "relay")
+        g.postRX(count: 16)
+        let frames = g.receive(16, timeout: 3)
+        XCTAssertEqual(frames.count, 16)
+        XCTAssertTrue(frames.allSatisfy { Array($0.frame[12..<14]) == [0x88, 0xB5] }, "every frame is the source's")
+        XCTAssertEqual(d.queue("k", 0).relayErrors, 0, "the relay never saw the stale index: the driver set the device's")
+    }
+
+    /// A device used index more than a ring ahead of what the relay relayed is not the device's
+    /// to trust (a broken device, or memory not yet the device's): the relay counts it and
+    /// relays nothing until the index is sane again, and then carries on.
+    func testRelayTakesNoMoreThanARing() throws {
+        let d = try makeDaemon([.init(id: "k", link: "source:size=128", mac: TestFrames.dst, kernelModel: false)],
+                               options: PortOptions(relayLoop: .poll))
+        let g = try d.connectAndStart("k")
+        let model = d.models.byPort["k"]!
+        _ = try g.frontend.enableLogging(requireU64Reply: true)
+        g.postRX(count: 8); XCTAssertEqual(g.receive(8).count, 8)
+        let m = try XCTUnwrap(model.iotlb[MediatedUsedRing.iova(forRing: 0)])
+        let idx = try XCTUnwrap(UnsafeMutableRawPointer(bitPattern: UInt(m.uaddr))) + 2
+        let good = idx.load(as: UInt16.self)
+        let guestBefore = g.usedIndex(0)
+        idx.storeBytes(of: good &+ 300, as: UInt16.self)  // the ring has 256 entries
+        XCTAssertTrue(waitUntil(2) { d.queue("k", 0).relayErrors == 1 }, "the relay counts the index it refuses")
+        usleep(20_000)
+        XCTAssertEqual(g.usedIndex(0), guestBefore, "nothing relayed from an index more than a ring ahead")
+        idx.storeBytes(of: good, as: UInt16.self)
+        g.postRX(count: 8)
+        XCTAssertEqual(g.receive(8, timeout: 3).count, 8, "relaying resumes once the index is sane")
+    }
 }

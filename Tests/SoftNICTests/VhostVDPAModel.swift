@@ -29,6 +29,9 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
     private(set) var ops: [String] = []
     /// Fault injection: the next call of this operation fails with this errno.
     var failNext: [String: Int32] = [:]
+    /// Runs once inside the next reset, after the device stopped (a test posts and kicks there:
+    /// a kick in the reset window).
+    var onReset: (() -> Void)?
 
     struct Queue {
         var num: UInt16 = 0
@@ -98,6 +101,7 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
             statusByte = 0
             suspended = false
             features = 0
+            if let f = onReset { onReset = nil; f() }
             return
         }
         guard statusByte & ~s == 0 else { throw SystemError("VHOST_VDPA_SET_STATUS", errno: EINVAL) }
@@ -179,6 +183,9 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
     func setRingEnabled(_ i: Int, _ enabled: Bool) throws(SystemError) {
         try op("SET_VRING_ENABLE \(i) \(enabled ? 1 : 0)")
         // After DRIVER_OK a VDUSE device never hears of it (no ENABLE_AFTER_DRIVER_OK).
+        // Kicks that came while the queue was not ready are gone: the kernel read them from the
+        // eventfd and VDUSE dropped them (vduse_vq_kick).
+        if enabled && !queues[i].ready, let k = queues[i].kick { _ = EventFD.drain(k.raw) }
         queues[i].ready = enabled
     }
     func suspend() throws(SystemError) {
