@@ -88,6 +88,8 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     private var suspended = false
     /// Set by a reset-kind quiesce: the device is reset and must be programmed again.
     private var needsProgram = false
+    /// A batch of IOTLB messages failed part-way: what the device holds is not known.
+    private var iotlbUnknown = false
     private let snapshot: Mutex<VhostVDPAInfo>
 
     /// The virtio-net configuration fields the driver reads (virtio spec 5.1.4).
@@ -116,8 +118,11 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         guard offered & VhostBackendFeature.iotlbMsgV2 != 0 else {
             throw DeviceError("\(path): the device does not offer IOTLB_MSG_V2 (backend features 0x\(String(offered, radix: 16))): too old a kernel")
         }
+        // ENABLE_AFTER_DRIVER_OK is not taken: every enable change on a running device goes the
+        // reset way (see setRingEnabled), one path for every device, the one the tests run.
+        // IOTLB_PERSIST is not needed: after a reset the driver maps everything again.
         let wanted = VhostBackendFeature.iotlbMsgV2 | VhostBackendFeature.iotlbBatch | VhostBackendFeature.suspend
-            | VhostBackendFeature.resume | VhostBackendFeature.enableAfterDriverOK | VhostBackendFeature.iotlbPersist
+            | VhostBackendFeature.resume
         let acked = offered & wanted
         backendFeatures = acked
         try k("set backend features") { () throws(SystemError) in try kernel.setBackendFeatures(acked) }
@@ -132,9 +137,8 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
             throw DeviceError("\(path): the device maps IOVA [0x\(String(range.first, radix: 16)), 0x\(String(range.last, radix: 16))] only: it needs guest-physical addresses from 0 and the daemon's range at 0x\(String(reservedIOVABase, radix: 16))")
         }
         guard queueCount >= 2 else { throw DeviceError("\(path): \(queueCount) virtqueue(s): a NIC needs at least one RX/TX pair") }
-        var pairs = Int(queueCount / 2)
-        if deviceFeatures & VirtioNetFeature.mq != 0 { pairs = min(pairs, Int(max(config.maxQueuePairs, 1))) } else { pairs = 1 }
-        queuePairs = pairs
+        // One pair: see `virtioFeatures` (MQ needs the control queue).
+        queuePairs = 1
         let canSwitchBySuspend = backendFeatures & VhostBackendFeature.suspend != 0 && backendFeatures & VhostBackendFeature.resume != 0
         switchover = canSwitchBySuspend && !forceReset ? .suspend : .reset
         snapshot = Mutex(VhostVDPAInfo(
@@ -164,7 +168,10 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
 
     /// The device's features less those the vhost-user side must not see: ACCESS_PLATFORM (the
     /// frontend gives guest-physical addresses; the daemon is the device's IOMMU).
-    public var virtioFeatures: UInt64 { deviceFeatures & ~VirtioFeature.accessPlatform }
+    /// MQ too: several queue pairs are switched on through the device's control queue
+    /// (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET), which the daemon does not drive yet, and devices that
+    /// follow the spec refuse MQ without CTRL_VQ (mlx5 does). One queue pair until then.
+    public var virtioFeatures: UInt64 { deviceFeatures & ~VirtioFeature.accessPlatform & ~VirtioNetFeature.mq }
 
     public var info: VhostVDPAInfo { snapshot.withLock { $0 } }
 
@@ -253,15 +260,19 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
 
     public func setRingEnabled(_ index: Int, _ enabled: Bool) throws(DeviceError) {
         guard let r = rings[index], r.enabled != enabled else { return }
-        if !live || needsProgram {
+        if needsProgram {
+            // Reset and waiting to be programmed again: taken then.
             rings[index]?.enabled = enabled
-            if !needsProgram { try k("enable ring \(index)") { () throws(SystemError) in try kernel.setRingEnabled(index, enabled) } }
-            if enabled && !needsProgram { try goLive() }
-        } else if backendFeatures & VhostBackendFeature.enableAfterDriverOK != 0 {
+        } else if !live && !suspended {
             try k("enable ring \(index)") { () throws(SystemError) in try kernel.setRingEnabled(index, enabled) }
             rings[index]?.enabled = enabled
+            if enabled { try goLive() }
         } else {
-            // The device ignores enable changes after DRIVER_OK (VDUSE does): reprogram it.
+            // On a running device by reset: a disable must stop the ring for sure with its
+            // position kept, and devices ignore it after DRIVER_OK (VDUSE) or undo it at the next
+            // RESUME (mlx5 resumes every queue); an enable after DRIVER_OK needs
+            // ENABLE_AFTER_DRIVER_OK, which the driver does not take.
+            _ = r
             try reconfigure(ring: index, byReset: true) { $0.rings[index]?.enabled = enabled }
         }
         publish()
@@ -278,30 +289,46 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     public func stopRing(_ index: Int) throws(DeviceError) -> UInt16 {
         guard let r = rings[index] else { throw DeviceError("\(path): ring \(index) is not running") }
         let othersRun = rings.contains { $0.key != index && $0.value.enabled }
+        var base = r.base
         if (live || suspended) && r.enabled && !needsProgram {
-            if switchover == .suspend {
+            if switchover == .suspend && !othersRun {
+                // Nothing else must keep running: SUSPEND, and the device's own answer.
                 try quiesce()
+                base = try k("GET_VRING_BASE(\(index))") { () throws(SystemError) in try kernel.ringBase(index) }
             } else {
+                // Others run on and this one must not (a disable is not to be trusted, see
+                // setRingEnabled): the reset path, which also gives this ring's base.
                 try resetAndRecordBases()
+                base = rings[index]?.base ?? base
             }
+        } else {
+            base = rings[index]?.base ?? base
         }
-        let base = suspended ? try k("GET_VRING_BASE(\(index))") { () throws(SystemError) in try kernel.ringBase(index) }
-                             : rings[index]?.base ?? r.base
         rings.removeValue(forKey: index)
         if othersRun {
-            // The others run on; the stopped ring must not.
-            if suspended && backendFeatures & VhostBackendFeature.enableAfterDriverOK != 0 {
-                try k("disable ring \(index)") { () throws(SystemError) in try kernel.setRingEnabled(index, false) }
-            } else if !needsProgram {
-                try resetAndRecordBases()
-            }
+            if !needsProgram { try resetAndRecordBases() }
             try restart()
         } else {
-            // Nothing runs: reset, keeping the features and the IOTLB for the next start.
-            try resetDevice(keepFeatures: true)
+            try park()
         }
         publish()
         return base
+    }
+
+    /// The last running ring stopped: the device is reset (once) and left with the features and
+    /// the IOTLB in place and the rings still known programmed (disabled ones may be enabled
+    /// later: they must not come back unprogrammed).
+    private func park() throws(DeviceError) {
+        if !needsProgram {
+            try k("reset") { () throws(SystemError) in try kernel.setStatus(0) }
+        }
+        live = false
+        suspended = false
+        needsProgram = false
+        guard let want = negotiated else { return }
+        try negotiate(want)
+        try remapAll()
+        for i in rings.keys.sorted() { try program(i) }
     }
 
     public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?,
@@ -363,11 +390,17 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
 
     public func reset() {
         do throws(DeviceError) { try resetDevice() } catch { logger.error("\(error)") }
+        // The frontend's eventfds are not held by the kernel after it went away.
+        for i in rings.keys.sorted() {
+            _ = try? kernel.setRingKick(i, fd: -1)
+            _ = try? kernel.setRingCall(i, fd: -1)
+        }
         rings = [:]
         negotiated = nil
         memory = .empty
         extra = [:]
-        do throws(DeviceError) { try syncIOTLB() } catch { logger.error("\(error)") }
+        // Whatever the device holds goes, including what a failed batch left.
+        do throws(DeviceError) { try remapAll() } catch { logger.error("\(error)") }
         publish()
     }
 
@@ -461,21 +494,13 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         }
     }
 
-    /// Applies `change` to a live device. A used ring's new address is applied while suspended
-    /// (see `redirectUsedRing`); a ring added, enabled or disabled needs ENABLE_AFTER_DRIVER_OK
-    /// to be applied while suspended, and the reset path otherwise.
-    private func reconfigure(ring index: Int, byReset: Bool = false, _ change: (VhostVDPADevice) -> Void) throws(DeviceError) {
-        let whileSuspended = switchover == .suspend && !byReset && !needsProgram
-            && backendFeatures & VhostBackendFeature.enableAfterDriverOK != 0
-        if whileSuspended {
-            try quiesce()
-            change(self)
-            try syncIOTLB()
-            try program(index)
-        } else {
-            if !needsProgram { try resetAndRecordBases() }
-            change(self)
-        }
+    /// Applies `change` (a ring added, enabled or disabled) to a live device: by the reset
+    /// path, whatever the switchover kind (the kernel takes a new ring's addresses only while
+    /// suspended, and its enable only with ENABLE_AFTER_DRIVER_OK, which is not taken).
+    private func reconfigure(ring index: Int, byReset: Bool = true, _ change: (VhostVDPADevice) -> Void) throws(DeviceError) {
+        _ = (index, byReset)
+        if !needsProgram { try resetAndRecordBases() }
+        change(self)
         try restart()
     }
 
@@ -524,8 +549,11 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     }
 
     /// Brings the IOTLB in step with `wantedMappings`: ranges gone or changed are invalidated,
-    /// new ones mapped, in one batch when the device takes batches.
+    /// new ones mapped, in one batch when the device takes batches. After a batch that failed
+    /// part-way the driver no longer knows what the device holds: everything is invalidated and
+    /// mapped again.
     private func syncIOTLB() throws(DeviceError) {
+        if iotlbUnknown { return try remapAll() }
         let want = wantedMappings
         var messages: [IOTLBMessage] = []
         for (iova, m) in mapped.sorted(by: { $0.key < $1.key }) where want[iova].map({ $0 != m }) ?? true {
@@ -538,21 +566,31 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         mapped = want
     }
 
-    /// After a reset the device may have dropped its mappings (no IOTLB_PERSIST): all again.
+    /// Everything again: one invalidate of the whole IOVA space, then every wanted range (after
+    /// a reset that may have dropped the device's mappings, or a failed batch).
     private func remapAll() throws(DeviceError) {
-        if backendFeatures & VhostBackendFeature.iotlbPersist != 0 { return try syncIOTLB() }
-        var messages: [IOTLBMessage] = mapped.sorted(by: { $0.key < $1.key }).map { .invalidate(iova: $0.key, size: $0.value.size) }
-        mapped = [:]
         let want = wantedMappings
+        var messages: [IOTLBMessage] = [.invalidate(iova: 0, size: .max)]
         messages += want.sorted(by: { $0.key < $1.key }).map { .update(iova: $0.key, size: $0.value.size, uaddr: $0.value.uaddr, writable: true) }
+        mapped = [:]
         try sendBatch(messages)
         mapped = want
     }
 
     private func sendBatch(_ messages: [IOTLBMessage]) throws(DeviceError) {
         guard !messages.isEmpty else { return }
-        let batch = backendFeatures & VhostBackendFeature.iotlbBatch != 0 ? [.batchBegin] + messages + [.batchEnd] : messages
-        try k("IOTLB update") { () throws(SystemError) in try kernel.send(batch) }
+        let batched = backendFeatures & VhostBackendFeature.iotlbBatch != 0
+        do {
+            try kernel.send(batched ? [.batchBegin] + messages : messages)
+        } catch {
+            // Close the batch whatever happened (the device takes what was applied), and forget
+            // what the device holds: the next change invalidates everything first.
+            if batched { try? kernel.send([.batchEnd]) }
+            iotlbUnknown = true
+            throw DeviceError("\(path): IOTLB update: \(error)")
+        }
+        if batched { try k("IOTLB update (batch end)") { () throws(SystemError) in try kernel.send([.batchEnd]) } }
+        iotlbUnknown = false
     }
 
     private func publish() {

@@ -301,4 +301,61 @@ final class VhostVDPADriverTests: SoftNICTestCase {
         g.postRX(count: 8)
         XCTAssertEqual(g.receive(8, timeout: 3).count, 8, "relaying resumes once the index is sane")
     }
+
+    /// QEMU's stop order on a port whose other ring was disabled first: disable TX, stop RX (the
+    /// last running ring: the device is parked), enable TX again. TX must run programmed, at the
+    /// position it stopped at.
+    func testRingEnabledAgainAfterTheLastStopRunsProgrammed() throws {
+        for suspend in [false, true] {
+            let d = try makeDaemon([.init(id: "k", link: "loopback", mac: TestFrames.dst, kernelModel: suspend)])
+            let g = try d.connectAndStart("k")
+            g.postRX(count: 4)
+            let f1 = (0..<3).map { TestFrames.make(length: 80 + $0, seed: $0) }
+            g.sendAndComplete(f1)
+            XCTAssertEqual(g.receive(3).map(\.frame), f1)
+            try g.frontend.setVringEnable(index: 1, false)
+            XCTAssertEqual(try g.stopRing(0), 3, "RX: 3 of the 4 posted buffers used; the fourth is taken again after a restart")
+            try g.frontend.setVringEnable(index: 1, true)
+            let model = d.models.byPort["k"]!
+            XCTAssertEqual(model.queues[1].num, 256, "TX programmed again (suspend=\(suspend))")
+            XCTAssertEqual(model.queues[1].base, 3, "TX restarts where it stopped (suspend=\(suspend))")
+            g.sendAndComplete([TestFrames.make(length: 90, seed: 9)])
+            d.stop(); daemon = nil
+        }
+    }
+
+    /// An IOTLB batch that fails part-way (ENOMEM pinning guest memory, say) fails the message;
+    /// the driver then no longer trusts what the device holds, and the next session maps
+    /// everything again instead of hitting EEXIST on what the failed batch left behind.
+    func testFailedIOTLBBatchIsNotLeftBehind() throws {
+        let d = try makeDaemon([.init(id: "k", link: "loopback", mac: TestFrames.dst, kernelModel: false)])
+        let model = d.models.byPort["k"]!
+        // Two guest regions: the first is mapped, the second fails.
+        model.failAfter["IOTLB_UPDATE"] = 1
+        model.failNext["IOTLB_UPDATE"] = ENOMEM
+        XCTAssertThrowsError(try d.connect("k", regions: [(0, 16 << 20), (32 << 20, 16 << 20)]), "the memory table cannot be mapped")
+        XCTAssertTrue(waitUntil(5) { d.portStatus("k").connection == "listening" })
+        XCTAssertTrue(model.iotlb.isEmpty, "the reset after the failure dropped what the batch mapped: \(model.iotlb.keys)")
+        let g = try d.connectAndStart("k")
+        g.postRX(count: 2)
+        let f = TestFrames.make(length: 100, seed: 1)
+        g.sendAndComplete([f])
+        XCTAssertEqual(g.receive(1).first?.frame, f)
+    }
+
+    /// A device that does not take DRIVER_OK: the frontend's message fails with the device's
+    /// status in the error, and the daemon's other port carries on.
+    func testDeviceThatRefusesDriverOK() throws {
+        let d = try makeDaemon([.init(id: "k", link: "loopback", mac: TestFrames.dst, kernelModel: false),
+                                .init(id: "soft", link: "loopback", mac: TestFrames.dst)])
+        d.models.byPort["k"]!.refuseDriverOK = true
+        XCTAssertThrowsError(try d.connectAndStart("k"))
+        XCTAssertTrue(waitUntil(5) { (d.portStatus("k").lastError ?? "").contains("did not take DRIVER_OK") },
+                      "\(d.portStatus("k").lastError ?? "no error")")
+        let other = try d.connectAndStart("soft")
+        other.postRX(count: 1)
+        let f = TestFrames.make(length: 70, seed: 4)
+        other.sendAndComplete([f])
+        XCTAssertEqual(other.receive(1).first?.frame, f)
+    }
 }

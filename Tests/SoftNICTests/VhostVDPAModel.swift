@@ -27,8 +27,13 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
     private(set) var suspended = false
     /// Every operation, in order ("SUSPEND", "reset", "DRIVER_OK", "SET_VRING_ADDR 0", ...).
     private(set) var ops: [String] = []
-    /// Fault injection: the next call of this operation fails with this errno.
+    /// Fault injection: the next call of this operation fails with this errno (after
+    /// `failAfter[op]` more calls succeed, if set).
     var failNext: [String: Int32] = [:]
+    var failAfter: [String: Int] = [:]
+    /// The device does not take DRIVER_OK (it keeps its status without the bit, as a device that
+    /// failed to start does; VDUSE does when its daemon answers FAILED).
+    var refuseDriverOK = false
     /// Runs once inside the next reset, after the device stopped (a test posts and kicks there:
     /// a kick in the reset window).
     var onReset: (() -> Void)?
@@ -58,6 +63,7 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
     private func op(_ name: String) throws(SystemError) {
         ops.append(name)
         let key = String(name.split(separator: " ").first ?? "")
+        if let n = failAfter[key], n > 0 { failAfter[key] = n - 1; return }
         if let e = failNext.removeValue(forKey: key) { throw SystemError(name, errno: e) }
     }
     private func dup(_ fd: Int32) -> SharedFD? { fd < 0 ? nil : SharedFD(FileDescriptor(owning: Glibc.dup(fd))) }
@@ -106,6 +112,7 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
         }
         guard statusByte & ~s == 0 else { throw SystemError("VHOST_VDPA_SET_STATUS", errno: EINVAL) }
         let was = statusByte
+        if refuseDriverOK && s & Self.driverOK != 0 { try op("DRIVER_OK refused"); return }
         statusByte = s
         if s & Self.driverOK != 0 && was & Self.driverOK == 0 {
             try op("DRIVER_OK")
@@ -142,15 +149,24 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
                 try op("IOTLB")
                 if statusByte & Self.driverOK != 0 { try device { () throws(DeviceError) in try nic.setMemory(memory()) } }
             case .update(let iova, let size, let uaddr, _):
-                guard !iotlb.contains(where: { $0.key < iova + size && iova < $0.key + $0.value.size }) else {
+                guard !iotlb.contains(where: { Self.overlap($0.key, $0.value.size, iova, size) }) else {
                     throw SystemError("IOTLB update 0x\(String(iova, radix: 16))", errno: EEXIST)
                 }
+                try op("IOTLB_UPDATE")
                 iotlb[iova] = (size, uaddr)
             case .invalidate(let iova, let size):
-                iotlb = iotlb.filter { !($0.key < iova + size && iova < $0.key + $0.value.size) }
+                iotlb = iotlb.filter { !Self.overlap($0.key, $0.value.size, iova, size) }
             }
         }
         if !inBatch && statusByte & Self.driverOK != 0 { try device { () throws(DeviceError) in try nic.setMemory(memory()) } }
+    }
+
+    /// Whether [a, a+n) and [b, b+m) overlap (sizes up to the whole 64-bit space).
+    static func overlap(_ a: UInt64, _ n: UInt64, _ b: UInt64, _ m: UInt64) -> Bool {
+        guard n > 0, m > 0 else { return false }
+        let lastA = a.addingReportingOverflow(n - 1).overflow ? UInt64.max : a + (n - 1)
+        let lastB = b.addingReportingOverflow(m - 1).overflow ? UInt64.max : b + (m - 1)
+        return a <= lastB && b <= lastA
     }
 
     private var changesRings: Bool { statusByte & Self.driverOK != 0 && !suspended }
