@@ -114,13 +114,16 @@ public protocol VDPADevice: AnyObject, Sendable {
     /// Stops a ring: the device completes what it took, touches the ring no more, and returns
     /// the next avail index (GET_VRING_BASE's answer).
     func stopRing(_ index: Int) throws(DeviceError) -> UInt16
-    // MARK: what the relay needs (no reset: suspend, move the used ring, resume)
+    // MARK: what the relay needs (suspend, move the used ring, resume; or the device's own way)
 
     /// Suspends ring `index` between batches (what it completed is published where its used ring
     /// currently is), maps `mapping` in the IOMMU, points the ring's used ring at `usedIOVA` and
     /// its interrupts at `call` (raised for every completed batch when `interruptEveryBatch`),
-    /// and resumes it. Returns the used index at the switch. `usedIOVA` nil = back to the ring's
-    /// own used ring in guest memory. Never resets the device.
+    /// and resumes it. Returns the used index at the switch; when `usedIOVA` is the daemon's (a
+    /// mediated ring), its index is set to that value before the ring runs again. `usedIOVA`
+    /// nil = back to the ring's own used ring in guest memory. The SoftNIC does this per ring
+    /// without a reset; a kernel device without SUSPEND does it by resetting the device and
+    /// programming every ring again from its used index (VhostVDPASwitchover.reset).
     func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?, interruptEveryBatch: Bool) throws(DeviceError) -> UInt16
     /// Suspends ring `index` (completed work published) and returns its used index.
     func suspendRing(_ index: Int) throws(DeviceError) -> UInt16

@@ -15,8 +15,11 @@ public final class MediatedUsedRing: @unchecked Sendable {
 
     /// Reserved IOVA range for mediated rings: far above any guest RAM (2^46 = 64 TiB). The
     /// port's session refuses memory regions that reach it (its `guestPhysLimit`), the binding
-    /// refuses such a table again before a device sees it, and the device translates guest buffers
-    /// without these mappings, so no guest descriptor can point into a mediated ring.
+    /// refuses such a table again before a device sees it, and the SoftNIC translates guest
+    /// buffers without these mappings, so no guest descriptor can point into a mediated ring
+    /// there. A kernel device has one IOTLB for rings and buffers (no separate address space is
+    /// used yet), so a guest descriptor at this range would reach the mediated ring: the relay
+    /// then takes at most a ring of entries at once and counts anything else as an error.
     public static let iovaBase: UInt64 = reservedIOVABase
     public static let iovaStride: UInt64 = 1 << 20
 

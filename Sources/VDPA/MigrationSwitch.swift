@@ -18,10 +18,11 @@ struct FrontendState {
     var started: [Int] { rings.keys.sorted() }
 }
 
-/// How the switch moves a ring between the direct path and the relay. Only suspend-and-redirect
-/// exists: the device suspends the ring between batches, its used ring is pointed elsewhere and
-/// it resumes, without a reset. Devices that cannot suspend (a reset-based switch, replaying
-/// the ring from its last avail index) are not supported yet.
+/// How the switch moves a ring between the direct path and the relay: it asks the device to
+/// suspend the ring, point its used ring elsewhere and resume (`redirectUsedRing`). How the
+/// device does that is its own: the SoftNIC per ring between two batches; a kernel device by
+/// SUSPEND/RESUME, or, without them, by a reset and reprogramming from each ring's used index
+/// (VhostVDPASwitchover).
 public enum SwitchoverStrategy: String, Sendable {
     case suspendAndRedirect
 }

@@ -14,7 +14,10 @@ public enum VhostVDPASwitchover: String, Sendable, Codable {
     /// index from memory, program the rings again from those indices, DRIVER_OK. For devices
     /// without SUSPEND/RESUME (VDUSE in Linux 6.12). Chains the device had taken but not
     /// completed are taken again after the reset: RX buffers are refilled, an unfinished TX
-    /// frame may be sent twice; nothing completed is lost or repeated.
+    /// frame may be sent twice. This assumes the device completes chains in the order it took
+    /// them (as virtio-net devices do in practice, and the SoftNIC does): then nothing completed
+    /// is lost or repeated. A device that completes out of order (allowed without IN_ORDER)
+    /// could have a chain before the used index still in flight, which would be taken again.
     case reset
 }
 

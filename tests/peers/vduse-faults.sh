@@ -6,9 +6,10 @@
 # the kernel, as a NIC that died or a driver that hung). VDUSE's message timeout is set to 2 s
 # here (sysfs msg_timeout; 30 s by default): the kernel then gives the port EIO. Checked: the
 # frontend's next control message on that port fails (no hang) with an error naming the device,
-# the port's status says so, a new connection on it fails cleanly, and the other port's traffic
-# carries on byte for byte throughout. The failing-ioctl and refused-status cases run on the host
-# against the kernel model (VhostVDPADriverTests).
+# the port's status says so, a new connection on it fails (at connecting or at its first ring)
+# within seconds instead of hanging, and the other port's traffic carries on byte for byte
+# throughout. A failing ioctl, a failed IOTLB batch and a device that does not take DRIVER_OK
+# run on the host against the kernel model (VhostVDPADriverTests).
 #
 # Environment: VDPA_GUEST_RUNNER, XCTEST (as in vduse-vhost-vdpa.sh).
 set -uo pipefail
