@@ -19,7 +19,7 @@ struct Vdpad: ParsableCommand {
           socket=PATH  the vhost-user socket (paths containing ',' are not supported)
           id=NAME      port name (default vdpa0, vdpa1, ... in order)
           link=LINK    loopback (default) | sink | source[:size=BYTES][:rate=PPS] | tap[:ifname=IF] | wire:ID
-          queues=N     queue pairs (default 1; a kernel device: all it has)
+          queues=N     queue pairs (default 1; a kernel device serves one)
           device=DEV   softnic (default) | vhost-vdpa:/dev/vhost-vdpa-N (a kernel vDPA NIC;
                        link= and mac= are the software NIC's)
           mac=MAC      the guest's MAC: destination of frames the source link generates
@@ -171,7 +171,7 @@ struct Vdpad: ParsableCommand {
                     let device = try VhostVDPADevice(kernel: try VhostVDPAFile(path: path), path: path, logger: l)
                     if spec.queuesGiven && spec.queuePairs > device.queuePairs {
                         device.close()
-                        throw ValidationError("--port \(spec.id): queues=\(spec.queuePairs) but \(path) has \(device.queuePairs) queue pair(s)")
+                        throw ValidationError("--port \(spec.id): queues=\(spec.queuePairs): a kernel vDPA device serves \(device.queuePairs) queue pair (several need its control queue, which vdpad does not drive yet)")
                     }
                     l.info("\(device.summary): features 0x\(String(device.deviceFeatures, radix: 16)), \(device.queuePairs) queue pair(s)")
                     return device
