@@ -91,8 +91,6 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     private var suspended = false
     /// Set by a reset-kind quiesce: the device is reset and must be programmed again.
     private var needsProgram = false
-    /// A batch of IOTLB messages failed part-way: what the device holds is not known.
-    private var iotlbUnknown = false
     private let snapshot: Mutex<VhostVDPAInfo>
 
     /// The virtio-net configuration fields the driver reads (virtio spec 5.1.4).
@@ -552,11 +550,10 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     }
 
     /// Brings the IOTLB in step with `wantedMappings`: ranges gone or changed are invalidated,
-    /// new ones mapped, in one batch when the device takes batches. After a batch that failed
-    /// part-way the driver no longer knows what the device holds: everything is invalidated and
-    /// mapped again.
+    /// new ones mapped, in one batch when the device takes batches. A batch that fails part-way
+    /// fails the frontend's message, and the reset that follows invalidates the whole IOVA space
+    /// (`reset`), so nothing the failed batch mapped outlives the session.
     private func syncIOTLB() throws(DeviceError) {
-        if iotlbUnknown { return try remapAll() }
         let want = wantedMappings
         var messages: [IOTLBMessage] = []
         for (iova, m) in mapped.sorted(by: { $0.key < $1.key }) where want[iova].map({ $0 != m }) ?? true {
@@ -586,14 +583,12 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         do {
             try kernel.send(batched ? [.batchBegin] + messages : messages)
         } catch {
-            // Close the batch whatever happened (the device takes what was applied), and forget
-            // what the device holds: the next change invalidates everything first.
+            // Close the batch whatever happened (the device takes what was applied); the
+            // frontend's reset that follows the failed message invalidates everything.
             if batched { try? kernel.send([.batchEnd]) }
-            iotlbUnknown = true
             throw DeviceError("\(path): IOTLB update: \(error)")
         }
         if batched { try k("IOTLB update (batch end)") { () throws(SystemError) in try kernel.send([.batchEnd]) } }
-        iotlbUnknown = false
     }
 
     private func publish() {
