@@ -21,25 +21,30 @@ public struct VDUSEDeviceConfig: Equatable, Sendable {
 
     public let mac: [UInt8]
     public let queuePairs: Int
+    /// Whether INDIRECT_DESC is offered (`indirect=off` in the spec: for QEMU 7.2's x-svq=on).
+    public let indirect: Bool
 
-    public init(mac: [UInt8], queuePairs: Int) {
+    public init(mac: [UInt8], queuePairs: Int, indirect: Bool = true) {
         precondition(mac.count == 6 && queuePairs >= 1)
         self.mac = mac
         self.queuePairs = queuePairs
+        self.indirect = indirect
     }
 
-    public init(_ spec: VDUSESpec) { self.init(mac: spec.configMAC, queuePairs: spec.queuePairs) }
+    public init(_ spec: VDUSESpec) { self.init(mac: spec.configMAC, queuePairs: spec.queuePairs, indirect: spec.indirect) }
 
     /// The features offered: what the SoftNIC implements, without GUEST_ANNOUNCE (it needs the
     /// control queue), plus VERSION_1 (VDUSE requires it of net devices), ACCESS_PLATFORM (VDUSE
     /// requires it of every device: the driver's addresses are IOVAs) and the config fields MAC,
     /// STATUS and MTU; MQ only with several queue pairs. Never CTRL_VQ: VDUSE refuses net devices
-    /// with a control queue (features_is_valid in vduse_dev.c).
+    /// with a control queue (features_is_valid in vduse_dev.c). Without INDIRECT_DESC when
+    /// `indirect` is false.
     public var features: UInt64 {
         var f = SoftNIC.deviceFeatures & ~(VirtioNetFeature.guestAnnounce | VirtioNetFeature.mq | VirtioNetFeature.ctrlVq)
         f |= VirtioFeature.version1 | VirtioFeature.accessPlatform
         f |= VirtioNetFeature.mac | VirtioNetFeature.status | VirtioNetFeature.mtu
         if queuePairs > 1 { f |= VirtioNetFeature.mq }
+        if !indirect { f &= ~VirtioFeature.ringIndirectDesc }
         return f
     }
 

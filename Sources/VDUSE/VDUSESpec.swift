@@ -20,7 +20,7 @@ public enum VDPABusDriver: String, Sendable, CaseIterable {
     }
 }
 
-/// One `--vduse` option: `name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none]`.
+/// One `--vduse` option: `name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none][,indirect=on|off]`.
 public struct VDUSESpec: Equatable, Sendable {
     /// The VDUSE device's name: /dev/vduse/NAME, and the vDPA device's name on the bus.
     public var name: String
@@ -30,16 +30,21 @@ public struct VDUSESpec: Equatable, Sendable {
     public var mac: [UInt8]?
     public var queuePairs: Int
     public var bind: VDPABusDriver
+    /// Whether the device offers VIRTIO_F_INDIRECT_DESC (`indirect=off` leaves it out: QEMU 7.2's
+    /// shadow virtqueue, `-netdev vhost-vdpa,x-svq=on`, refuses a device that offers it).
+    public var indirect: Bool
 
     public static let maxQueuePairs = 64
     public static let maxNameLength = 64
 
-    public init(name: String, link: String = "loopback", mac: [UInt8]? = nil, queuePairs: Int = 1, bind: VDPABusDriver = .vhostVDPA) {
+    public init(name: String, link: String = "loopback", mac: [UInt8]? = nil, queuePairs: Int = 1, bind: VDPABusDriver = .vhostVDPA,
+                indirect: Bool = true) {
         self.name = name
         self.link = link
         self.mac = mac
         self.queuePairs = queuePairs
         self.bind = bind
+        self.indirect = indirect
     }
 
     public struct ParseError: Error, CustomStringConvertible, Equatable {
@@ -55,6 +60,7 @@ public struct VDUSESpec: Equatable, Sendable {
         var mac: [UInt8]?
         var queues = 1
         var bind = VDPABusDriver.vhostVDPA
+        var indirect = true
         var seen = Set<String>()
         for item in text.split(separator: ",", omittingEmptySubsequences: false) {
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
@@ -95,8 +101,14 @@ public struct VDUSESpec: Equatable, Sendable {
                     throw fail("bind=\(value): use vhost-vdpa, virtio-vdpa or none")
                 }
                 bind = b
+            case "indirect":
+                switch value {
+                case "on": indirect = true
+                case "off": indirect = false
+                default: throw fail("indirect=\(value): use on or off")
+                }
             default:
-                throw fail("unknown option '\(key)'; expected name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none]")
+                throw fail("unknown option '\(key)'; expected name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none][,indirect=on|off]")
             }
         }
         guard let name else { throw fail("name=NAME is required") }
@@ -105,7 +117,7 @@ public struct VDUSESpec: Equatable, Sendable {
             // without one (virtnet_validate_features): the kernel's driver cannot take it.
             throw fail("queues=\(queues) with bind=virtio-vdpa: the kernel's virtio_net driver refuses several queue pairs without a control queue, which VDUSE cannot offer; use queues=1, or bind=vhost-vdpa")
         }
-        return VDUSESpec(name: name, link: link, mac: mac, queuePairs: queues, bind: bind)
+        return VDUSESpec(name: name, link: link, mac: mac, queuePairs: queues, bind: bind, indirect: indirect)
     }
 
     /// The config-space MAC: `mac=`, or a locally administered unicast address derived from the

@@ -26,7 +26,7 @@ struct Vdpad: ParsableCommand {
           client       connect to the frontend's socket (reconnecting with backoff) instead of listening
         With no --port and no --vduse: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
         Each --vduse exports a software vDPA NIC to this kernel as a VDUSE device on the vDPA bus:
-          name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none]
+          name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none][,indirect=on|off]
           name=NAME    /dev/vduse/NAME and the vDPA device's name (letters, digits, '-', '_', '.')
           link=LINK    as for --port (default loopback)
           mac=MAC      the MAC in the device's config space (default: derived from the name)
@@ -34,6 +34,7 @@ struct Vdpad: ParsableCommand {
                        virtio_net refuses several without a control queue, which VDUSE lacks)
           bind=...     the kernel driver to bind (default vhost-vdpa: /dev/vhost-vdpa-N;
                        virtio-vdpa: a netdev in this kernel; none: unbound)
+          indirect=off do not offer INDIRECT_DESC (QEMU 7.2's x-svq=on refuses a device offering it)
         It needs the vduse and vdpa modules (and the driver's) and CAP_NET_ADMIN; it is removed
         from the bus and destroyed when vdpad exits.
         While the frontend logs dirty pages (VHOST_F_LOG_ALL, live migration) each RX ring runs

@@ -16,6 +16,22 @@ final class VDUSESpecTests: XCTestCase {
         XCTAssertEqual(VDPABusDriver.vhostVDPA.sysfsName, "vhost_vdpa")
         XCTAssertEqual(VDPABusDriver.virtioVDPA.sysfsName, "virtio_vdpa")
         XCTAssertNil(VDPABusDriver.none.sysfsName)
+        XCTAssertTrue(s.indirect)
+    }
+
+    /// indirect=off: the device leaves INDIRECT_DESC out (QEMU 7.2's x-svq=on refuses it) and
+    /// offers everything else as before.
+    func testIndirectOff() throws {
+        let s = try VDUSESpec.parse("name=v,indirect=off")
+        XCTAssertFalse(s.indirect)
+        XCTAssertTrue(try VDUSESpec.parse("name=v,indirect=on").indirect)
+        XCTAssertThrowsError(try VDUSESpec.parse("name=v,indirect=no")) { e in
+            XCTAssertTrue("\(e)".contains("indirect=no: use on or off"), "\(e)")
+        }
+        let on = VDUSEDeviceConfig(try VDUSESpec.parse("name=v")).features
+        let off = VDUSEDeviceConfig(s).features
+        XCTAssertEqual(off, on & ~VirtioFeature.ringIndirectDesc)
+        XCTAssertNotEqual(on & VirtioFeature.ringIndirectDesc, 0)
     }
 
     func testErrorsNameWhatWasWrong() {
