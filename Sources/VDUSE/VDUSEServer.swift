@@ -239,8 +239,15 @@ final class VDUSEServer: ConfinedTarget, @unchecked Sendable {
     }
 
     /// DRIVER_OK: features, rings, memory, kicks; the rings started. False (the status write is
-    /// refused) when the features are not the device's or the SoftNIC cannot apply them.
+    /// refused) when the features are not the device's, a ready ring is not servable, or the
+    /// SoftNIC cannot apply them; rings already started are then stopped again.
     func start() -> Bool {
+        if startRings() { return true }
+        stopRunningRings()
+        return false
+    }
+
+    private func startRings() -> Bool {
         let features: UInt64
         do { features = try device.negotiatedFeatures() } catch {
             logger.error("VDUSE \(name): DRIVER_OK: \(error)")
@@ -263,9 +270,11 @@ final class VDUSEServer: ConfinedTarget, @unchecked Sendable {
             }
             guard info.ready else { rings[i] = .idle; continue }
             guard let size = UInt16(exactly: info.size), size <= maxQueueSize, let layout = SplitRingLayout(queueSize: size) else {
-                logger.error("VDUSE \(name): ring \(i): size \(info.size) is not a power of two in 1...\(maxQueueSize); the ring is not started")
+                // A ready ring the device cannot serve: DRIVER_OK is refused (the driver sees the
+                // status without it), rather than answered while a ring silently never runs.
+                logger.error("VDUSE \(name): DRIVER_OK refused: ring \(i) is ready with size \(info.size), not a power of two in 1...\(maxQueueSize)")
                 rings[i] = .refused
-                continue
+                return false
             }
             iotlb.ensureMapped(iova: info.descriptorIOVA, length: UInt64(layout.descriptorTableBytes))
             iotlb.ensureMapped(iova: info.driverIOVA, length: UInt64(layout.availRingBytes))

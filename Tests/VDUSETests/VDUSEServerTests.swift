@@ -129,17 +129,18 @@ final class VDUSEServerTests: XCTestCase {
         program(ring: 0)
         XCTAssertEqual(try dev.setStatus(15, id: 1).ok, false)
         XCTAssertEqual(nic.takeOps(), [])
-        // A ring size that is not a power of two, or too large: that ring is not started.
+        // A ready ring whose size is not a power of two, or too large: DRIVER_OK is refused and
+        // no ring runs (the driver sees the status without DRIVER_OK).
         dev.features.withLock { $0 = VirtioFeature.version1 }
         program(ring: 0, size: 100)
         program(ring: 1, size: 512)
-        XCTAssertEqual(try dev.setStatus(15, id: 2).ok, true)
-        XCTAssertEqual(nic.takeOps(), ["features 0x100000000", "memory []"])
+        XCTAssertEqual(try dev.setStatus(15, id: 2).ok, false)
+        XCTAssertEqual(nic.takeOps(), ["features 0x100000000"])
         // An unknown request type.
         XCTAssertEqual(try dev.send(FakeVDUSEDevice.request(type: 77, id: 3)).ok, false)
         // An inverted IOTLB range.
         XCTAssertEqual(try dev.updateIOTLB(10, 5, id: 4).ok, false)
-        XCTAssertEqual(server.refused.load(ordering: .relaxed), 3)
+        XCTAssertEqual(server.refused.load(ordering: .relaxed), 4, "two DRIVER_OKs, the unknown request, the inverted range")
     }
 
     /// UPDATE_IOTLB: the device gets the new memory before the answer; an update that changes
