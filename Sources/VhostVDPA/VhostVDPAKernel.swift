@@ -85,7 +85,8 @@ public protocol VhostVDPAKernel: AnyObject {
 
 /// `/dev/vhost-vdpa-N`, opened read-write. The raw ioctls live here and nowhere else.
 public final class VhostVDPAFile: VhostVDPAKernel, @unchecked Sendable {
-    // @unchecked Sendable: the driver serialises every call, release included (the port thread).
+    // @unchecked Sendable: the driver serialises every call that touches the fd, release included
+    // (the port thread); `vendorCounters`, which the control thread reaches, touches nothing.
     public let path: String
     /// The open character device; -1 once released.
     private var fd: Int32

@@ -25,7 +25,7 @@
 set -uo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
-peer_init vduse-virtio-vdpa 400
+peer_init vduse-virtio-vdpa 170
 resolve_bins
 RUNNER=${VDPA_GUEST_RUNNER:-$GUEST_DIR/run-vdpa-guest}
 [[ -x $RUNNER ]] || fail "no guest runner $RUNNER (scripts/guest/run-vdpa-guest; run scripts/install-deps)"
@@ -155,7 +155,7 @@ exit 0
 GUEST
 
 log "booting the vDPA guest"
-"$RUNNER" --name vduse-virtio-vdpa --log-dir "$TMP" --quiet --timeout 360 \
+"$RUNNER" --name vduse-virtio-vdpa --log-dir "$TMP" --quiet --timeout 160 \
     --env "VDPAD=$VDPAD" --env "VDUSE_BYTES=${VDUSE_BYTES:-2097152}" --env "VDUSE_IDLE_CPU_MAX=${VDUSE_IDLE_CPU_MAX:-20}" \
     --env "VDPA_LOG_LEVEL=${VDPA_LOG_LEVEL:-debug}" \
     "$TMP/guest.sh" "$VDPAD" > "$TMP/runner.log" 2>&1
