@@ -14,26 +14,25 @@ import XCTest
 /// kernel model of a device that cannot suspend: the switchover is reset-based.
 final class VhostVDPAResetMigrationTests: MigrationTests {
     override var kernelModel: Bool? { false }
-    /// A kernel vDPA device cannot inject a frame: SEND_RARP is answered as not done.
-    override func testSendRARP() throws {
+    override func testSendRARP() throws { try sendRARPIsRefused() }
+}
+
+extension MigrationTests {
+    /// A kernel vDPA device cannot inject a frame: SEND_RARP is answered as not done (QEMU then
+    /// announces the guest itself), and nothing reaches the guest.
+    func sendRARPIsRefused() throws {
         let (d, g) = try start(link: "loopback")
         g.postRX(count: 4)
         XCTAssertThrowsError(try g.frontend.request(.sendRARP, payload: .u64(0x5634_1200_5452), needReply: true),
-                             "the port says it did not announce (QEMU then announces the guest itself)")
-        XCTAssertEqual(d.queue("vm", 0).packets, 0)
+                             "the port says it did not announce")
+        if kernelDevice == nil { XCTAssertEqual(d.queue("vm", 0).packets, 0) }
     }
 }
 
 /// The same with SUSPEND and RESUME: the switchover suspends the device and moves the used ring.
 final class VhostVDPASuspendMigrationTests: MigrationTests {
     override var kernelModel: Bool? { true }
-    override func testSendRARP() throws {
-        let (d, g) = try start(link: "loopback")
-        g.postRX(count: 4)
-        XCTAssertThrowsError(try g.frontend.request(.sendRARP, payload: .u64(0x5634_1200_5452), needReply: true),
-                             "the port says it did not announce (QEMU then announces the guest itself)")
-        XCTAssertEqual(d.queue("vm", 0).packets, 0)
-    }
+    override func testSendRARP() throws { try sendRARPIsRefused() }
 }
 
 /// Every migration test on a real kernel vDPA device: run inside the vDPA test guest
@@ -45,10 +44,7 @@ final class VhostVDPAKernelDeviceMigrationTests: MigrationTests {
     override func setUpWithError() throws {
         guard kernelDevice != nil else { throw XCTSkip("VDPA_TEST_VHOST_VDPA_SOURCE is not set: runs in the vDPA guest only") }
     }
-    override func testSendRARP() throws {
-        let (_, g) = try start(link: "loopback")
-        XCTAssertThrowsError(try g.frontend.request(.sendRARP, payload: .u64(0x5634_1200_5452), needReply: true))
-    }
+    override func testSendRARP() throws { try sendRARPIsRefused() }
 }
 
 /// Traffic both ways through a real kernel vDPA device whose link is `loopback` (a VDUSE

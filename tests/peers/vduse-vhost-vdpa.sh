@@ -24,48 +24,14 @@ set -uo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 peer_init vduse-vhost-vdpa 170
-resolve_bins
-RUNNER=${VDPA_GUEST_RUNNER:-$GUEST_DIR/run-vdpa-guest}
-BIN=$(dirname "$VDPAD")
-XCTEST=${XCTEST:-$BIN/swift-vdpaPackageTests.xctest}
-BENCH=$BIN/vdpa-bench
-[[ -x $RUNNER ]] || fail "no guest runner $RUNNER (scripts/guest/run-vdpa-guest; run scripts/install-deps)"
-for f in "$VDPAD" "$VDPACTL" "$XCTEST" "$BENCH"; do [[ -x $f ]] || fail "not built: $f (swift build --build-tests)"; done
+# shellcheck source=lib/vduse-host.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/vduse-host.sh"
 
 cat > "$TMP/guest.sh" <<'GUEST'
 #!/bin/bash
 set -u
-fail() { echo "FAIL-REASON: $*"; for f in /tmp/*.log; do echo "----- $f -----"; tail -n 40 "$f"; done; exit 1; }
-step() { echo "STEP $*"; }
-[[ -c /dev/vduse/control ]] || fail "no /dev/vduse/control in the guest"
-
-# vduse NAME LINK: a VDUSE SoftNIC bound to vhost_vdpa; sets DEV to its /dev/vhost-vdpa-N.
-# (Not in a subshell: the daemon must stay this shell's child, for `wait`.)
-vduse() {
-    "$VDPAD" --vduse "name=$1,bind=vhost-vdpa,mac=52:54:00:aa:bb:01,link=$2" --control "/tmp/$1.sock" \
-        --log-level debug > "/tmp/$1.log" 2>&1 &
-    echo $! > "/tmp/$1.pid"
-    for _ in $(seq 1 300); do
-        grep -q "on the vDPA bus" "/tmp/$1.log" && break
-        kill -0 "$(cat "/tmp/$1.pid")" 2>/dev/null || fail "vdpad --vduse $1 exited: $(tail -n 5 "/tmp/$1.log")"
-        sleep 0.1
-    done
-    grep -q "on the vDPA bus, driver vhost_vdpa" "/tmp/$1.log" || fail "$1 not on the vDPA bus with vhost_vdpa within 30 s"
-    local d
-    d=$(ls -d /sys/bus/vdpa/devices/"$1"/vhost-vdpa-* 2>/dev/null | head -n 1)
-    [[ -n $d && -c /dev/$(basename "$d") ]] || fail "$1 has no vhost-vdpa character device"
-    DEV=/dev/$(basename "$d")
-}
-stop_vduse() {
-    local pid; pid=$(cat "/tmp/$1.pid")
-    kill -TERM "$pid"
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && fail "vdpad --vduse $1 did not exit within 10 s of SIGTERM"
-    wait "$pid" || fail "vdpad --vduse $1 exited with status $?"
-}
-# q NAME INDEX: the counters vdpad logged for queue INDEX of VDUSE device NAME at exit.
-q() { sed -n "s/.*VDUSE $1: queue $2 ([rt]x): \(.*\)/\1/p" "/tmp/$1.log" | tail -n 1; }
-field() { echo "$1" | sed -n "s/.*$2 \([^ ,]*\).*/\1/p"; }
+# shellcheck source=lib/vduse-guest.sh
+source "$GUEST_LIB"
 
 # --- 1: the test bundle's kernel-device tests on vd0 ------------------------------------------
 vduse vd0 loopback
@@ -93,11 +59,7 @@ step "counters agree on both sides"
 # --- 2: the vdpad binary with device=vhost-vdpa, vdpa-bench as the guest ----------------------
 vduse vd1 source:size=128
 dev1=$DEV
-"$VDPAD" --port "socket=/tmp/k.sock,id=k,device=vhost-vdpa:$dev1" --control /tmp/k-control.sock \
-    --log-level debug > /tmp/port.log 2>&1 &
-ppid=$!
-for _ in $(seq 1 200); do [[ -S /tmp/k-control.sock ]] && break; sleep 0.1; done
-[[ -S /tmp/k-control.sock ]] || fail "vdpad with the vhost-vdpa port did not start: $(tail -n 5 /tmp/port.log)"
+start_port /tmp/k.sock "$dev1"
 "$BENCH" --socket /tmp/k.sock --control /tmp/k-control.sock --mode direct --seconds 2 --ring-size 256 > /tmp/bench.log 2>&1 &
 bpid=$!
 sleep 1.5
@@ -110,23 +72,9 @@ grep -q '"deviceCounters":false' /tmp/stats.json || fail "stats do not say the d
 mpps=$(sed -n 's/.*"phase0_direct_mpps":\([0-9.e-]*\).*/\1/p' /tmp/bench.log | tail -n 1)
 step "bench: direct through vhost-vdpa ${mpps:-?} Mpps (TCG)"
 awk -v x="${mpps:-0}" 'BEGIN { exit !(x > 0) }' || fail "vdpa-bench saw no completions: $(tail -n 5 /tmp/bench.log)"
-kill -TERM "$ppid"; wait "$ppid" || fail "vdpad (port) exited with status $?"
+kill -TERM "$PORT_PID"; wait "$PORT_PID" || fail "vdpad (port) exited with status $?"
 stop_vduse vd1
 exit 0
 GUEST
 
-log "booting the vDPA guest"
-"$RUNNER" --name vduse-vhost-vdpa --log-dir "$TMP" --quiet --timeout 160 --mem 1024 \
-    --env "VDPAD=$VDPAD" --env "VDPACTL=$VDPACTL" --env "XCTEST=$XCTEST" --env "BENCH=$BENCH" \
-    "$TMP/guest.sh" "$VDPAD" "$VDPACTL" "$XCTEST" "$BENCH" > "$TMP/runner.log" 2>&1
-rc=$?
-out=$TMP/vduse-vhost-vdpa.output.log
-[[ ${VDPA_VERBOSE:-0} == 1 && -r $out ]] && sed -n 's/^STEP /... vduse-vhost-vdpa: /p' "$out" | tr -d '\r' >&2
-if [[ $rc != 0 ]]; then
-    reason=$(tr -d '\r' < "$out" 2>/dev/null | sed -n 's/^FAIL-REASON: //p' | head -n 1)
-    [[ -n $reason ]] || reason="the guest run ended with status $rc: $(tail -n 5 "$TMP/runner.log" | tr '\n' ' ')"
-    tail -n 80 "$out" >&2 2>/dev/null
-    fail "$reason"
-fi
-tr -d '\r' < "$out" | sed -n 's/^STEP \(frontend.*\|counters.*\|bench.*\)/  \1/p'
-pass
+run_vduse_guest 160 'frontend.*\|counters.*\|bench.*'
