@@ -172,8 +172,8 @@ public struct QueueStats: Codable, Sendable, Equatable {
     /// vendor statistics): packets, bytes, drops, faults, interrupts and doorbells are then 0
     /// because nobody counted, not because nothing moved. Absent in replies of older versions.
     public var deviceCounters: Bool? = true
-    /// Errors the relay met on this ring: a completed chain it could not walk to the end to
-    /// mark (the marks made up to the break stay), or a device used index more than a ring ahead
-    /// of what it relayed (not relayed until the device writes a sane one). Absent in older replies.
+    /// Errors the relay met on this ring (docs/CONTROL.md lists them: a chain it could not walk to
+    /// mark, a device index more than a ring ahead, ring areas that do not translate, a blocking
+    /// guest call eventfd). Absent in older replies.
     public var relayErrors: UInt64? = 0
 }

@@ -91,6 +91,10 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     private var suspended = false
     /// Set by a reset-kind quiesce: the device is reset and must be programmed again.
     private var needsProgram = false
+    /// False once the device may no longer hold what `mapped` says: after a reset without
+    /// IOTLB_PERSIST (the kernel asks the device to drop its mappings), or a batch that failed
+    /// part-way. The next IOTLB change then invalidates everything and maps it all again.
+    private var mapTrusted = true
     private let snapshot: Mutex<VhostVDPAInfo>
 
     /// The virtio-net configuration fields the driver reads (virtio spec 5.1.4).
@@ -121,9 +125,11 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         }
         // ENABLE_AFTER_DRIVER_OK is not taken: every enable change on a running device goes the
         // reset way (see setRingEnabled), one path for every device, the one the tests run.
-        // IOTLB_PERSIST is not needed: after a reset the driver maps everything again.
+        // IOTLB_PERSIST is taken when offered: the device then keeps its mappings across a reset
+        // (without it the kernel asks the device to drop them, and the driver maps everything
+        // again after each reset: on a device that pins memory, all guest RAM re-pinned).
         let wanted = VhostBackendFeature.iotlbMsgV2 | VhostBackendFeature.iotlbBatch | VhostBackendFeature.suspend
-            | VhostBackendFeature.resume
+            | VhostBackendFeature.resume | VhostBackendFeature.iotlbPersist
         let acked = offered & wanted
         backendFeatures = acked
         try k("set backend features") { () throws(SystemError) in try kernel.setBackendFeatures(acked) }
@@ -146,7 +152,7 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
             path: path, deviceID: deviceID, deviceFeatures: deviceFeatures, backendFeatures: VhostBackendFeature.names(backendFeatures),
             queues: queueCount, maxQueueSize: maxQueueSize, mac: config.mac.map(Self.formatMAC), mtu: config.mtu,
             maxQueuePairs: config.maxQueuePairs, switchover: switchover, status: 0, negotiatedFeatures: nil, rings: []))
-        try k("reset") { () throws(SystemError) in try kernel.setStatus(0) }
+        try statusReset()
     }
 
     static func parseConfig(_ b: [UInt8], features: UInt64) -> NetConfig {
@@ -249,7 +255,7 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         let ring = Ring(size: c.size, desc: c.descGPA, avail: c.availGPA, guestUsed: c.usedGPA, used: c.usedGPA, base: c.base,
                         kick: c.kick, call: c.call, enabled: c.enabled)
         if live || suspended || needsProgram {
-            try reconfigure(ring: c.index) { $0.rings[c.index] = ring }
+            try reconfigure { $0.rings[c.index] = ring }
         } else {
             rings[c.index] = ring
             try syncIOTLB()
@@ -274,7 +280,7 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
             // RESUME (mlx5 resumes every queue); an enable after DRIVER_OK needs
             // ENABLE_AFTER_DRIVER_OK, which the driver does not take.
             _ = r
-            try reconfigure(ring: index, byReset: true) { $0.rings[index]?.enabled = enabled }
+            try reconfigure { $0.rings[index]?.enabled = enabled }
         }
         publish()
     }
@@ -293,9 +299,11 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         var base = r.base
         if (live || suspended) && r.enabled && !needsProgram {
             if switchover == .suspend && !othersRun {
-                // Nothing else must keep running: SUSPEND, and the device's own answer.
+                // Nothing else must keep running: SUSPEND, and the device's own answer (or the
+                // reset path's base, when quiesce had to reset: see there).
                 try quiesce()
-                base = try k("GET_VRING_BASE(\(index))") { () throws(SystemError) in try kernel.ringBase(index) }
+                base = suspended ? try k("GET_VRING_BASE(\(index))") { () throws(SystemError) in try kernel.ringBase(index) }
+                                 : rings[index]?.base ?? base
             } else {
                 // Others run on and this one must not (a disable is not to be trusted, see
                 // setRingEnabled): the reset path, which also gives this ring's base.
@@ -321,14 +329,14 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     /// later: they must not come back unprogrammed).
     private func park() throws(DeviceError) {
         if !needsProgram {
-            try k("reset") { () throws(SystemError) in try kernel.setStatus(0) }
+            try statusReset()
         }
         live = false
         suspended = false
         needsProgram = false
         guard let want = negotiated else { return }
         try negotiate(want)
-        try remapAll()
+        try syncIOTLB()
         for i in rings.keys.sorted() { try program(i) }
     }
 
@@ -391,8 +399,9 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
 
     public func reset() {
         do throws(DeviceError) { try resetDevice() } catch { logger.error("\(error)") }
-        // The frontend's eventfds are not held by the kernel after it went away.
-        for i in rings.keys.sorted() {
+        // The frontend's eventfds are not held by the kernel after it went away (rings stopped
+        // earlier included).
+        for i in 0..<Int(queueCount) {
             _ = try? kernel.setRingKick(i, fd: -1)
             _ = try? kernel.setRingCall(i, fd: -1)
         }
@@ -425,6 +434,12 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         }
     }
 
+    /// Status 0. Without IOTLB_PERSIST the device drops its mappings: no longer trusted.
+    private func statusReset() throws(DeviceError) {
+        if backendFeatures & VhostBackendFeature.iotlbPersist == 0 { mapTrusted = false }
+        try k("reset") { () throws(SystemError) in try kernel.setStatus(0) }
+    }
+
     private func goLive() throws(DeviceError) {
         guard !live else { return }
         let s = VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK | VirtioStatus.driverOK
@@ -434,13 +449,16 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
             throw DeviceError("\(path): the device did not take DRIVER_OK (status 0x\(String(now, radix: 16)))")
         }
         live = true
+        notifyRunningRings()
     }
 
     /// Stops the device from touching the rings with every completion published: SUSPEND, or a
     /// reset after which each ring's used index is read back as its base.
     private func quiesce() throws(DeviceError) {
         if suspended || needsProgram || !live { return }
-        if switchover == .suspend {
+        // RESUME may start every queue the device knows, the disabled ones too (mlx5 moves every
+        // initialised queue to ready): with a disabled ring programmed, only a reset is safe.
+        if switchover == .suspend && !rings.values.contains(where: { !$0.enabled }) {
             try k("SUSPEND") { () throws(SystemError) in try kernel.suspend() }
             suspended = true
         } else {
@@ -451,7 +469,7 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     /// Resets the device and takes the used index of each ring that ran (every completion it
     /// made is published once the reset returns) as the avail index it restarts from.
     private func resetAndRecordBases() throws(DeviceError) {
-        try k("reset") { () throws(SystemError) in try kernel.setStatus(0) }
+        try statusReset()
         let ran = live || suspended
         live = false
         suspended = false
@@ -476,12 +494,9 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         needsProgram = false
         guard let want = negotiated else { return }
         try negotiate(want)
-        try remapAll()
+        try syncIOTLB()
         for i in rings.keys.sorted() { try program(i) }
-        if rings.values.contains(where: \.enabled) {
-            try goLive()
-            notifyRunningRings()
-        }
+        if rings.values.contains(where: \.enabled) { try goLive() }
     }
 
     /// A kick the guest gave while the device was reset or suspended may be lost (VDUSE drops
@@ -498,19 +513,18 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     /// Applies `change` (a ring added, enabled or disabled) to a live device: by the reset
     /// path, whatever the switchover kind (the kernel takes a new ring's addresses only while
     /// suspended, and its enable only with ENABLE_AFTER_DRIVER_OK, which is not taken).
-    private func reconfigure(ring index: Int, byReset: Bool = true, _ change: (VhostVDPADevice) -> Void) throws(DeviceError) {
-        _ = (index, byReset)
+    private func reconfigure(_ change: (VhostVDPADevice) -> Void) throws(DeviceError) {
         if !needsProgram { try resetAndRecordBases() }
         change(self)
         try restart()
     }
 
     private func resetDevice(keepFeatures: Bool = false) throws(DeviceError) {
-        try k("reset") { () throws(SystemError) in try kernel.setStatus(0) }
+        try statusReset()
         live = false
         suspended = false
         needsProgram = false
-        if keepFeatures, let want = negotiated { try negotiate(want); try remapAll() } else { negotiated = nil }
+        if keepFeatures, let want = negotiated { try negotiate(want); try syncIOTLB() } else { negotiated = nil }
     }
 
     /// The used index of ring `i` as its current used ring holds it (the device is quiesced).
@@ -554,6 +568,7 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     /// fails the frontend's message, and the reset that follows invalidates the whole IOVA space
     /// (`reset`), so nothing the failed batch mapped outlives the session.
     private func syncIOTLB() throws(DeviceError) {
+        if !mapTrusted { return try remapAll() }
         let want = wantedMappings
         var messages: [IOTLBMessage] = []
         for (iova, m) in mapped.sorted(by: { $0.key < $1.key }) where want[iova].map({ $0 != m }) ?? true {
@@ -575,6 +590,7 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         mapped = [:]
         try sendBatch(messages)
         mapped = want
+        mapTrusted = true
     }
 
     private func sendBatch(_ messages: [IOTLBMessage]) throws(DeviceError) {
@@ -586,6 +602,7 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
             // Close the batch whatever happened (the device takes what was applied); the
             // frontend's reset that follows the failed message invalidates everything.
             if batched { try? kernel.send([.batchEnd]) }
+            mapTrusted = false
             throw DeviceError("\(path): IOTLB update: \(error)")
         }
         if batched { try k("IOTLB update (batch end)") { () throws(SystemError) in try kernel.send([.batchEnd]) } }

@@ -60,6 +60,10 @@ final class SoftNICTestDaemon {
         /// Serve the port through the vhost-vdpa driver on this real character device (the
         /// VDUSE tests in the vDPA guest); the device's own link replaces `link`.
         var kernelDevice: String? = nil
+        /// With `kernelModel`: a device that drops its mappings on a reset unless IOTLB_PERSIST
+        /// was acked (VhostVDPAModel.dropsMapOnReset).
+        var dropsMapOnReset = false
+        var offersPersist = true
     }
 
     /// The models behind ports served through the vhost-vdpa driver.
@@ -89,7 +93,9 @@ final class SoftNICTestDaemon {
             }
             let nic = try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac, logger: log)
             guard let suspend = defs.first(where: { $0.id == spec.id })?.kernelModel else { return nic }
-            let model = VhostVDPAModel(nic: nic, offersSuspend: suspend)
+            let def = defs.first { $0.id == spec.id }
+            let model = VhostVDPAModel(nic: nic, offersSuspend: suspend, dropsMapOnReset: def?.dropsMapOnReset ?? false,
+                                       offersPersist: def?.offersPersist ?? true)
             models.byPort[spec.id] = model
             return try VhostVDPADevice(kernel: model, path: "model:\(spec.id)", logger: log)
         }

@@ -356,4 +356,42 @@ final class VhostVDPADriverTests: SoftNICTestCase {
         other.sendAndComplete([f])
         XCTAssertEqual(other.receive(1).first?.frame, f)
     }
+
+    /// A device that drops its mappings on a reset (mlx5 without IOTLB_PERSIST acked): the
+    /// driver maps everything again after any reset, including the one a new feature set needs
+    /// (a guest reboot into another driver), even when the memory table is the same. With
+    /// IOTLB_PERSIST offered the driver takes it, and a reset switchover maps nothing again.
+    func testMappingsAfterAResetOnADeviceThatDropsThem() throws {
+        let d = try makeDaemon([.init(id: "k", link: "loopback", mac: TestFrames.dst, kernelModel: false, dropsMapOnReset: true)])
+        let model = d.models.byPort["k"]!
+        // IOTLB_PERSIST offered and taken: a reset-based switchover re-pins nothing.
+        let g = try d.connectAndStart("k")
+        g.postRX(count: 2)
+        let f = TestFrames.make(length: 100, seed: 1)
+        g.sendAndComplete([f])
+        XCTAssertEqual(g.receive(1).first?.frame, f)
+        let updates = model.ops.filter { $0 == "IOTLB_UPDATE" }.count
+        _ = try g.frontend.enableLogging(requireU64Reply: true)
+        try g.frontend.disableLogging()
+        XCTAssertEqual(model.ops.filter { $0 == "IOTLB_UPDATE" }.count, updates + 1,
+                       "only the mediated ring is mapped: guest memory stays pinned across the resets")
+        XCTAssertEqual(d.portStatus("k").deviceDetails?.backendFeatures?.contains("IOTLB_PERSIST"), true)
+    }
+
+    func testMappingsAfterAFeatureResetWithoutPersist() throws {
+        let d = try makeDaemon([.init(id: "k", link: "loopback", mac: TestFrames.dst, kernelModel: false,
+                                      dropsMapOnReset: true, offersPersist: false)])
+        let g = try d.connect("k", features: Features.all)
+        try g.startRing(0); try g.startRing(1)
+        _ = try g.stopRing(0); _ = try g.stopRing(1)
+        // The guest restarts with fewer features (a new driver): the device is reset for them,
+        // and drops its map; the memory table that follows is the same one.
+        try g.frontend.setFeatures(Features.all & ~Features.eventIdx)
+        try g.frontend.setMemTable(g.ram)
+        try g.startRing(0, eventIdx: false); try g.startRing(1, eventIdx: false)
+        g.postRX(count: 2)
+        let f = TestFrames.make(length: 120, seed: 2)
+        g.sendAndComplete([f])
+        XCTAssertEqual(g.receive(1).first?.frame, f, "the device was mapped again after the reset")
+    }
 }

@@ -53,9 +53,21 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
 
     static let driverOK: UInt8 = 4
 
-    init(nic: SoftNIC, offersSuspend: Bool) {
+    /// Behave as a device with its own IOMMU (mlx5): on a reset the kernel asks it to drop its
+    /// mappings unless IOTLB_PERSIST was acked (vhost's IOTLB keeps its entries); it can offer
+    /// IOTLB_PERSIST. Without this, the device keeps its mappings across a reset, as VDUSE does.
+    let dropsMapOnReset: Bool
+    /// What the device itself maps (the last map the kernel handed it); the SoftNIC sees this.
+    private var deviceMap: [UInt64: (size: UInt64, uaddr: UInt64)] = [:]
+
+    /// With `dropsMapOnReset`: whether IOTLB_PERSIST is offered.
+    let offersPersist: Bool
+
+    init(nic: SoftNIC, offersSuspend: Bool, dropsMapOnReset: Bool = false, offersPersist: Bool = true) {
         self.nic = nic
         self.offersSuspend = offersSuspend
+        self.dropsMapOnReset = dropsMapOnReset
+        self.offersPersist = offersPersist
         pairs = nic.queuePairs
         queues = Array(repeating: Queue(), count: nic.queuePairs * 2)
     }
@@ -84,6 +96,7 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
     func backendFeatures() throws(SystemError) -> UInt64 {
         VhostBackendFeature.iotlbMsgV2 | VhostBackendFeature.iotlbBatch
             | (offersSuspend ? VhostBackendFeature.suspend | VhostBackendFeature.resume : 0)
+            | (dropsMapOnReset && offersPersist ? VhostBackendFeature.iotlbPersist : 0)
     }
     func setBackendFeatures(_ f: UInt64) throws(SystemError) {
         guard f & ~(try backendFeatures()) == 0 else { throw SystemError("VHOST_SET_BACKEND_FEATURES", errno: EOPNOTSUPP) }
@@ -103,6 +116,7 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
             try op("reset")
             // The device stops every ring; what it completed is published (SoftNIC.reset).
             nic.reset()
+            if dropsMapOnReset && acked & VhostBackendFeature.iotlbPersist == 0 { deviceMap = [:] }
             queues = Array(repeating: Queue(), count: pairs * 2)
             statusByte = 0
             suspended = false
@@ -131,9 +145,9 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
         }
     }
 
-    /// The IOTLB as the SoftNIC's memory (VDUSE hands its daemon the same ranges).
+    /// The device's map as the SoftNIC's memory (VDUSE hands its daemon the same ranges).
     private func memory() -> DeviceMemory {
-        DeviceMemory(regions: iotlb.sorted { $0.key < $1.key }.map {
+        DeviceMemory(regions: deviceMap.sorted { $0.key < $1.key }.map {
             GuestMemoryView.Region(gpa: $0.key, size: $0.value.size, host: UInt($0.value.uaddr))
         }, owner: nil)
     }
@@ -146,6 +160,7 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
             case .batchBegin: inBatch = true
             case .batchEnd:
                 inBatch = false
+                deviceMap = iotlb
                 try op("IOTLB")
                 if statusByte & Self.driverOK != 0 { try device { () throws(DeviceError) in try nic.setMemory(memory()) } }
             case .update(let iova, let size, let uaddr, _):
@@ -158,6 +173,7 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
                 iotlb = iotlb.filter { !Self.overlap($0.key, $0.value.size, iova, size) }
             }
         }
+        if !inBatch { deviceMap = iotlb }
         if !inBatch && statusByte & Self.driverOK != 0 { try device { () throws(DeviceError) in try nic.setMemory(memory()) } }
     }
 
