@@ -394,4 +394,23 @@ final class VhostVDPADriverTests: SoftNICTestCase {
         g.sendAndComplete([f])
         XCTAssertEqual(g.receive(1).first?.frame, f, "the device was mapped again after the reset")
     }
+
+    /// On a device whose RESUME starts every queue it knows (mlx5), a ring the frontend disabled
+    /// must not come back to life when another switch suspends and resumes the device: with a
+    /// disabled ring programmed, the driver switches by reset.
+    func testDisabledRingStaysStoppedWhenResumeStartsEveryQueue() throws {
+        let d = try makeDaemon([.init(id: "k", link: "source:size=128", mac: TestFrames.dst, kernelModel: true)])
+        let model = d.models.byPort["k"]!
+        model.resumeStartsEveryQueue = true
+        let g = try d.connectAndStart("k")
+        g.postRX(count: 4); XCTAssertEqual(g.receive(4).count, 4)
+        try g.frontend.setVringEnable(index: 0, false)
+        g.postRX(count: 8)
+        let before = g.usedIndex(0)
+        _ = try g.frontend.enableLogging(requireU64Reply: true)
+        XCTAssertEqual(d.queue("k", 0).mode, "relay")
+        usleep(200_000)
+        XCTAssertEqual(g.usedIndex(0), before, "the disabled RX ring took buffers after the switch")
+        XCTAssertFalse(model.queues[0].running, "the device runs a ring the frontend disabled")
+    }
 }

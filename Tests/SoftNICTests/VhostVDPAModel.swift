@@ -62,6 +62,9 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
 
     /// With `dropsMapOnReset`: whether IOTLB_PERSIST is offered.
     let offersPersist: Bool
+    /// RESUME starts every queue the device knows, the disabled ones too (mlx5 in 6.12 moves
+    /// every initialised queue to ready in mlx5_vdpa_resume).
+    var resumeStartsEveryQueue = false
 
     init(nic: SoftNIC, offersSuspend: Bool, dropsMapOnReset: Bool = false, offersPersist: Bool = true) {
         self.nic = nic
@@ -235,6 +238,16 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
         guard statusByte & Self.driverOK != 0 else { return }
         // Resumes each ring where its used ring now is (the SoftNIC's redirect is suspend, move,
         // resume); interrupts follow the guest's suppression, as a real device's do.
+        if resumeStartsEveryQueue {
+            for i in queues.indices where !queues[i].running && queues[i].num > 0 && queues[i].desc != 0 {
+                let q = queues[i]
+                try device { () throws(DeviceError) in
+                    try nic.startRing(VDPARingConfig(index: i, size: q.num, descGPA: q.desc, availGPA: q.avail, usedGPA: q.used,
+                                                     base: q.base, kick: q.kick, call: q.call, enabled: true))
+                }
+                queues[i].running = true
+            }
+        }
         for i in queues.indices where queues[i].running {
             let q = queues[i]
             _ = try device { () throws(DeviceError) in

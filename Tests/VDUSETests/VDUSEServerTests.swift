@@ -12,6 +12,8 @@ final class RecordingDevice: VDPADevice, @unchecked Sendable {
     let ops = Mutex<[String]>([])
     let configs = Mutex<[VDPARingConfig]>([])
     let stopAt = Mutex<UInt16>(0)
+    /// startRing of this ring index fails (a SoftNIC that cannot serve it).
+    let failStart = Mutex<Int?>(nil)
     let virtioFeatures: UInt64 = VirtioNetFeatureSet.migratable
     let queuePairs = 1
     var summary: String { "recording" }
@@ -22,6 +24,7 @@ final class RecordingDevice: VDPADevice, @unchecked Sendable {
     func setFeatures(_ features: UInt64) throws(DeviceError) { record("features 0x\(String(features, radix: 16))") }
     func setMemory(_ memory: DeviceMemory) throws(DeviceError) { record("memory \(memory.regions.map { "0x\(String($0.gpa, radix: 16))" })") }
     func startRing(_ config: VDPARingConfig) throws(DeviceError) {
+        if failStart.withLock({ $0 }) == config.index { record("start \(config.index) failed"); throw DeviceError("ring \(config.index) refused") }
         configs.withLock { $0.append(config) }
         record("start \(config.index) size \(config.size) base \(config.base)")
     }
@@ -74,6 +77,17 @@ final class VDUSEServerTests: XCTestCase {
             $0[i] = VDUSEQueueInfo(size: size, descriptorIOVA: at, driverIOVA: at + 0x1000, deviceIOVA: at + 0x2000,
                                    availIndex: base, ready: ready)
         }
+    }
+
+    /// A ring the SoftNIC cannot start after another one started: DRIVER_OK is refused and the
+    /// ring that started is stopped again (nothing runs on a device whose driver was told no).
+    func testFailedStartStopsWhatStarted() throws {
+        dev.features.withLock { $0 = VirtioFeature.version1 }
+        program(ring: 0, base: 0)
+        program(ring: 1, base: 0)
+        nic.failStart.withLock { $0 = 1 }
+        XCTAssertEqual(try dev.setStatus(15, id: 1).ok, false)
+        XCTAssertEqual(nic.takeOps(), ["features 0x100000000", "memory [\"0x80000000\"]", "start 0 size 64 base 0", "start 1 failed", "stop 0"])
     }
 
     func testDriverOKStartsTheReadyRingsAtTheDriversBase() throws {
