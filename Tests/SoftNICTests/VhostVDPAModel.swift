@@ -239,7 +239,7 @@ final class VhostVDPAModel: VhostVDPAKernel, @unchecked Sendable {
         // Resumes each ring where its used ring now is (the SoftNIC's redirect is suspend, move,
         // resume); interrupts follow the guest's suppression, as a real device's do.
         if resumeStartsEveryQueue {
-            for i in queues.indices where !queues[i].running && queues[i].num > 0 && queues[i].desc != 0 {
+            for i in queues.indices where !queues[i].running && queues[i].num > 0 {
                 let q = queues[i]
                 try device { () throws(DeviceError) in
                     try nic.startRing(VDPARingConfig(index: i, size: q.num, descGPA: q.desc, availGPA: q.avail, usedGPA: q.used,
