@@ -21,32 +21,6 @@ public enum VhostVDPASwitchover: String, Sendable, Codable {
     case reset
 }
 
-/// What status output shows of a kernel vDPA device.
-public struct VhostVDPAInfo: Sendable, Codable, Equatable {
-    public var path: String
-    public var deviceID: UInt32
-    public var deviceFeatures: UInt64
-    public var backendFeatures: [String]
-    public var queues: UInt32
-    public var maxQueueSize: UInt16
-    public var mac: String?
-    public var mtu: UInt16?
-    public var maxQueuePairs: UInt16
-    public var switchover: VhostVDPASwitchover
-    public var status: UInt8
-    public var negotiatedFeatures: UInt64?
-    public var rings: [VhostVDPARingInfo]
-}
-
-public struct VhostVDPARingInfo: Sendable, Codable, Equatable {
-    public var index: Int
-    public var size: UInt16
-    public var base: UInt16
-    public var enabled: Bool
-    /// Where the device writes completions: the guest's used ring, or a mediated one.
-    public var usedIOVA: UInt64
-}
-
 /// A kernel vDPA network device (`/dev/vhost-vdpa-N`) behind a vhost-user port. The frontend's
 /// memory is mapped into the device's IOTLB at IOVA = guest-physical address; the frontend's
 /// kick and call eventfds are handed to the kernel, which connects them to the device's doorbell
@@ -66,8 +40,6 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     public let switchover: VhostVDPASwitchover
     private let queueCount: UInt32
     private let maxQueueSize: UInt16
-    private let config: NetConfig
-    private let deviceID: UInt32
 
     private struct Ring {
         var size: UInt16
@@ -95,7 +67,8 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     /// IOTLB_PERSIST (the kernel asks the device to drop its mappings), or a batch that failed
     /// part-way. The next IOTLB change then invalidates everything and maps it all again.
     private var mapTrusted = true
-    private let snapshot: Mutex<VhostVDPAInfo>
+    /// What status output shows (`details`), kept current by `publish`; read from any thread.
+    private let snapshot: Mutex<DeviceDetails>
 
     /// The virtio-net configuration fields the driver reads (virtio spec 5.1.4).
     struct NetConfig {
@@ -115,7 +88,7 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
             do { return try body() } catch { throw DeviceError("\(path): \(what): \(error)") }
         }
         try k("VHOST_SET_OWNER (is another process driving this device?)") { () throws(SystemError) in try kernel.setOwner() }
-        deviceID = try k("device id") { () throws(SystemError) in try kernel.deviceID() }
+        let deviceID = try k("device id") { () throws(SystemError) in try kernel.deviceID() }
         guard deviceID == 1 else {
             throw DeviceError("\(path): virtio device id \(deviceID) is not a network device (1): vdpad drives vDPA NICs only")
         }
@@ -138,7 +111,7 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         maxQueueSize = try k("maximum queue size") { () throws(SystemError) in try kernel.maxQueueSize() }
         let size = try k("config size") { () throws(SystemError) in try kernel.configSize() }
         let bytes = try k("config") { () throws(SystemError) in try kernel.readConfig(offset: 0, length: min(size, 12)) }
-        config = Self.parseConfig(bytes, features: deviceFeatures)
+        let config = Self.parseConfig(bytes, features: deviceFeatures)
         let range = try k("IOVA range") { () throws(SystemError) in try kernel.iovaRange() }
         guard range.first == 0, range.last >= reservedIOVABase + (1 << 30) else {
             throw DeviceError("\(path): the device maps IOVA [0x\(String(range.first, radix: 16)), 0x\(String(range.last, radix: 16))] only: it needs guest-physical addresses from 0 and the daemon's range at 0x\(String(reservedIOVABase, radix: 16))")
@@ -148,10 +121,17 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         queuePairs = 1
         let canSwitchBySuspend = backendFeatures & VhostBackendFeature.suspend != 0 && backendFeatures & VhostBackendFeature.resume != 0
         switchover = canSwitchBySuspend && !forceReset ? .suspend : .reset
-        snapshot = Mutex(VhostVDPAInfo(
-            path: path, deviceID: deviceID, deviceFeatures: deviceFeatures, backendFeatures: VhostBackendFeature.names(backendFeatures),
-            queues: queueCount, maxQueueSize: maxQueueSize, mac: config.mac.map(Self.formatMAC), mtu: config.mtu,
-            maxQueuePairs: config.maxQueuePairs, switchover: switchover, status: 0, negotiatedFeatures: nil, rings: []))
+        var d = DeviceDetails(driver: "vhost-vdpa")
+        d.path = path
+        d.deviceFeatures = "0x" + String(deviceFeatures, radix: 16)
+        d.backendFeatures = VhostBackendFeature.names(acked)
+        d.switchover = switchover.rawValue
+        d.status = 0
+        d.mac = config.mac.map(Self.formatMAC)
+        d.mtu = config.mtu.map(Int.init)
+        d.maxQueuePairs = Int(config.maxQueuePairs)
+        d.rings = []
+        snapshot = Mutex(d)
         try statusReset()
     }
 
@@ -180,29 +160,11 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     /// follow the spec refuse MQ without CTRL_VQ (mlx5 does). One queue pair until then.
     public var virtioFeatures: UInt64 { deviceFeatures & ~VirtioFeature.accessPlatform & ~VirtioNetFeature.mq }
 
-    public var info: VhostVDPAInfo { snapshot.withLock { $0 } }
 
     /// The device interrupts as the guest's avail ring says, never on the relay's request.
     public var interruptsEveryBatch: Bool { false }
 
-    public var details: DeviceDetails? {
-        let i = info
-        var d = DeviceDetails(driver: "vhost-vdpa")
-        d.path = i.path
-        d.deviceFeatures = "0x" + String(i.deviceFeatures, radix: 16)
-        d.negotiatedFeatures = i.negotiatedFeatures.map { "0x" + String($0, radix: 16) }
-        d.backendFeatures = i.backendFeatures
-        d.switchover = i.switchover.rawValue
-        d.status = Int(i.status)
-        d.mac = i.mac
-        d.mtu = i.mtu.map(Int.init)
-        d.maxQueuePairs = Int(i.maxQueuePairs)
-        d.rings = i.rings.map {
-            DeviceDetails.Ring(index: $0.index, size: Int($0.size), base: Int($0.base), enabled: $0.enabled,
-                               usedIOVA: "0x" + String($0.usedIOVA, radix: 16))
-        }
-        return d
-    }
+    public var details: DeviceDetails? { snapshot.withLock { $0 } }
 
     private func k<R>(_ what: String, _ body: () throws(SystemError) -> R) throws(DeviceError) -> R {
         do { return try body() } catch { throw DeviceError("\(path): \(what): \(error)") }
@@ -519,12 +481,13 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         try restart()
     }
 
-    private func resetDevice(keepFeatures: Bool = false) throws(DeviceError) {
+    /// A reset that forgets the features too (new features, or the frontend went away).
+    private func resetDevice() throws(DeviceError) {
         try statusReset()
         live = false
         suspended = false
         needsProgram = false
-        if keepFeatures, let want = negotiated { try negotiate(want); try syncIOTLB() } else { negotiated = nil }
+        negotiated = nil
     }
 
     /// The used index of ring `i` as its current used ring holds it (the device is quiesced).
@@ -544,14 +507,13 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
         return nil
     }
 
+    /// Guest memory (the data path's own lookup, GuestMemoryView), then the daemon's mappings.
     private func hostPointer(iova: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
-        for r in memory.regions where iova >= r.gpa && iova - r.gpa <= r.size && length <= r.size - (iova - r.gpa) {
-            return UnsafeMutableRawPointer(bitPattern: r.host + UInt(iova - r.gpa))
+        // Safety: the view lives only inside the closure, over `memory.regions`' buffer.
+        let guest = memory.regions.withUnsafeBufferPointer { b in
+            b.baseAddress.flatMap { GuestMemoryView(base: $0, count: b.count).hostPointer(gpa: iova, length: length) }
         }
-        for m in extra.values where iova >= m.iova && iova - m.iova <= m.size && length <= m.size - (iova - m.iova) {
-            return m.host + Int(iova - m.iova)
-        }
-        return nil
+        return guest ?? daemonPointer(iova: iova, length: length)
     }
 
     /// What the IOTLB must hold: the guest's regions at their guest-physical addresses and the
@@ -609,11 +571,12 @@ public final class VhostVDPADevice: VDPADevice, @unchecked Sendable {
     }
 
     private func publish() {
-        let status = (try? kernel.status()) ?? 0
+        let status = Int((try? kernel.status()) ?? 0)
         let list = rings.keys.sorted().compactMap { i in
-            rings[i].map { VhostVDPARingInfo(index: i, size: $0.size, base: $0.base, enabled: $0.enabled, usedIOVA: $0.used) }
+            rings[i].map { DeviceDetails.Ring(index: i, size: Int($0.size), base: Int($0.base), enabled: $0.enabled,
+                                              usedIOVA: "0x" + String($0.used, radix: 16)) }
         }
-        let negotiated = self.negotiated
+        let negotiated = self.negotiated.map { "0x" + String($0, radix: 16) }
         snapshot.withLock {
             $0.status = status
             $0.negotiatedFeatures = negotiated
