@@ -159,12 +159,8 @@ public final class VDUSEDevice: Sendable {
 
     private static func addToBus(_ name: String) throws(VDUSEError) {
         do {
-            let netlink = try GenericNetlinkClient()
-            let family = try netlink.family(VDPANetlink.familyName, purpose: "the vDPA bus's management interface, from the vdpa module")
-            let seq = netlink.nextSequence()
-            try netlink.transact(VDPANetlink.addDeviceRequest(family: family, name: name, sequence: seq), sequence: seq) { code, text in
-                "adding VDUSE device \(name) to the vDPA bus (vdpa dev add name \(name) mgmtdev vduse): \(GenericNetlinkClient.describe(code, text))"
-            }
+            try busRequest(name, { VDPANetlink.addDeviceRequest(family: $0, name: $1, sequence: $2) },
+                           "adding VDUSE device \(name) to the vDPA bus (vdpa dev add name \(name) mgmtdev vduse)")
         } catch {
             throw VDUSEError("VDUSE device \(name): \(error)")
         }
@@ -172,14 +168,20 @@ public final class VDUSEDevice: Sendable {
 
     private static func removeFromBus(_ name: String, logger: Logger) {
         do {
-            let netlink = try GenericNetlinkClient()
-            let family = try netlink.family(VDPANetlink.familyName, purpose: "the vDPA bus's management interface, from the vdpa module")
-            let seq = netlink.nextSequence()
-            try netlink.transact(VDPANetlink.deleteDeviceRequest(family: family, name: name, sequence: seq), sequence: seq) { code, text in
-                "removing vDPA device \(name) from the bus (vdpa dev del \(name)): \(GenericNetlinkClient.describe(code, text))"
-            }
+            try busRequest(name, { VDPANetlink.deleteDeviceRequest(family: $0, name: $1, sequence: $2) }, "removing vDPA device \(name) from the bus (vdpa dev del \(name))")
         } catch {
             logger.error("VDUSE \(name): \(error)")
+        }
+    }
+
+    /// One request to the vdpa generic-netlink family about device `name`, acknowledged or thrown
+    /// with `what` and the kernel's reason.
+    private static func busRequest(_ name: String, _ build: (UInt16, String, UInt32) -> [UInt8], _ what: String) throws {
+        let netlink = try GenericNetlinkClient()
+        let family = try netlink.family(VDPANetlink.familyName, purpose: "the vDPA bus's management interface, from the vdpa module")
+        let seq = netlink.nextSequence()
+        try netlink.transact(build(family, name, seq), sequence: seq) { code, text in
+            "\(what): \(GenericNetlinkClient.describe(code, text))"
         }
     }
 
