@@ -4,6 +4,12 @@ import DeviceFramework
 /// Why the device dropped a frame.
 public enum DropReason: Int, CaseIterable, Sendable {
     case noBuffer = 0, bufferTooSmall, frameTooLarge, runt, linkError
+    /// A TX frame whose virtio-net header is malformed or asks for an offload the guest did not
+    /// negotiate (gso_size 0 with a GSO type, csum_start beyond the frame, hdr_len past its end).
+    case badHeader
+    /// A large (GSO) frame the device had to segment in software and could not: not TCP or UDP
+    /// over IPv4 or IPv6 as its header said.
+    case badOffload
     public var name: String {
         switch self {
         case .noBuffer: "noBuffer"
@@ -11,6 +17,8 @@ public enum DropReason: Int, CaseIterable, Sendable {
         case .frameTooLarge: "frameTooLarge"
         case .runt: "runt"
         case .linkError: "linkError"
+        case .badHeader: "badHeader"
+        case .badOffload: "badOffload"
         }
     }
 }
@@ -29,6 +37,8 @@ public final class QueueCounterSet: Sendable {
     let dropFrameTooLarge = Atomic<UInt64>(0)
     let dropRunt = Atomic<UInt64>(0)
     let dropLinkError = Atomic<UInt64>(0)
+    let dropBadHeader = Atomic<UInt64>(0)
+    let dropBadOffload = Atomic<UInt64>(0)
     let errorText = Mutex<String?>(nil)
 
     init(index: Int) {
@@ -42,6 +52,8 @@ public final class QueueCounterSet: Sendable {
         case .frameTooLarge: dropFrameTooLarge.load(ordering: .relaxed)
         case .runt: dropRunt.load(ordering: .relaxed)
         case .linkError: dropLinkError.load(ordering: .relaxed)
+        case .badHeader: dropBadHeader.load(ordering: .relaxed)
+        case .badOffload: dropBadOffload.load(ordering: .relaxed)
         }
     }
 
@@ -58,6 +70,8 @@ public final class QueueCounterSet: Sendable {
         case .frameTooLarge: dropFrameTooLarge.wrappingAdd(n, ordering: .relaxed)
         case .runt: dropRunt.wrappingAdd(n, ordering: .relaxed)
         case .linkError: dropLinkError.wrappingAdd(n, ordering: .relaxed)
+        case .badHeader: dropBadHeader.wrappingAdd(n, ordering: .relaxed)
+        case .badOffload: dropBadOffload.wrappingAdd(n, ordering: .relaxed)
         }
     }
     func fault(_ text: String) {

@@ -7,7 +7,7 @@ Prints, for the port (default: the only one), lines a test can eval:
   P_device='...'  P_queues=N
   and per queue I:  P_qI_dir  P_qI_mode  P_qI_packets  P_qI_bytes  P_qI_faults  P_qI_error
                     P_qI_interrupts  P_qI_doorbells  P_qI_drops (sum of all reasons)
-                    P_qI_drop_REASON (noBuffer, bufferTooSmall, frameTooLarge, runt, linkError)
+                    P_qI_drop_REASON (noBuffer, bufferTooSmall, frameTooLarge, runt, linkError, badHeader, badOffload)
 Missing numbers print as 0 so arithmetic works, but a missing key is reported on stderr.
 Exit 1 when the JSON is not an ok stats reply or the port is missing.
 """
