@@ -1,0 +1,7 @@
+/// Why a GSO frame cannot be segmented.
+struct OffloadError: Error, Equatable, CustomStringConvertible {
+    let text: String
+    var description: String { text }
+
+    init(_ text: String) { self.text = text }
+}
