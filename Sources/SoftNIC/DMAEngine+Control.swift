@@ -11,6 +11,7 @@ extension DMAEngine {
     }
 
     func fault(_ ring: EngineRing, _ text: String) {
+        translationGeneration &+= 1
         // Publish what the ring completed before the fault, then never touch its memory again.
         flush(ring)
         ring.queue = nil
@@ -22,6 +23,7 @@ extension DMAEngine {
 
     /// Translates a ring's areas through the current IOMMU; a miss is a device fault.
     func translate(_ ring: EngineRing) {
+        translationGeneration &+= 1
         guard let c = ring.config else { ring.queue = nil; return }
         do {
             ring.queue = try SplitQueue(size: c.size, descriptorTableGPA: c.descGPA, availGPA: c.availGPA, usedGPA: c.usedGPA, memory: ringView)
@@ -49,6 +51,7 @@ extension DMAEngine {
     }
 
     func setMemory(_ memory: DeviceMemory) {
+        translationGeneration &+= 1
         self.memory = memory
         iommu = IOMMUTable(memory: memory, extra: Array(extraMappings.values))
         view = iommu.guestView
@@ -119,6 +122,7 @@ extension DMAEngine {
     }
 
     func stopRingLocal(_ r: EngineRing) {
+        translationGeneration &+= 1
         flush(r)
         if let c = r.config { r.stoppedAt = (c.descGPA, c.availGPA, r.lastAvail) }
         if let k = r.kick { epoll.remove(k.raw) }
@@ -130,5 +134,37 @@ extension DMAEngine {
         r.suspended = false
         r.interruptEveryBatch = false
         rebuildActive()
+    }
+}
+
+extension DMAEngine {
+    /// Takes the negotiated features: the header's size and the offloads each way; a tap link
+    /// is told the header's size and which offloads the guest takes (TUNSETOFFLOAD), so the
+    /// kernel hands over only frames the guest can take and does the rest itself.
+    func applyFeatures(_ f: UInt64) {
+        features = f
+        eventIdx = f & VirtioFeature.ringEventIdx != 0
+        mergeable = f & VirtioNetFeature.mrgRxbuf != 0
+        indirect = f & VirtioFeature.ringIndirectDesc != 0
+        headerLength = VirtioNetHeader.size(features: f)
+        translationGeneration &+= 1
+        guard let tap = link.tap else { return }
+        var offloads: UInt32 = 0
+        // TUN takes segmentation offloads only together with checksum offload (as the spec's GUEST_TSO* need GUEST_CSUM).
+        if f & VirtioNetFeature.guestCsum != 0 {
+            offloads |= TapDevice.offloadCsum
+            if f & VirtioNetFeature.guestTSO4 != 0 { offloads |= TapDevice.offloadTSO4 }
+            if f & VirtioNetFeature.guestTSO6 != 0 { offloads |= TapDevice.offloadTSO6 }
+            if f & VirtioNetFeature.guestECN != 0 && offloads & (TapDevice.offloadTSO4 | TapDevice.offloadTSO6) != 0 { offloads |= TapDevice.offloadTSOECN }
+            if f & VirtioNetFeature.guestUFO != 0 { offloads |= TapDevice.offloadUFO }
+        }
+        do throws(SystemError) {
+            try tap.setVnetHeaderSize(headerLength)
+            try tap.setOffloads(offloads)
+        } catch {
+            // The kernel then completes what it cannot hand over: frames still flow, only
+            // without offloads (or, with the wrong header size, garbled: say so loudly).
+            logger.error("tap \(tap.name): \(error); frames to the guest may not match its offloads")
+        }
     }
 }

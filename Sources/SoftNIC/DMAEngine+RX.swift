@@ -9,7 +9,8 @@ extension DMAEngine {
     /// consumed then. `countDrop: false` leaves a want of buffers uncounted (the caller keeps the
     /// frame for later).
     @discardableResult
-    func deliver(_ frame: UnsafeRawPointer, length: Int, to r: EngineRing, countDrop: Bool = true) -> Bool {
+    func deliver(_ frame: UnsafeRawPointer, length: Int, header: VirtioNetHeader = VirtioNetHeader(), to r: EngineRing,
+                 countDrop: Bool = true) -> Bool {
         var resolutions = 0
         var outcome: RXOutcome
         var position: RXPosition
@@ -18,7 +19,7 @@ extension DMAEngine {
             let writer = RXWriter(queue: q, memory: view, headerLength: headerLength, mergeable: mergeable)
             position = RXPosition(lastAvail: r.lastAvail, usedIdx: r.usedIdx, availCache: r.availCache)
             do throws(RXFault) {
-                outcome = try writer.write(frame, length: length, walker: &r.walker, at: &position)
+                outcome = try writer.write(frame, length: length, header: header, walker: &r.walker, at: &position)
                 break
             } catch {
                 r.availCache = position.availCache
@@ -52,36 +53,25 @@ extension DMAEngine {
         case .source:
             return serviceSource()
         case .tap:
-            guard let t = link.tap else { return 0 }
-            var n = 0
-            while n < Self.batch {
-                let got: Int
-                do throws(SystemError) {
-                    guard let length = try t.receive(into: frameBuffer, capacity: Self.frameBufferSize), length > 0 else { break }
-                    got = length
-                } catch {
-                    rings[0].stats.drop(.linkError)  // the tap failed (not merely empty): counted on RX queue 0
-                    break
-                }
-                n += 1
-                if got > LinkSpec.maxFrame { rings[0].stats.drop(.frameTooLarge); continue }
-                // Like a NIC without RX descriptors: a frame that finds no running RX ring is dropped.
-                guard let rx = nextRX() else { rings[0].stats.drop(.noBuffer); continue }
-                deliver(UnsafeRawPointer(frameBuffer), length: got, to: rx)
-            }
-            return n
+            return serviceTapInbound()
         case .wire:
             guard let w = link.wireIn else { return 0 }
             var n = 0
-            while n < Self.batch, let (p, len) = w.peek() {
+            while n < Self.batch, let (p, len, hp) = w.peek() {
                 guard let rx = nextRX() else {
                     w.pop()
+                    wireResume = 0
                     rings[0].stats.drop(.noBuffer)  // no RX ring running: counted on RX queue 0
                     n += 1
                     continue
                 }
-                if !deliver(p, length: len, to: rx, countDrop: false) {
-                    // No buffer: keep the frame until the guest posts more (the ring holds 4096).
+                var h = VirtioNetHeader(from: hp, size: VirtioNetHeader.fullSize)
+                let before = h
+                let done = deliverOffloaded(p, length: len, header: &h, to: rx, countDrop: false, resume: &wireResume)
+                // A checksum completed in the ring stays completed if the frame waits for buffers.
+                if h != before { h.write(to: hp, size: VirtioNetHeader.fullSize) }
+                if !done {
+                    // No buffer: keep the frame until the guest posts more (the ring holds 16 MiB).
                     break
                 }
                 w.pop()
@@ -91,6 +81,74 @@ extension DMAEngine {
         case .sink, .loopback:
             return 0
         }
+    }
+
+    /// Whether the guest takes a frame with this header as it is (its partial checksum, its
+    /// segmentation): the GUEST_* offloads it negotiated.
+    @inline(__always)
+    func guestTakes(_ h: VirtioNetHeader) -> Bool {
+        let gso = h.gsoType & ~VirtioNetHeader.gsoECN
+        if gso == VirtioNetHeader.gsoNone {
+            return h.flags & VirtioNetHeader.flagNeedsCsum == 0 || features & VirtioNetFeature.guestCsum != 0
+        }
+        let needed: UInt64 = switch gso {
+        case VirtioNetHeader.gsoTCPv4: VirtioNetFeature.guestTSO4
+        case VirtioNetHeader.gsoTCPv6: VirtioNetFeature.guestTSO6
+        case VirtioNetHeader.gsoUDP: VirtioNetFeature.guestUFO
+        default: 0
+        }
+        let ecn: UInt64 = h.gsoType & VirtioNetHeader.gsoECN != 0 ? VirtioNetFeature.guestECN : 0
+        return needed != 0 && features & (needed | ecn | VirtioNetFeature.guestCsum) == needed | ecn | VirtioNetFeature.guestCsum
+    }
+
+    /// Delivers a frame from the wire or the loopback with the offloads its sender asked for:
+    /// as it is when the guest takes them (`guestTakes`), otherwise with the work done here, as
+    /// a NIC would: the partial checksum completed in place (`header` then says so), a large
+    /// frame cut into segments, each delivered on its own. `resume` counts the segments of this
+    /// frame already delivered: when a segment finds no buffer and `countDrop` is false, it is
+    /// left there and false returned (the caller keeps the frame and calls again later).
+    /// Returns true when the frame is done with (delivered, or dropped and counted).
+    func deliverOffloaded(_ frame: UnsafeMutableRawPointer, length: Int, header: inout VirtioNetHeader, to rx: EngineRing,
+                          countDrop: Bool, resume: inout Int) -> Bool {
+        header.numBuffers = 0
+        // DATA_VALID is for guests with GUEST_CSUM only.
+        if features & VirtioNetFeature.guestCsum == 0 { header.flags &= ~VirtioNetHeader.flagDataValid }
+        if header.flags == 0 && header.gsoType == VirtioNetHeader.gsoNone {
+            return deliver(frame, length: length, to: rx, countDrop: countDrop) || countDrop
+        }
+        if guestTakes(header) {
+            return deliver(frame, length: length, header: header, to: rx, countDrop: countDrop) || countDrop
+        }
+        if header.gsoType == VirtioNetHeader.gsoNone {
+            // A partial checksum the guest does not take: complete it (once: the flag goes).
+            let start = Int(header.csumStart)
+            let offset = Int(header.csumOffset)
+            guard SoftOffload.completeChecksum(frame, length: length, start: start, offset: offset, udp: offset == 6) else {
+                rx.stats.drop(.badOffload)
+                return true
+            }
+            header.flags &= ~VirtioNetHeader.flagNeedsCsum
+            return deliver(frame, length: length, header: header, to: rx, countDrop: countDrop) || countDrop
+        }
+        var segments: SoftSegmenter
+        do throws(OffloadError) {
+            segments = try SoftSegmenter(frame: frame, length: length, header: header)
+        } catch {
+            rx.stats.drop(.badOffload)
+            resume = 0
+            return true
+        }
+        var index = 0
+        while let n = segments.next(into: segmentBuffer, capacity: Self.frameBufferSize) {
+            defer { index += 1 }
+            if index < resume { continue }
+            if !deliver(segmentBuffer, length: n, to: rx, countDrop: countDrop) && !countDrop {
+                resume = index
+                return false
+            }
+        }
+        resume = 0
+        return true
     }
 
     /// The next running RX ring, round-robin.

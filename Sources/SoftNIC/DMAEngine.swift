@@ -1,3 +1,4 @@
+import Glibc
 import Logging
 import Platform
 import DeviceFramework
@@ -37,15 +38,32 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     var mergeable = false
     var indirect = false
     var headerLength = 12
+    /// The negotiated features: which offloads the guest may ask for in TX headers (CSUM,
+    /// HOST_*) and which it takes on RX (GUEST_*).
+    var features: UInt64 = 0
+    /// Bumped whenever a ring's translation may have changed (memory, start, stop, redirect,
+    /// fault): the tap's RX window is valid only for the generation it was built in.
+    var translationGeneration: UInt64 = 0
+    /// The chains of an RX ring walked ahead, as one iovec list: tap frames are read straight
+    /// into them (see DMAEngine+TapRX).
+    let rxWindow = RXWindow()
+    /// TX chains' readable buffers as an iovec list, for one writev to the tap.
+    let txIOV: UnsafeMutablePointer<iovec>
+    static let txIOVCapacity = 1024
+    /// Segments of a large frame the device cuts in software are written here, one at a time.
+    let segmentBuffer: UnsafeMutableRawPointer
+    /// Segments of the wire's first frame already delivered (a frame cut in software waits on the
+    /// wire, part delivered, until the guest posts buffers for the rest).
+    var wireResume = 0
     var active: [EngineRing] = []
     var activeRX: [EngineRing] = []
     /// Round-robin over the RX rings for frames from a tap or a wire.
     var rxRoundRobin = 0
 
     /// The device's frame buffer (preallocated once): TX frames are gathered here, tap frames
-    /// read here.
+    /// read here (with their virtio-net header when read from the tap).
     let frameBuffer: UnsafeMutableRawPointer
-    static let frameBufferSize = 65536
+    static let frameBufferSize = 131_072
     let epoll: Epoll
 
     static let batch = 64
@@ -70,6 +88,8 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
         worker = try ConfinedWorker(name: "dma-\(portID)")
         epoll = try Epoll(capacity: 64)
         frameBuffer = .allocate(byteCount: Self.frameBufferSize, alignment: 64)
+        segmentBuffer = .allocate(byteCount: Self.frameBufferSize, alignment: 64)
+        txIOV = .allocate(capacity: Self.txIOVCapacity)
         try epoll.add(wake.raw, token: Self.wakeToken)
         if let tap = link.tap { try epoll.add(tap.raw, token: Self.tapToken) }
         if let wire = link.wireIn { try epoll.add(wire.wake.raw, token: Self.wireToken) }
@@ -77,6 +97,8 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
 
     deinit {
         frameBuffer.deallocate()
+        segmentBuffer.deallocate()
+        txIOV.deallocate()
     }
 
     func start() throws(SystemError) {

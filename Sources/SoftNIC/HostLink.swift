@@ -1,6 +1,8 @@
 import CVDPAShims
+import Glibc
 import Logging
 import Platform
+import Virtio
 
 /// The NIC's host side: where the frames the guest sends go, and where the frames it receives
 /// come from. It owns the tap device, the wire rings and the traffic generator's state; the
@@ -34,7 +36,10 @@ final class HostLink {
             kind = .loopback
         case .tap(let name):
             kind = .tap
-            let device = try TapDevice(name: name ?? String("vdpa-\(portID)".prefix(15)))
+            // With a virtio-net header on every frame: the guest's offloads pass through, and the
+            // kernel does the work for the other side (see `DMAEngine.applyFeatures`).
+            let device = try TapDevice(name: name ?? String("vdpa-\(portID)".prefix(15)), vnetHeader: true)
+            try device.setVnetHeaderSize(VirtioNetHeader.fullSize)
             logger.info("tap link on interface \(device.name)")
             tap = device
         case .wire(let peer):
@@ -51,13 +56,25 @@ final class HostLink {
     /// Whether the link takes TX frames only to count them (sink and source).
     var consumesTX: Bool { kind == .sink || kind == .source }
 
-    /// Hands a frame to a tap or wire link. Returns false when the link refused it (the caller
-    /// counts a link error); a wire's peer learns of it at `notifyPeer`.
+    /// Hands a frame and its virtio-net header (`headerLength` bytes on the tap) to a tap or
+    /// wire link. Returns false when the link refused it (the caller counts a link error); a
+    /// wire's peer learns of it at `notifyPeer`.
     @inline(__always)
-    func send(_ frame: UnsafeRawPointer, length: Int) -> Bool {
+    func send(_ frame: UnsafeRawPointer, length: Int, header: VirtioNetHeader, headerLength: Int) -> Bool {
         switch kind {
-        case .tap: return tap?.send(frame, length: length) ?? false
-        case .wire: return wireOut?.push(frame, length: length) ?? false
+        case .tap:
+            guard let tap else { return false }
+            var raw: (UInt64, UInt64) = (0, 0)
+            return withUnsafeMutableBytes(of: &raw) { h -> Bool in
+                // Safety: h is 16 bytes on the stack, headerLength <= 12; the frame has length bytes.
+                header.write(to: h.baseAddress!, size: headerLength)
+                var iov = (iovec(iov_base: h.baseAddress!, iov_len: headerLength),
+                           iovec(iov_base: UnsafeMutableRawPointer(mutating: frame), iov_len: length))
+                return withUnsafePointer(to: &iov) { p in
+                    p.withMemoryRebound(to: iovec.self, capacity: 2) { tap.send(gathered: $0, count: 2, length: headerLength + length) }
+                }
+            }
+        case .wire: return wireOut?.push(frame, length: length, header: header) ?? false
         case .sink, .source, .loopback: return true
         }
     }

@@ -8,6 +8,9 @@ public enum LinkSpec: Equatable, Sendable, CustomStringConvertible {
 
     public static let minFrame = 60
     public static let maxFrame = 9018
+    /// The largest frame with a segmentation offload (GSO): 64 KiB of IP packet plus an Ethernet
+    /// header and one VLAN tag.
+    public static let maxGSOFrame = 65_536 + 18
 
     public struct ParseError: Error, CustomStringConvertible {
         public let message: String

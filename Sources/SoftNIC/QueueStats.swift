@@ -40,6 +40,9 @@ public final class QueueCounterSet: Sendable {
     let dropBadHeader = Atomic<UInt64>(0)
     let dropBadOffload = Atomic<UInt64>(0)
     let errorText = Mutex<String?>(nil)
+    /// RX frames read from the tap straight into the guest's buffers (not in the stats JSON:
+    /// for tests and benchmarks, which compare the two tap paths).
+    let tapDirect = Atomic<UInt64>(0)
 
     init(index: Int) {
         self.index = index

@@ -27,7 +27,7 @@ struct RXFault: Error, Equatable {
     var unmapped: IOVARange? = nil
 }
 
-/// Writes frames (virtio-net header + bytes) into a device's RX ring through guest memory, one
+/// Writes frames (virtio-net header, as given: zero, or the offloads the guest takes + bytes) into a device's RX ring through guest memory, one
 /// at a time, merging chains when MRG_RXBUF was negotiated. It checks that the frame fits in the
 /// posted buffers before writing any byte, so no buffer is written and then left unused (while a
 /// migration runs, such bytes would be written but never marked). It neither publishes the used
@@ -45,8 +45,8 @@ struct RXWriter<Memory: GuestMemoryAccess> {
     /// used entries it took; otherwise (or when it throws) only `availCache` may have changed. Inlined into the
     /// engine's `deliver`, so the writer and the outcome cost nothing per frame there.
     @inline(__always)
-    func write(_ frame: UnsafeRawPointer, length: Int, walker: inout DescriptorChainWalker,
-               at position: inout RXPosition) throws(RXFault) -> RXOutcome {
+    func write(_ frame: UnsafeRawPointer, length: Int, header: VirtioNetHeader = VirtioNetHeader(),
+               walker: inout DescriptorChainWalker, at position: inout RXPosition) throws(RXFault) -> RXOutcome {
         let q = queue
         let hdr = headerLength
         let needed = hdr + length
@@ -64,7 +64,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
                 let first = try walker.walk(head: head, queue: q, memory: memory)
                 if first.writableBytes >= UInt64(needed) {
                     // The common case: one chain holds the frame. Write it from this walk.
-                    if writeSingle(first, head: head, frame: frame, length: length, usedIdx: position.usedIdx) {
+                    if writeSingle(first, head: head, frame: frame, length: length, header: header, usedIdx: position.usedIdx) {
                         position.usedIdx &+= 1
                         position.lastAvail &+= 1
                         return .written(chains: 1)
@@ -115,7 +115,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
                             // The header goes whole into the first writable buffer.
                             guard room >= hdr else { break }
                             // Safety: hdr <= room = seg.length bytes mapped at seg.host (the walker translated them).
-                            dst.initializeMemory(as: UInt8.self, repeating: 0, count: hdr)
+                            header.write(to: dst, size: hdr)
                             numBuffersAt = dst + 10
                             dst += hdr
                             room -= hdr
@@ -178,13 +178,14 @@ struct RXWriter<Memory: GuestMemoryAccess> {
     /// Returns false, having written nothing, when the chain's first writable buffer cannot hold
     /// the header (the caller then takes the general path).
     @inline(__always)
-    func writeSingle(_ chain: DescriptorChain, head: UInt16, frame: UnsafeRawPointer, length: Int, usedIdx: UInt16) -> Bool {
+    func writeSingle(_ chain: DescriptorChain, head: UInt16, frame: UnsafeRawPointer, length: Int, header: VirtioNetHeader,
+                     usedIdx: UInt16) -> Bool {
         let hdr = headerLength
         var k = chain.firstWritableIndex
         guard k < chain.count, Int(chain[k].length) >= hdr else { return false }
         let first = chain[k].host
         // Safety: hdr <= chain[k].length bytes mapped at chain[k].host (checked above; the walker translated them).
-        first.initializeMemory(as: UInt8.self, repeating: 0, count: hdr)
+        header.write(to: first, size: hdr)
         // num_buffers = 1 (it exists in the 12-byte header).
         // Safety: bytes 10..<12 of the header just written.
         if hdr == 12 { first.storeBytes(of: UInt16(1).littleEndian, toByteOffset: 10, as: UInt16.self) }

@@ -60,12 +60,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     }
 
     public func setFeatures(_ features: UInt64) throws(DeviceError) {
-        try apply("set features") { e in
-            e.eventIdx = features & VirtioFeature.ringEventIdx != 0
-            e.mergeable = features & VirtioNetFeature.mrgRxbuf != 0
-            e.indirect = features & VirtioFeature.ringIndirectDesc != 0
-            e.headerLength = VirtioNetHeader.size(features: features)
-        }
+        try apply("set features") { e in e.applyFeatures(features) }
     }
 
     public func setMemory(_ memory: DeviceMemory) throws(DeviceError) {
@@ -120,7 +115,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
                     switch e.link.kind {
                     case .tap, .wire:
                         // Sent as if the guest had sent it on TX ring 1.
-                        if !e.link.send(p, length: raw.count) { e.rings[1].stats.drop(.linkError) }
+                        if !e.link.send(p, length: raw.count, header: VirtioNetHeader(), headerLength: e.headerLength) { e.rings[1].stats.drop(.linkError) }
                         e.link.notifyPeer()
                         return true
                     case .loopback:
@@ -136,6 +131,10 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     }
 
     public func counters() -> [QueueCounters] { stats.map(\.snapshot) }
+
+    /// Frames read from the tap straight into the guest's buffers, per RX queue (the rest went
+    /// through the device's buffer).
+    public func tapDirectFrames() -> [UInt64] { stride(from: 0, to: stats.count, by: 2).map { stats[$0].tapDirect.load(ordering: .relaxed) } }
 
     public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?,
                                  interruptEveryBatch: Bool) throws(DeviceError) -> UInt16 {

@@ -1,60 +1,97 @@
 import Platform
 import Synchronization
+import Virtio
 
 /// A bounded single-producer, single-consumer queue of frames between two DMA engines (a wire
-/// between two ports of one daemon). Slots are preallocated; nothing allocates per frame.
+/// between two ports of one daemon). Each frame travels with its virtio-net header (the
+/// offloads it asks for: a partial checksum, a large frame to segment), so it is a byte ring of
+/// variable-sized records: a 16-byte record header (frame length, then the 12-byte virtio-net
+/// header) and the frame, padded to 16 bytes. A record never wraps: one that does not fit before
+/// the end of the storage is preceded by a skip marker (length -1) and starts at offset 0.
+/// Storage is allocated once; nothing allocates per frame.
 public final class FrameRing: @unchecked Sendable {
-    // @unchecked Sendable: one producer thread writes slots in [tail, head + capacity) and
-    // publishes `tail` with release; one consumer reads slots in [head, tail) after an acquire
-    // load and publishes `head` with release. No slot is touched by both at once.
-    static let slotSize = 9216
+    // @unchecked Sendable: one producer thread writes bytes in [tail, head + capacity) and
+    // publishes `tail` with release; one consumer reads records in [head, tail) after an acquire
+    // load and publishes `head` with release. No byte is touched by both at once.
+    static let recordHeader = 16
+    /// The largest frame a record holds (a GSO frame: 64 KiB plus its Ethernet and VLAN headers).
+    static let maxFrame = LinkSpec.maxGSOFrame
+    /// Bytes of storage (a power of two, a multiple of 16).
     let capacity: Int
     let storage: UnsafeMutableRawPointer
-    let lengths: UnsafeMutablePointer<Int>
+    /// Byte offsets, counted without wrapping (the storage offset is `offset & (capacity - 1)`).
     let head = Atomic<Int>(0)
     let tail = Atomic<Int>(0)
     /// Signalled by the producer so a sleeping consumer wakes.
     public let wake: SharedFD
 
     init(capacity: Int) throws(SystemError) {
+        precondition(capacity.nonzeroBitCount == 1 && capacity >= 4 * (Self.maxFrame + Self.recordHeader), "a power of two holding several large frames")
         self.capacity = capacity
-        storage = .allocate(byteCount: capacity * Self.slotSize, alignment: 64)
-        lengths = .allocate(capacity: capacity)
-        lengths.initialize(repeating: 0, count: capacity)
+        storage = .allocate(byteCount: capacity, alignment: 64)
         wake = SharedFD(try EventFD.make())
     }
 
     deinit {
         storage.deallocate()
-        lengths.deallocate()
     }
 
-    /// Producer: copies a frame in; false when full (the caller counts a drop).
-    func push(_ frame: UnsafeRawPointer, length: Int) -> Bool {
-        guard length <= Self.slotSize else { return false }
-        let t = tail.load(ordering: .relaxed)
-        // Acquire pairs with the consumer's release of `head`: the slot is free once seen.
+    @inline(__always)
+    static func recordSize(_ length: Int) -> Int { recordHeader + ((length + 15) & ~15) }
+
+    /// Producer: copies a frame and its header in; false when the frame is larger than a record
+    /// holds or the ring is full (the caller counts a drop).
+    func push(_ frame: UnsafeRawPointer, length: Int, header: VirtioNetHeader) -> Bool {
+        guard length >= 0, length <= Self.maxFrame else { return false }
+        var t = tail.load(ordering: .relaxed)
+        // Acquire pairs with the consumer's release of `head`: bytes before it are free once seen.
         let h = head.load(ordering: .acquiring)
-        guard t &- h < capacity else { return false }
-        let slot = t % capacity
-        (storage + slot * Self.slotSize).copyMemory(from: frame, byteCount: length)
-        lengths[slot] = length
-        // Release: the slot's bytes are visible before the consumer sees the new tail.
-        tail.store(t &+ 1, ordering: .releasing)
+        let size = Self.recordSize(length)
+        var at = t & (capacity - 1)
+        let skip = capacity - at < size ? capacity - at : 0
+        guard (t &+ skip &+ size) &- h <= capacity else { return false }
+        if skip > 0 {
+            // Safety: at is 16-aligned and < capacity, so 16 bytes of storage are there (and free: checked above).
+            (storage + at).storeBytes(of: Int32(-1), as: Int32.self)
+            t &+= skip
+            at = 0
+        }
+        let record = storage + at
+        // Safety: [at, at + size) is inside the storage (no wrap) and free (checked above).
+        record.storeBytes(of: Int32(length), as: Int32.self)
+        header.write(to: record + 4, size: VirtioNetHeader.fullSize)
+        (record + Self.recordHeader).copyMemory(from: frame, byteCount: length)
+        // Release: the record's bytes (and a skip marker) are visible before the consumer sees the new tail.
+        tail.store(t &+ size, ordering: .releasing)
         return true
     }
 
-    /// Consumer: the next frame, if any (valid until `pop()`).
-    func peek() -> (UnsafeRawPointer, Int)? {
-        let h = head.load(ordering: .relaxed)
+    /// Consumer: the next frame, if any: its bytes and its header in the ring (the consumer may
+    /// change both, e.g. complete a checksum and clear NEEDS_CSUM, until `pop()`).
+    func peek() -> (frame: UnsafeMutableRawPointer, length: Int, header: UnsafeMutableRawPointer)? {
+        var h = head.load(ordering: .relaxed)
         // Acquire pairs with the producer's release of `tail`.
-        guard h != tail.load(ordering: .acquiring) else { return nil }
-        let slot = h % capacity
-        return (UnsafeRawPointer(storage + slot * Self.slotSize), lengths[slot])
+        let t = tail.load(ordering: .acquiring)
+        guard h != t else { return nil }
+        var at = h & (capacity - 1)
+        // Safety: records and markers start 16-aligned inside the storage, written before `tail` was published.
+        if (storage + at).load(as: Int32.self) == -1 {
+            h &+= capacity - at
+            head.store(h, ordering: .releasing)
+            guard h != t else { return nil }
+            at = 0
+        }
+        let record = storage + at
+        let length = Int(truncatingIfNeeded: record.load(as: Int32.self))
+        return (record + Self.recordHeader, length, record + 4)
     }
 
+    /// Consumer: drops the frame `peek` returned.
     func pop() {
-        head.store(head.load(ordering: .relaxed) &+ 1, ordering: .releasing)
+        let h = head.load(ordering: .relaxed)
+        // Safety: a record (not a marker: peek stepped over it) starts at h's offset.
+        let length = Int(truncatingIfNeeded: (storage + (h & (capacity - 1))).load(as: Int32.self))
+        head.store(h &+ Self.recordSize(length), ordering: .releasing)
     }
 
     var isEmpty: Bool { head.load(ordering: .relaxed) == tail.load(ordering: .acquiring) }
@@ -67,7 +104,7 @@ public final class WireHub: Sendable {
 
     func inbound(for id: String) throws(SystemError) -> FrameRing {
         if let r = rings.withLock({ $0[id] }) { return r }
-        let r = try FrameRing(capacity: 4096)
+        let r = try FrameRing(capacity: 16 << 20)
         return rings.withLock { d in
             if let existing = d[id] { return existing }
             d[id] = r

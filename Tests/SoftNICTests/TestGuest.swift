@@ -238,10 +238,11 @@ final class TestGuest {
     /// Queues frames (each behind a zeroed 12-byte virtio-net header) on TX ring `index`,
     /// publishes and kicks. Returns the heads.
     @discardableResult
-    func send(_ frames: [[UInt8]], ring index: UInt32 = 1, layout: TXLayout = .single, kick: Bool = true) -> [UInt16] {
+    func send(_ frames: [[UInt8]], ring index: UInt32 = 1, layout: TXLayout = .single, kick: Bool = true,
+              headers: [[UInt8]]? = nil) -> [UInt16] {
         var heads: [UInt16] = []
-        let header = [UInt8](repeating: 0, count: netHeaderLength)
-        for f in frames {
+        for (i, f) in frames.enumerated() {
+            let header = headers?[i] ?? [UInt8](repeating: 0, count: netHeaderLength)
             switch layout {
             case .single:
                 let gpa = arenaBuffer(ring: index, UInt64(netHeaderLength + f.count))
@@ -273,9 +274,9 @@ final class TestGuest {
     }
 
     /// Sends frames and waits until the device has completed all of them.
-    func sendAndComplete(_ frames: [[UInt8]], ring index: UInt32 = 1, layout: TXLayout = .single, file: StaticString = #filePath,
-                         line: UInt = #line) {
-        send(frames, ring: index, layout: layout)
+    func sendAndComplete(_ frames: [[UInt8]], ring index: UInt32 = 1, layout: TXLayout = .single, headers: [[UInt8]]? = nil,
+                         file: StaticString = #filePath, line: UInt = #line) {
+        send(frames, ring: index, layout: layout, headers: headers)
         let used = waitUsed(ring: index, count: frames.count, file: file, line: line)
         for e in used { _ = inFlight[index]?.removeValue(forKey: UInt16(e.id)) }
     }

@@ -21,6 +21,9 @@
 #include <sys/ioctl.h>
 #include <net/if.h>
 #include <linux/if_tun.h>
+#include <linux/if_packet.h>
+#include <linux/if_ether.h>
+#include <arpa/inet.h>
 #include <string.h>
 #include <time.h>
 #include <sys/stat.h>
@@ -46,16 +49,39 @@ static inline int cvdpa_renameat2(int olddir, const char *oldpath, int newdir, c
     return (int)syscall(SYS_renameat2, olddir, oldpath, newdir, newpath, flags);
 }
 static inline void cvdpa_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
-/* Attaches `fd` (an open /dev/net/tun) to TAP interface `name` (IFF_TAP|IFF_NO_PI); the kernel's
+/* Attaches `fd` (an open /dev/net/tun) to TAP interface `name` (IFF_TAP|IFF_NO_PI, plus
+   IFF_VNET_HDR when `vnet_hdr`: every frame then carries a virtio-net header); the kernel's
    chosen name is copied to `out` (IFNAMSIZ bytes). Returns ioctl's result. */
-static inline int cvdpa_tap_attach(int fd, const char *name, char *out) {
+static inline int cvdpa_tap_attach(int fd, const char *name, char *out, int vnet_hdr) {
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
-    ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | (vnet_hdr ? IFF_VNET_HDR : 0);
     strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
     int r = ioctl(fd, TUNSETIFF, &ifr);
     if (r == 0) memcpy(out, ifr.ifr_name, IFNAMSIZ);
     return r;
+}
+/* TUNSETVNETHDRSZ: the virtio-net header's size on this TAP (10 or 12). */
+static inline int cvdpa_tap_set_vnet_hdr_size(int fd, int size) { return ioctl(fd, TUNSETVNETHDRSZ, &size); }
+/* TUNSETOFFLOAD: which offloads the reader takes (TUN_F_CSUM, TUN_F_TSO4, ...). */
+static inline int cvdpa_tap_set_offload(int fd, unsigned int flags) { return ioctl(fd, TUNSETOFFLOAD, (unsigned long)flags); }
+static const unsigned int CVDPA_TUN_F_CSUM = TUN_F_CSUM;
+static const unsigned int CVDPA_TUN_F_TSO4 = TUN_F_TSO4;
+static const unsigned int CVDPA_TUN_F_TSO6 = TUN_F_TSO6;
+static const unsigned int CVDPA_TUN_F_TSO_ECN = TUN_F_TSO_ECN;
+static const unsigned int CVDPA_TUN_F_UFO = TUN_F_UFO;
+/* A raw packet socket (all ethertypes) bound to interface `ifname`: for tests that watch and
+   feed a TAP from the host side. Returns the fd, or -1 with errno. */
+static inline int cvdpa_packet_socket(const char *ifname) {
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(ETH_P_ALL));
+    if (fd < 0) return -1;
+    struct sockaddr_ll sll;
+    memset(&sll, 0, sizeof sll);
+    sll.sll_family = AF_PACKET;
+    sll.sll_protocol = htons(ETH_P_ALL);
+    sll.sll_ifindex = (int)if_nametoindex(ifname);
+    if (sll.sll_ifindex == 0 || bind(fd, (struct sockaddr *)&sll, sizeof sll) != 0) { int e = errno; close(fd); errno = e; return -1; }
+    return fd;
 }
 static inline uint64_t cvdpa_monotonic_ns(void) {
     struct timespec ts;
