@@ -43,10 +43,14 @@ public final class Port: Sendable {
         // A device offers at most its own queue pairs; a kernel device offers them all unless
         // `queues=` asked for fewer (vdpad refuses more than it has).
         let pairs = device.map { spec.queuesGiven ? min(spec.queuePairs, $0.queuePairs) : $0.queuePairs } ?? spec.queuePairs
-        config = Self.backendConfig(queuePairs: pairs, device: device)
+        config = Self.backendConfig(queuePairs: pairs, device: device, featureMask: spec.featureMask)
         var l = logger
         l[metadataKey: "port"] = "\(spec.id)"
         self.logger = l
+        if let limit = spec.featureLimitDescription {
+            l.info("\(limit): offers \(describeFeatures(config.virtioFeatures))")
+        }
+        for warning in Self.featureWarnings(spec: spec, device: device, config: config) { l.warning("\(warning)") }
         var initial = PortStatus(spec: spec, config: config)
         if let device { initial.device = device.summary }
         state = Mutex(initial)
@@ -54,13 +58,33 @@ public final class Port: Sendable {
     }
 
     /// What a port offers: it asks its device, and offers the device's features the relay can
-    /// migrate plus vhost-user's own bits (a port without a device offers the migratable set).
+    /// migrate and `featureMask` (the port's `features=` and `offloads=`) allows, plus vhost-user's
+    /// own bits, which no mask removes (a port without a device offers the migratable set).
     /// Guest memory stays below the IOVA range the daemon maps its own rings in.
-    public static func backendConfig(queuePairs: Int, device: (any VDPADevice)?) -> BackendConfig {
+    public static func backendConfig(queuePairs: Int, device: (any VDPADevice)?, featureMask: UInt64 = ~0) -> BackendConfig {
         BackendConfig(queuePairs: queuePairs,
-                      virtioFeatures: ((device?.virtioFeatures ?? VirtioNetFeatureSet.migratable) & VirtioNetFeatureSet.migratable)
+                      virtioFeatures: ((device?.virtioFeatures ?? VirtioNetFeatureSet.migratable) & VirtioNetFeatureSet.migratable & featureMask)
                           | BackendConfig.vhostUserFeatures,
                       guestPhysLimit: reservedIOVABase)
+    }
+
+    /// What the operator asked for that the port will not give (logged as warnings at start):
+    /// features in the `features=` list (and not withheld by `offloads=off`) that the port does
+    /// not offer, because the device lacks them or the relay cannot migrate them, and several
+    /// queue pairs without MQ.
+    static func featureWarnings(spec: PortSpec, device: (any VDPADevice)?, config: BackendConfig) -> [String] {
+        guard let list = spec.featureLimit, let limit = spec.featureLimitDescription else { return [] }
+        var out: [String] = []
+        let missing = list & spec.featureMask & ~config.virtioFeatures
+        let deviceHas = device?.virtioFeatures ?? VirtioNetFeatureSet.migratable
+        var reasons: [String] = []
+        if missing & ~deviceHas != 0 { reasons.append("\(describeFeatures(missing & ~deviceHas)) (missing from the device)") }
+        if missing & deviceHas != 0 { reasons.append("\(describeFeatures(missing & deviceHas)) (outside what the migration relay supports)") }
+        if !reasons.isEmpty { out.append("\(limit): the port will not offer \(reasons.joined(separator: " or "))") }
+        if config.queuePairs > 1 && config.virtioFeatures & VirtioNetFeature.mq == 0 {
+            out.append("\(limit): the port does not offer MQ: the guest can use only one of its \(config.queuePairs) queue pairs")
+        }
+        return out
     }
 
     public var status: PortStatus {
@@ -162,7 +186,7 @@ public final class Port: Sendable {
             connection = nil
             let role = spec.client
             state.withLock {
-                $0.clearSession(config: config)
+                $0.clearSession(spec: spec, config: config)
                 $0.connection = role ? "connecting" : "listening"
                 if isError { $0.lastError = reason }
             }

@@ -1,4 +1,7 @@
-/// One `--port` option: `socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE]`.
+import Virtio
+
+/// One `--port` option:
+/// `socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off]`.
 public struct PortSpec: Equatable, Sendable {
     /// Which vDPA device serves the port (`device=`).
     public enum Device: Equatable, Sendable, CustomStringConvertible {
@@ -25,11 +28,20 @@ public struct PortSpec: Equatable, Sendable {
     public var device: Device
     /// Whether `queues=` was given (a kernel device otherwise offers all its queue pairs).
     public var queuesGiven: Bool
+    /// `features=`: the virtio feature bits the port may offer at most (nil: no list). The port
+    /// offers its device's features within the migratable set and this list; vhost-user's own
+    /// bits (PROTOCOL_FEATURES, LOG_ALL) are always offered.
+    public var featureLimit: UInt64?
+    /// `offloads=off` (false) withholds the checksum and segmentation offloads
+    /// (`VirtioNetFeature.offloads`) whatever the device and `features=` allow.
+    public var offloads: Bool
 
     public static let maxQueuePairs = 64
 
     public init(id: String, socketPath: String, client: Bool = false, queuePairs: Int = 1, link: String = "loopback", mac: [UInt8]? = nil,
-                device: Device = .softnic, queuesGiven: Bool = false) {
+                device: Device = .softnic, queuesGiven: Bool = false, featureLimit: UInt64? = nil, offloads: Bool = true) {
+        self.featureLimit = featureLimit
+        self.offloads = offloads
         self.device = device
         self.queuesGiven = queuesGiven
         self.id = id
@@ -38,6 +50,23 @@ public struct PortSpec: Equatable, Sendable {
         self.queuePairs = queuePairs
         self.link = link
         self.mac = mac
+    }
+
+    /// The virtio feature bits `features=` and `offloads=` let the port offer (all bits without either).
+    public var featureMask: UInt64 {
+        (featureLimit ?? ~0) & (offloads ? ~0 : ~VirtioNetFeature.offloads)
+    }
+
+    /// `features=` and `offloads=` as `--port` options (names in the canonical case, bits without
+    /// a name as hex), or nil when neither restricts the port.
+    public var featureLimitDescription: String? {
+        var parts: [String] = []
+        if let featureLimit {
+            let names = VirtioFeatureName.names(of: featureLimit)
+            parts.append("features=" + (names.isEmpty ? "0x0" : names.joined(separator: "+")))
+        }
+        if !offloads { parts.append("offloads=off") }
+        return parts.isEmpty ? nil : parts.joined(separator: ",")
     }
 
     public struct ParseError: Error, CustomStringConvertible, Equatable {
@@ -57,6 +86,8 @@ public struct PortSpec: Equatable, Sendable {
         var device = Device.softnic
         var linkGiven = false
         var queuesGiven = false
+        var featureLimit: UInt64?
+        var offloads: Bool?
         for item in text.split(separator: ",", omittingEmptySubsequences: false) {
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             let key = String(parts[0])
@@ -93,6 +124,16 @@ public struct PortSpec: Equatable, Sendable {
                 break
             case ("relay", "avail+used"):
                 throw ParseError(message: "--port \(text): relay=avail+used (the avail relay that checks chains before the device sees them) is not implemented yet; use relay=used (the default)")
+            case ("features", let v?):
+                guard featureLimit == nil else { throw ParseError(message: "--port \(text): features= given twice; give one '+'-separated list") }
+                featureLimit = try parseFeatureList(v, option: text)
+            case ("offloads", let v?) where v == "on" || v == "off":
+                guard offloads == nil else { throw ParseError(message: "--port \(text): offloads= given twice") }
+                offloads = v == "on"
+            case ("offloads", let v):
+                throw ParseError(message: "--port \(text): offloads=\(v ?? ""): expected offloads=on or offloads=off")
+            case ("features", nil):
+                throw ParseError(message: "--port \(text): features needs a list, e.g. features=VERSION_1+MRG_RXBUF+EVENT_IDX")
             case ("client", nil):
                 client = true
             case ("queues", let v?):
@@ -107,7 +148,7 @@ public struct PortSpec: Equatable, Sendable {
                 if socket != nil && value == nil {
                     throw ParseError(message: "--port \(text): unknown option '\(key)' (socket paths containing ',' are not supported)")
                 }
-                throw ParseError(message: "--port \(text): unknown or malformed option '\(item)'; expected socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE]")
+                throw ParseError(message: "--port \(text): unknown or malformed option '\(item)'; expected socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off]")
             }
         }
         guard let socket else { throw ParseError(message: "--port \(text): socket=PATH is required") }
@@ -115,6 +156,30 @@ public struct PortSpec: Equatable, Sendable {
             throw ParseError(message: "--port \(text): link= and mac= configure the software NIC; a vhost-vdpa device has its own link and MAC")
         }
         return PortSpec(id: id ?? defaultID, socketPath: socket, client: client, queuePairs: queues, link: link, mac: mac,
-                        device: device, queuesGiven: queuesGiven)
+                        device: device, queuesGiven: queuesGiven, featureLimit: featureLimit, offloads: offloads ?? true)
+    }
+
+    /// `features=`'s list: feature names as `describeFeatures` prints them (any case) or hex bits
+    /// (`0x...`), separated by '+' (',' separates the `--port` options). Repeated names are fine.
+    static func parseFeatureList(_ list: String, option text: String) throws(ParseError) -> UInt64 {
+        var bits: UInt64 = 0
+        for item in list.split(separator: "+", omittingEmptySubsequences: false) {
+            if item.isEmpty {
+                throw ParseError(message: "--port \(text): features=\(list): empty name in the list (names are separated by one '+')")
+            }
+            if item.hasPrefix("0x") || item.hasPrefix("0X") {
+                let digits = item.dropFirst(2)
+                guard !digits.isEmpty, digits.count <= 16, digits.allSatisfy(\.isHexDigit), let v = UInt64(digits, radix: 16) else {
+                    throw ParseError(message: "--port \(text): features=: '\(item)' is not a 64-bit hex number like 0x100000000")
+                }
+                bits |= v
+            } else if let bit = VirtioFeatureName.bit(named: item) {
+                bits |= bit
+            } else {
+                let known = VirtioFeatureName.all.map(\.name).joined(separator: ", ")
+                throw ParseError(message: "--port \(text): features=: unknown feature '\(item)'; known: \(known) (or hex bits like 0x100000000)")
+            }
+        }
+        return bits
     }
 }

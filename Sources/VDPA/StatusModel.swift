@@ -13,6 +13,11 @@ public struct FeatureStatus: Codable, Sendable, Equatable {
     public var offered: String
     public var acked: String
     public var ackedNames: String
+    /// The offered bits' names, as `ackedNames`. Absent in older replies.
+    public var offeredNames: String? = nil
+    /// The port's `features=` and `offloads=` options (e.g. `features=VERSION_1+MRG_RXBUF,offloads=off`)
+    /// when they restrict what it offers; absent otherwise, in `protocolFeatures` and in older replies.
+    public var limit: String? = nil
 }
 
 public struct RegionStatus: Codable, Sendable, Equatable {
@@ -78,8 +83,10 @@ extension PortStatus {
         role = spec.client ? "client" : "server"
         connection = spec.client ? "connecting" : "listening"
         device = Self.noDevice
-        features = FeatureStatus(offered: hex(config.virtioFeatures), acked: hex(0), ackedNames: "")
-        protocolFeatures = FeatureStatus(offered: hex(config.protocolFeatures), acked: hex(0), ackedNames: "")
+        features = FeatureStatus(offered: hex(config.virtioFeatures), acked: hex(0), ackedNames: "",
+                                 offeredNames: describeFeatures(config.virtioFeatures), limit: spec.featureLimitDescription)
+        protocolFeatures = FeatureStatus(offered: hex(config.protocolFeatures), acked: hex(0), ackedNames: "",
+                                         offeredNames: VhostUserProtocolFeature.describe(config.protocolFeatures))
         memoryRegions = []
         queues = (0..<config.ringCount).map {
             QueueStatus(index: $0, enabled: false, started: false, ringSize: 0, mode: "none", kick: "none", call: false, base: 0, logging: false,
@@ -115,10 +122,9 @@ extension PortStatus {
     }
 
     /// Clears the session-derived fields after a disconnect.
-    mutating func clearSession(config: BackendConfig) {
+    mutating func clearSession(spec: PortSpec, config: BackendConfig) {
         let keep = (connections, rejectedConnections, lastError, connection, device)
-        self = PortStatus(spec: PortSpec(id: id, socketPath: socket, client: role == "client", queuePairs: config.queuePairs), config: config)
-        features.offered = hex(config.virtioFeatures)
+        self = PortStatus(spec: spec, config: config)
         (connections, rejectedConnections, lastError, connection, device) = keep
     }
 }

@@ -46,9 +46,9 @@ public enum VirtioNetFeature {
     public static let offloads: UInt64 = hostOffloads | guestOffloads
 }
 
-/// Names for feature bits, for logs and status output.
-public func describeFeatures(_ bits: UInt64) -> String {
-    let names: [(UInt64, String)] = [
+/// The feature bits that have names, in the order logs and status print them.
+public enum VirtioFeatureName {
+    public static let all: [(bit: UInt64, name: String)] = [
         (VirtioNetFeature.csum, "CSUM"), (VirtioNetFeature.guestCsum, "GUEST_CSUM"),
         (VirtioNetFeature.ctrlGuestOffloads, "CTRL_GUEST_OFFLOADS"),
         (VirtioNetFeature.mtu, "MTU"), (VirtioNetFeature.mac, "MAC"),
@@ -66,9 +66,26 @@ public func describeFeatures(_ bits: UInt64) -> String {
         (VirtioFeature.accessPlatform, "ACCESS_PLATFORM"), (VirtioFeature.ringPacked, "RING_PACKED"),
         (VirtioFeature.inOrder, "IN_ORDER"),
     ]
-    var out: [String] = []
-    var rest = bits
-    for (bit, name) in names where bits & bit != 0 { out.append(name); rest &= ~bit }
-    if rest != 0 { out.append("0x" + String(rest, radix: 16)) }
-    return out.joined(separator: "|")
+
+    /// The bit named `name` (as `names(of:)` prints it, in any ASCII case), or nil.
+    public static func bit(named name: some StringProtocol) -> UInt64? {
+        // ASCII only: Unicode case mapping would take "ſ" for "S".
+        guard name.utf8.allSatisfy({ $0 < 0x80 }) else { return nil }
+        let upper = name.uppercased()
+        return all.first { $0.name == upper }?.bit
+    }
+
+    /// The names of the bits in `bits`, then any bits without a name as one hex number (`0x...`).
+    public static func names(of bits: UInt64) -> [String] {
+        var out: [String] = []
+        var rest = bits
+        for (bit, name) in all where bits & bit != 0 { out.append(name); rest &= ~bit }
+        if rest != 0 { out.append("0x" + String(rest, radix: 16)) }
+        return out
+    }
+}
+
+/// Names for feature bits, for logs and status output (`|`-separated).
+public func describeFeatures(_ bits: UInt64) -> String {
+    VirtioFeatureName.names(of: bits).joined(separator: "|")
 }

@@ -15,7 +15,7 @@ struct Vdpad: ParsableCommand {
         abstract: "vhost-user backend daemon that hands the virtio-net data path to a vDPA device.",
         discussion: """
         Each --port binds one vhost-user socket to one vDPA NIC (the software NIC by default):
-          socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE]
+          socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off]
           socket=PATH  the vhost-user socket (paths containing ',' are not supported)
           id=NAME      port name (default vdpa0, vdpa1, ... in order)
           link=LINK    loopback (default) | sink | source[:size=BYTES][:rate=PPS] | tap[:ifname=IF] | wire:ID
@@ -24,6 +24,13 @@ struct Vdpad: ParsableCommand {
                        link= and mac= are the software NIC's)
           mac=MAC      the guest's MAC: destination of frames the source link generates
           client       connect to the frontend's socket (reconnecting with backoff) instead of listening
+          features=LIST offer at most these virtio features: names joined by '+' (any case; as status
+                       prints them, e.g. VERSION_1+MRG_RXBUF+EVENT_IDX) or hex bits (0x...); the port
+                       offers what its device has within the list (a warning names the rest);
+                       PROTOCOL_FEATURES and LOG_ALL are always offered
+          offloads=off withhold the checksum and segmentation offloads (CSUM, GUEST_CSUM, HOST_TSO4/6,
+                       HOST_ECN, HOST_UFO, GUEST_TSO4/6, GUEST_ECN, GUEST_UFO); on (default) offers
+                       what the device and features= allow
         With no --port and no --vduse: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
         Each --vduse exports a software vDPA NIC to this kernel as a VDUSE device on the vDPA bus:
           name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none][,indirect=on|off]

@@ -4,6 +4,7 @@ import Glibc
 import Foundation
 import Logging
 import Platform
+import Virtio
 import XCTest
 @testable import VDPA
 
@@ -39,6 +40,96 @@ final class PortSpecTests: XCTestCase {
         } catch {
             XCTAssertTrue("\(error)".contains("','"), "\(error)")
         }
+    }
+
+    /// `features=` takes names (any case) and hex bits joined by '+'; `offloads=off` withholds the
+    /// offloads, alone or with a list. The spec keeps the bits and prints them back as options.
+    func testFeatureList() throws {
+        func spec(_ options: String) throws -> PortSpec { try PortSpec.parse("socket=/x," + options, defaultID: "vdpa0") }
+        let basic = VirtioFeature.version1 | VirtioNetFeature.mrgRxbuf | VirtioFeature.ringEventIdx
+        XCTAssertEqual(try spec("features=VERSION_1+MRG_RXBUF+EVENT_IDX").featureLimit, basic)
+        XCTAssertEqual(try spec("features=version_1+Mrg_RxBuf+event_idx").featureLimit, basic, "names in any case")
+        XCTAssertEqual(try spec("features=0x120008000").featureLimit, basic, "hex bits")
+        XCTAssertEqual(try spec("features=0X100000000+mrg_rxbuf+0x20000000").featureLimit, basic, "hex and names together")
+        XCTAssertEqual(try spec("features=MQ+MQ+mq").featureLimit, VirtioNetFeature.mq, "a name repeated in the list is that name")
+        XCTAssertEqual(try spec("features=0x0").featureLimit, 0)
+        XCTAssertEqual(try spec("features=VERSION_1+MRG_RXBUF+EVENT_IDX").featureMask, basic)
+        XCTAssertEqual(try spec("features=VERSION_1+MRG_RXBUF+EVENT_IDX").featureLimitDescription,
+                       "features=MRG_RXBUF+EVENT_IDX+VERSION_1")
+
+        let plain = try spec("id=p")
+        XCTAssertNil(plain.featureLimit)
+        XCTAssertTrue(plain.offloads)
+        XCTAssertEqual(plain.featureMask, ~0, "no option, no restriction")
+        XCTAssertNil(plain.featureLimitDescription)
+        XCTAssertEqual(try spec("id=p,offloads=on"), plain, "offloads=on is the default")
+
+        let noOffloads = try spec("offloads=off")
+        XCTAssertFalse(noOffloads.offloads)
+        XCTAssertEqual(noOffloads.featureMask, ~VirtioNetFeature.offloads)
+        XCTAssertEqual(noOffloads.featureLimitDescription, "offloads=off")
+
+        let both = try spec("features=VERSION_1+MRG_RXBUF+CSUM+GUEST_TSO4,offloads=off")
+        XCTAssertEqual(both.featureMask, VirtioFeature.version1 | VirtioNetFeature.mrgRxbuf, "offloads=off wins over the list")
+        XCTAssertEqual(both.featureLimitDescription, "features=CSUM+GUEST_TSO4+MRG_RXBUF+VERSION_1,offloads=off")
+        XCTAssertEqual(try spec("offloads=off,features=VERSION_1+MRG_RXBUF+CSUM+GUEST_TSO4"), both, "in either order")
+
+        // Bits without a name print as hex, and what is printed parses back to the same spec.
+        let odd = try spec("features=VERSION_1+0x8000000000000000")
+        XCTAssertEqual(odd.featureLimitDescription, "features=VERSION_1+0x8000000000000000")
+        for s in [both, odd, noOffloads, try spec("features=0x0")] {
+            XCTAssertEqual(try spec(s.featureLimitDescription!), s)
+        }
+        // The public init still takes what it took (new parameters have defaults).
+        XCTAssertEqual(PortSpec(id: "vdpa0", socketPath: "/x", featureLimit: basic, offloads: false),
+                       try spec("features=VERSION_1+MRG_RXBUF+EVENT_IDX,offloads=off"))
+    }
+
+    /// A bad list is refused with the bad part named; an unknown name lists the known ones.
+    func testFeatureListErrors() {
+        for (bad, says) in [("features=VERSION_1+NOPE", "unknown feature 'NOPE'"), ("features=mrg-rxbuf", "unknown feature 'mrg-rxbuf'"),
+                            ("features=", "empty name"), ("features=MQ++VERSION_1", "empty name"), ("features=MQ+", "empty name"),
+                            ("features", "needs a list"), ("features=0x", "'0x' is not a 64-bit hex number"),
+                            ("features=0xfg", "'0xfg' is not"), ("features=0x1ffffffffffffffff", "is not a 64-bit hex number"),
+                            ("features=0x-1", "is not"), ("features=c\u{17F}um", "unknown feature"),
+                            ("features=MQ,features=VERSION_1", "features= given twice"),
+                            ("offloads=off,offloads=on", "offloads= given twice"), ("offloads=no", "offloads=on or offloads=off"),
+                            ("offloads", "offloads=on or offloads=off"), ("offloads=OFF", "offloads=on or offloads=off")] {
+            XCTAssertThrowsError(try PortSpec.parse("socket=/x," + bad, defaultID: "vdpa0"), bad) {
+                XCTAssertTrue("\($0)".contains(says), "\(bad): \($0)")
+            }
+        }
+        XCTAssertThrowsError(try PortSpec.parse("socket=/x,features=VERSION_1+BOGUS", defaultID: "vdpa0")) {
+            let text = "\($0)"
+            for name in ["known: CSUM,", "MRG_RXBUF", "EVENT_IDX", "INDIRECT_DESC", "MQ", "VERSION_1", "GUEST_TSO4", "hex bits"] {
+                XCTAssertTrue(text.contains(name), "\(text) should list \(name)")
+            }
+        }
+    }
+
+    /// Whatever the text, the parser returns a spec or throws its error: it never traps. Inputs
+    /// are built from the pieces the parser looks for, and random bytes.
+    func testParserNeverTraps() {
+        let pieces = ["socket=", "/x", ",", "=", "+", "features", "offloads", "on", "off", "0x", "0X", "ffffffffffffffff", "1", "g",
+                      "VERSION_1", "mq", "id", "queues", "mac", "device", "client", "link", "vhost-vdpa:", "\u{17F}", "\u{0}", "é", ""]
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<20_000 {
+            var text = ""
+            for _ in 0..<Int.random(in: 0...12, using: &rng) {
+                if Int.random(in: 0..<8, using: &rng) == 0 {
+                    text += String(decoding: (0..<Int.random(in: 1...4, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) },
+                                   as: UTF8.self)
+                } else {
+                    text += pieces.randomElement(using: &rng)!
+                }
+            }
+            do {
+                _ = try PortSpec.parse(text, defaultID: "vdpa0")
+            } catch {
+                XCTAssertFalse(error.message.isEmpty, text)
+            }
+        }
+        XCTAssertNoThrow(try PortSpec.parse("socket=/x,features=0xffffffffffffffff+mq,offloads=off", defaultID: "vdpa0"))
     }
 
     func testStaleSocketReplacedLiveOneRefused() throws {
