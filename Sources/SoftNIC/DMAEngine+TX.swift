@@ -167,6 +167,10 @@ extension DMAEngine {
     @inline(__always)
     func sendToTap(_ chain: DescriptorChain, length: Int, header: VirtioNetHeader) -> Bool {
         guard let tap = link.tap else { return false }
+        guard link.zeroCopy else {
+            let n = gather(chain)
+            return link.send(frameBuffer, length: n, header: header, headerLength: headerLength)
+        }
         var count = 0
         var k = 0
         while k < chain.count {

@@ -100,7 +100,7 @@ extension DMAEngine {
                 continue
             }
             let hdr = headerLength
-            if fillWindow(rx, need: hdr + tapMaxFrame) {
+            if link.zeroCopy && fillWindow(rx, need: hdr + tapMaxFrame) {
                 let got: Int
                 do throws(SystemError) {
                     guard let g = try tap.receive(scattered: rxWindow.iov, count: rxWindow.iovCount) else { break }

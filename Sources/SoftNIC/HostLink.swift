@@ -17,6 +17,9 @@ final class HostLink {
     let wireIn: FrameRing?
     let wireOut: FrameRing?
     var generator: TrafficGenerator
+    /// Tap frames go between the guest's buffers and the kernel directly (writev, readv);
+    /// false: through the device's buffer.
+    var zeroCopy = false
 
     init(_ spec: LinkSpec, portID: String, macOwn: UInt64, macGuest: UInt64, logger: Logger) throws {
         self.spec = spec
@@ -34,8 +37,9 @@ final class HostLink {
             rate = r
         case .loopback:
             kind = .loopback
-        case .tap(let name):
+        case .tap(let name, let z):
             kind = .tap
+            zeroCopy = z
             // With a virtio-net header on every frame: the guest's offloads pass through, and the
             // kernel does the work for the other side (see `DMAEngine.applyFeatures`).
             let device = try TapDevice(name: name ?? String("vdpa-\(portID)".prefix(15)), vnetHeader: true)

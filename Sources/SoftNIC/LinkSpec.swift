@@ -1,9 +1,11 @@
-/// A port's host link, from `link=`: loopback | sink | source[:size=B][:rate=PPS] | tap[:ifname=IF] | wire:ID.
+/// A port's host link, from `link=`: loopback | sink | source[:size=B][:rate=PPS] | tap[:ifname=IF][:zerocopy=off] | wire:ID.
 public enum LinkSpec: Equatable, Sendable, CustomStringConvertible {
     case loopback
     case sink
     case source(frameSize: Int, rate: UInt64)
-    case tap(ifname: String?)
+    /// `zeroCopy: false` (`zerocopy=off`) makes the tap copy every frame through the device's
+    /// buffer, as before zero-copy (for comparison, and as a fallback).
+    case tap(ifname: String?, zeroCopy: Bool = true)
     case wire(peer: String)
 
     public static let minFrame = 60
@@ -53,18 +55,23 @@ public enum LinkSpec: Equatable, Sendable, CustomStringConvertible {
             }
             return .source(frameSize: size, rate: rate)
         case "tap":
-            let o = try options(["ifname"])
+            let o = try options(["ifname", "zerocopy"])
             if let n = o["ifname"], n.utf8.count > 15 {
                 throw ParseError(message: "link=\(text): ifname '\(n)' is longer than 15 bytes")
             }
-            return .tap(ifname: o["ifname"])
+            var zeroCopy = true
+            if let z = o["zerocopy"] {
+                guard z == "on" || z == "off" else { throw ParseError(message: "link=\(text): zerocopy=\(z) must be on or off") }
+                zeroCopy = z == "on"
+            }
+            return .tap(ifname: o["ifname"], zeroCopy: zeroCopy)
         case "wire":
             guard parts.count == 2, !parts[1].isEmpty else {
                 throw ParseError(message: "link=\(text): expected wire:ID with the id of another port of this daemon")
             }
             return .wire(peer: parts[1])
         default:
-            throw ParseError(message: "link=\(text): unknown link; use loopback, sink, source[:size=B][:rate=PPS], tap[:ifname=IF] or wire:ID")
+            throw ParseError(message: "link=\(text): unknown link; use loopback, sink, source[:size=B][:rate=PPS], tap[:ifname=IF][:zerocopy=off] or wire:ID")
         }
     }
 
@@ -73,7 +80,7 @@ public enum LinkSpec: Equatable, Sendable, CustomStringConvertible {
         case .loopback: "loopback"
         case .sink: "sink"
         case .source(let size, let rate): "source:size=\(size):rate=\(rate)"
-        case .tap(let n): n.map { "tap:ifname=\($0)" } ?? "tap"
+        case .tap(let n, let z): (n.map { "tap:ifname=\($0)" } ?? "tap") + (z ? "" : ":zerocopy=off")
         case .wire(let p): "wire:\(p)"
         }
     }

@@ -43,10 +43,10 @@ final class SoftNICTapTests: SoftNICTestCase {
         }
     }
 
-    func tapPort() throws -> (SoftNICTestDaemon, String) {
+    func tapPort(_ options: String = "") throws -> (SoftNICTestDaemon, String) {
         guard getuid() == 0, access("/dev/net/tun", R_OK | W_OK) == 0 else { throw XCTSkip("needs root and /dev/net/tun") }
         let name = "vdt\(UInt32.random(in: 0...0xFFFFFF))"
-        return (try makeDaemon([.init(id: "t", link: "tap:ifname=\(name)")]), name)
+        return (try makeDaemon([.init(id: "t", link: "tap:ifname=\(name)" + options)]), name)
     }
 
     func headerBytes(_ h: VirtioNetHeader) -> [UInt8] {
@@ -88,6 +88,26 @@ final class SoftNICTapTests: SoftNICTestCase {
         XCTAssertEqual(got.map { Array($0.header[0..<10]) }, Array(repeating: [UInt8](repeating: 0, count: 10), count: 3))
         XCTAssertEqual(env.device("t").tapDirectFrames(), [3], "all three read straight into the guest's buffers")
         XCTAssertEqual(stats(env, "t", 0, until: { $0.packets == 3 }).packets, 3)
+    }
+
+    func testZeroCopyOffCopiesEveryFrameThroughTheDeviceBuffer() throws {
+        XCTAssertEqual(try LinkSpec.parse("tap:ifname=x:zerocopy=off"), .tap(ifname: "x", zeroCopy: false))
+        XCTAssertEqual(try LinkSpec.parse("tap:zerocopy=on"), .tap(ifname: nil, zeroCopy: true))
+        XCTAssertEqual(LinkSpec.tap(ifname: "x", zeroCopy: false).description, "tap:ifname=x:zerocopy=off")
+        XCTAssertThrowsError(try LinkSpec.parse("tap:zerocopy=maybe"))
+        let (env, name) = try tapPort(":zerocopy=off")
+        let g = try env.connectAndStart("t", features: Features.all | VirtioNetFeature.offloads)
+        let sock = try PacketSocket(interface: name)
+        g.postRX(count: 40, size: 512)
+        var f = TestFrames.make(length: 1500, seed: 40)
+        f[12] = 0x88
+        f[13] = 0xB6
+        sock.send(f)
+        XCTAssertEqual(g.receive(1).map(\.frame), [f])
+        XCTAssertEqual(env.device("t").tapDirectFrames(), [0])
+        let p = TestPacket.make(payload: TestPacket.bytes(12000, seed: 41))
+        g.sendAndComplete([p.bytes], headers: [headerBytes(p.header(gsoSize: 1448))])
+        XCTAssertEqual(sock.receive(type: 0x0800), p.bytes, "the copying path passes the header too")
     }
 
     func testWithFewerBuffersPostedThanTheLargestFrameAFrameStillLandsWhole() throws {
