@@ -71,7 +71,7 @@ extension DMAEngine {
                 // A checksum completed in the ring stays completed if the frame waits for buffers.
                 if h != before { h.write(to: hp, size: VirtioNetHeader.fullSize) }
                 if !done {
-                    // No buffer: keep the frame until the guest posts more (the ring holds 16 MiB).
+                    // No buffer: keep the frame until the guest posts more (the ring holds 4096 frames, 16 MiB).
                     break
                 }
                 w.pop()

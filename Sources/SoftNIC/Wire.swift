@@ -22,6 +22,11 @@ public final class FrameRing: @unchecked Sendable {
     /// Byte offsets, counted without wrapping (the storage offset is `offset & (capacity - 1)`).
     let head = Atomic<Int>(0)
     let tail = Atomic<Int>(0)
+    /// Frames pushed (the producer's) and popped (published by the consumer): at most
+    /// `maxFrames` wait, whatever their size, as in a NIC's queue of descriptors.
+    var pushed = 0
+    let popped = Atomic<Int>(0)
+    static let maxFrames = 4096
     /// Signalled by the producer so a sleeping consumer wakes.
     public let wake: SharedFD
 
@@ -43,6 +48,8 @@ public final class FrameRing: @unchecked Sendable {
     /// holds or the ring is full (the caller counts a drop).
     func push(_ frame: UnsafeRawPointer, length: Int, header: VirtioNetHeader) -> Bool {
         guard length >= 0, length <= Self.maxFrame else { return false }
+        // Acquire pairs with the consumer's release of `popped`.
+        guard pushed &- popped.load(ordering: .acquiring) < Self.maxFrames else { return false }
         var t = tail.load(ordering: .relaxed)
         // Acquire pairs with the consumer's release of `head`: bytes before it are free once seen.
         let h = head.load(ordering: .acquiring)
@@ -63,6 +70,7 @@ public final class FrameRing: @unchecked Sendable {
         (record + Self.recordHeader).copyMemory(from: frame, byteCount: length)
         // Release: the record's bytes (and a skip marker) are visible before the consumer sees the new tail.
         tail.store(t &+ size, ordering: .releasing)
+        pushed &+= 1
         return true
     }
 
@@ -92,6 +100,7 @@ public final class FrameRing: @unchecked Sendable {
         // Safety: a record (not a marker: peek stepped over it) starts at h's offset.
         let length = Int(truncatingIfNeeded: (storage + (h & (capacity - 1))).load(as: Int32.self))
         head.store(h &+ Self.recordSize(length), ordering: .releasing)
+        popped.store(popped.load(ordering: .relaxed) &+ 1, ordering: .releasing)
     }
 
     var isEmpty: Bool { head.load(ordering: .relaxed) == tail.load(ordering: .acquiring) }
