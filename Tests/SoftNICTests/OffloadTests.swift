@@ -59,18 +59,8 @@ final class OffloadTests: XCTestCase {
     }
 
     func testCompleteChecksumSendsAZeroUDPChecksumAsFFFF() {
-        // A payload whose last word makes the checksum come out 0.
-        var p = TestPacket.make(tcp: false, payload: TestPacket.bytes(100, seed: 5))
+        let p = TestPacket.zeroChecksumUDP(payload: 100)
         let n = p.bytes.count
-        p.bytes[n - 2] = 0
-        p.bytes[n - 1] = 0
-        var zeroed = p.bytes
-        zeroed[p.l4 + 6] = 0
-        zeroed[p.l4 + 7] = 0
-        let s = Plain.sum(p.pseudoHeader(length: n - p.l4) + zeroed[p.l4...])
-        let w = 0xFFFF - s
-        p.bytes[n - 2] = UInt8(w >> 8)
-        p.bytes[n - 1] = UInt8(w & 0xFF)
         XCTAssertEqual(p.expectedChecksum(p.bytes, udp: false), 0, "the crafted payload")
         for udp in [true, false] {
             var frame = p.bytes
@@ -175,6 +165,19 @@ final class OffloadTests: XCTestCase {
         XCTAssertEqual(fragments[0].be16(p.l4 + 6), 0, "no checksum stays no checksum")
         let whole = try cut(p.bytes, p.header(gsoSize: 4000))
         XCTAssertEqual(whole, [p.bytes])
+    }
+
+    func testUFOSendsADatagramChecksumOf0AsFFFF() throws {
+        for ipv6 in [false, true] {
+            let p = TestPacket.zeroChecksumUDP(ipv6: ipv6, payload: 3000)
+            XCTAssertEqual(p.expectedChecksum(p.bytes, udp: false), 0, "the crafted payload")
+            let fragments = try cut(p.bytes, p.header(gsoSize: 1480))
+            XCTAssertEqual(fragments.count, 3)
+            XCTAssertEqual(fragments[0].be16(p.l4 + (ipv6 ? 8 : 0) + 6), 0xFFFF)
+            checkFragments(p, fragments, gsoSize: 1480)
+            let whole = try cut(p.bytes, p.header(gsoSize: 4000))
+            XCTAssertEqual(whole.first?.be16(p.l4 + 6), 0xFFFF)
+        }
     }
 
     func testUFOOverIPv6InsertsAFragmentHeader() throws {
@@ -758,6 +761,21 @@ struct TestPacket {
             p.bytes.setBE16(Plain.sum(p.pseudoHeader(length: l4Length)), at: l4 + p.csumOffset)
         }
         return p
+    }
+
+    /// A UDP datagram whose checksum comes out 0: its last word (even `payload`) is chosen so.
+    static func zeroChecksumUDP(ipv6: Bool = false, payload: Int) -> TestPacket {
+        precondition(payload % 2 == 0)
+        var p = make(ipv6: ipv6, tcp: false, payload: bytes(payload - 2, seed: 5) + [0, 0])
+        let n = p.bytes.count
+        var zeroed = p.bytes
+        zeroed[p.l4 + 6] = 0
+        zeroed[p.l4 + 7] = 0
+        let w = 0xFFFF - Plain.sum(p.pseudoHeader(length: n - p.l4) + zeroed[p.l4...])
+        p.bytes[n - 2] = UInt8(w >> 8)
+        p.bytes[n - 1] = UInt8(w & 0xFF)
+        return TestPacket(bytes: p.bytes, l3: p.l3, l4: p.l4, payloadOffset: p.payloadOffset, isIPv6: ipv6, isTCP: false,
+                          payload: Array(p.bytes[p.payloadOffset...]))
     }
 
     /// The TCP or UDP pseudo-header for `length` bytes of segment or datagram.
