@@ -75,7 +75,8 @@ final class OffloadTests: XCTestCase {
     func testCompleteChecksumRefusesAFieldOutsideTheFrameAndWritesNothing() {
         let p = TestPacket.make(payload: TestPacket.bytes(40, seed: 1))
         let n = p.bytes.count
-        for (start, offset) in [(n, 0), (n + 5, 0), (n - 1, 0), (n - 2, 1), (p.l4, n - p.l4 - 1), (-2, 4), (p.l4, -1), (Int.max, 2), (p.l4, Int.max - 8)] {
+        let outside = [(n, 0), (n + 5, 0), (n - 1, 0), (n - 2, 1), (p.l4, n - p.l4 - 1), (-2, 4), (p.l4, -1), (Int.max, 2), (p.l4, Int.max - 8)]
+        for (start, offset) in outside {
             var frame = p.bytes
             let done = frame.withUnsafeMutableBytes {
                 SoftOffload.completeChecksum($0.baseAddress!, length: $0.count, start: start, offset: offset)
@@ -377,7 +378,8 @@ final class OffloadTests: XCTestCase {
             ("TSO6 with ECN", VirtioNetHeader(flags: 1, gsoType: 0x84, hdrLen: 86, gsoSize: 1428, csumStart: 54, csumOffset: 16), 30_000, all),
             ("UFO", VirtioNetHeader(flags: 1, gsoType: 3, hdrLen: 42, gsoSize: 1472, csumStart: 34, csumOffset: 6), 8000, all),
             ("DATA_VALID is ignored", VirtioNetHeader(flags: 2), 60, 0),
-            ("flag bits the spec does not define are ignored", VirtioNetHeader(flags: 0x1 | 0x10 | 0x40 | 0x80, csumStart: 34, csumOffset: 16), 100, all),
+            ("flag bits the spec does not define are ignored",
+             VirtioNetHeader(flags: 0x1 | 0x10 | 0x40 | 0x80, csumStart: 34, csumOffset: 16), 100, all),
         ]
         for (name, h, length, features) in accepted {
             XCTAssertNil(SoftOffload.checkTX(h, length: length, features: features), name)
@@ -589,7 +591,8 @@ final class OffloadTests: XCTestCase {
             XCTAssertEqual(Array(s[..<p.l3]), Array(o[..<p.l3]), "\(what): Ethernet header", file: file, line: line)
             if p.isIPv6 {
                 XCTAssertEqual(s.be16(p.l3 + 4), UInt16(s.count - p.l4), "\(what): IPv6 payload length", file: file, line: line)
-                XCTAssertEqual(s.except(p.l3 + 4, 2, in: p.l3..<p.l4), o.except(p.l3 + 4, 2, in: p.l3..<p.l4), "\(what): IPv6 header", file: file, line: line)
+                XCTAssertEqual(s.except(p.l3 + 4, 2, in: p.l3..<p.l4), o.except(p.l3 + 4, 2, in: p.l3..<p.l4), "\(what): IPv6 header",
+                               file: file, line: line)
             } else {
                 XCTAssertEqual(s.be16(p.l3 + 2), UInt16(s.count - p.l3), "\(what): IPv4 total length", file: file, line: line)
                 XCTAssertEqual(s.be16(p.l3 + 4), id &+ UInt16(i), "\(what): IPv4 id", file: file, line: line)
@@ -605,9 +608,11 @@ final class OffloadTests: XCTestCase {
             let others = ~(TestPacket.fin | TestPacket.psh | TestPacket.cwr)
             XCTAssertEqual(f & others, flags & others, "\(what): other flags", file: file, line: line)
             let mask = [(p.l4 + 4, 4), (p.l4 + 13, 1), (p.l4 + 16, 2)]
-            XCTAssertEqual(s.except(mask, in: p.l4..<p.payloadOffset), o.except(mask, in: p.l4..<p.payloadOffset), "\(what): TCP header", file: file, line: line)
+            XCTAssertEqual(s.except(mask, in: p.l4..<p.payloadOffset), o.except(mask, in: p.l4..<p.payloadOffset), "\(what): TCP header",
+                           file: file, line: line)
             XCTAssertEqual(s.be16(p.l4 + 16), p.expectedChecksum(s), "\(what): TCP checksum", file: file, line: line)
-            XCTAssertEqual(Plain.checksum(p.pseudoHeader(length: s.count - p.l4) + s[p.l4...]), 0, "\(what): TCP checksum verifies", file: file, line: line)
+            XCTAssertEqual(Plain.checksum(p.pseudoHeader(length: s.count - p.l4) + s[p.l4...]), 0, "\(what): TCP checksum verifies",
+                           file: file, line: line)
             payload += s[p.payloadOffset...]
         }
         XCTAssertEqual(payload, p.payload, "the payloads put back together", file: file, line: line)
@@ -666,12 +671,15 @@ final class OffloadTests: XCTestCase {
         }
         XCTAssertEqual(whole.count, datagram.count, "the datagram put back together", file: file, line: line)
         guard whole.count == datagram.count else { return }
-        XCTAssertEqual(whole.except([(6, 2)], in: 0..<whole.count), datagram.except([(6, 2)], in: 0..<datagram.count), "the datagram put back together", file: file, line: line)
+        XCTAssertEqual(whole.except([(6, 2)], in: 0..<whole.count), datagram.except([(6, 2)], in: 0..<datagram.count),
+                       "the datagram put back together", file: file, line: line)
         if !p.isIPv6 && datagram.be16(6) == 0 {
             XCTAssertEqual(whole.be16(6), 0, "no checksum stays no checksum", file: file, line: line)
         } else {
-            XCTAssertEqual(whole.be16(6), p.expectedChecksum(o[..<p.l4] + whole, udp: true), "the datagram's UDP checksum", file: file, line: line)
-            XCTAssertEqual(Plain.checksum(p.pseudoHeader(length: whole.count) + whole), 0, "the datagram's UDP checksum verifies", file: file, line: line)
+            XCTAssertEqual(whole.be16(6), p.expectedChecksum(o[..<p.l4] + whole, udp: true), "the datagram's UDP checksum",
+                           file: file, line: line)
+            XCTAssertEqual(Plain.checksum(p.pseudoHeader(length: whole.count) + whole), 0, "the datagram's UDP checksum verifies",
+                           file: file, line: line)
         }
     }
 }
