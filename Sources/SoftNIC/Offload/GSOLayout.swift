@@ -66,7 +66,7 @@ struct GSOLayout: Equatable {
         switch ethertype {
         case Self.etherIPv4: isIPv6 = false
         case Self.etherIPv6: isIPv6 = true
-        case Self.ether8021Q, 0x88A8: throw OffloadError(text: "ethertype \(hex()) after a VLAN tag: only one 802.1Q tag is supported")
+        case Self.ether8021Q, 0x88A8: throw OffloadError(text: "ethertype \(hex()) is a VLAN tag: only one 802.1Q tag is supported")
         default: throw OffloadError(text: "ethertype \(hex()) is neither IPv4 nor IPv6")
         }
         if let wantsIPv6, wantsIPv6 != isIPv6 {
