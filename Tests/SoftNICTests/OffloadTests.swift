@@ -14,12 +14,12 @@ final class OffloadTests: XCTestCase {
     // MARK: checksum arithmetic
 
     func testChecksumMatchesPlainSumAtEveryLengthAndAlignment() {
-        let bytes = TestPacket.bytes(600, seed: 7) + [UInt8](repeating: 0xFF, count: 64)
+        let bytes = OffloadPacket.bytes(600, seed: 7) + [UInt8](repeating: 0xFF, count: 64)
         bytes.withUnsafeBytes { raw in
             let p = raw.baseAddress!
             for start in 0..<8 {
                 for count in 0...(bytes.count - start) {
-                    let plain = Plain.sum(bytes[start..<start + count])
+                    let plain = PlainChecksum.sum(bytes[start..<start + count])
                     XCTAssertEqual(InternetChecksum.fold(InternetChecksum.add(p + start, count: count)), plain, "start \(start) count \(count)")
                     // Pieces split at even offsets add up to the whole.
                     let split = (count / 3) & ~1
@@ -28,7 +28,7 @@ final class OffloadTests: XCTestCase {
                 }
             }
             // The end-around carry when `initial` is near 2^64: UInt64.max - 1 is 0xFFFE (that is, -1) modulo 0xFFFF.
-            let plain = Plain.add(Plain.sum(bytes), 0xFFFE)
+            let plain = PlainChecksum.add(PlainChecksum.sum(bytes), 0xFFFE)
             XCTAssertEqual(InternetChecksum.fold(InternetChecksum.add(p, count: bytes.count, to: UInt64.max - 1)), plain)
         }
         XCTAssertEqual(InternetChecksum.fold(0), 0)
@@ -43,7 +43,7 @@ final class OffloadTests: XCTestCase {
         for ipv6 in [false, true] {
             for tcp in [false, true] {
                 // An odd payload: the last byte is padded.
-                let p = TestPacket.make(ipv6: ipv6, tcp: tcp, payload: TestPacket.bytes(1001, seed: 3), vlan: ipv6 && tcp)
+                let p = OffloadPacket.make(ipv6: ipv6, tcp: tcp, payload: OffloadPacket.bytes(1001, seed: 3), vlan: ipv6 && tcp)
                 let what = "\(ipv6 ? "IPv6" : "IPv4") \(tcp ? "TCP" : "UDP")"
                 var frame = p.bytes
                 let done = frame.withUnsafeMutableBytes {
@@ -51,7 +51,7 @@ final class OffloadTests: XCTestCase {
                 }
                 XCTAssertTrue(done, what)
                 XCTAssertEqual(frame.be16(p.l4 + p.csumOffset), p.expectedChecksum(frame), what)
-                XCTAssertEqual(Plain.checksum(p.pseudoHeader(length: frame.count - p.l4) + frame[p.l4...]), 0, "\(what) verifies")
+                XCTAssertEqual(PlainChecksum.checksum(p.pseudoHeader(length: frame.count - p.l4) + frame[p.l4...]), 0, "\(what) verifies")
                 XCTAssertEqual(Array(frame[..<(p.l4 + p.csumOffset)]), Array(p.bytes[..<(p.l4 + p.csumOffset)]), "\(what): only the field changes")
                 XCTAssertEqual(Array(frame[(p.l4 + p.csumOffset + 2)...]), Array(p.bytes[(p.l4 + p.csumOffset + 2)...]), what)
             }
@@ -59,18 +59,8 @@ final class OffloadTests: XCTestCase {
     }
 
     func testCompleteChecksumSendsAZeroUDPChecksumAsFFFF() {
-        // A payload whose last word makes the checksum come out 0.
-        var p = TestPacket.make(tcp: false, payload: TestPacket.bytes(100, seed: 5))
+        let p = OffloadPacket.zeroChecksumUDP(payload: 100)
         let n = p.bytes.count
-        p.bytes[n - 2] = 0
-        p.bytes[n - 1] = 0
-        var zeroed = p.bytes
-        zeroed[p.l4 + 6] = 0
-        zeroed[p.l4 + 7] = 0
-        let s = Plain.sum(p.pseudoHeader(length: n - p.l4) + zeroed[p.l4...])
-        let w = 0xFFFF - s
-        p.bytes[n - 2] = UInt8(w >> 8)
-        p.bytes[n - 1] = UInt8(w & 0xFF)
         XCTAssertEqual(p.expectedChecksum(p.bytes, udp: false), 0, "the crafted payload")
         for udp in [true, false] {
             var frame = p.bytes
@@ -78,14 +68,15 @@ final class OffloadTests: XCTestCase {
                 SoftOffload.completeChecksum($0.baseAddress!, length: $0.count, start: p.l4, offset: 6, udp: udp)
             }
             XCTAssertEqual(frame.be16(p.l4 + 6), udp ? 0xFFFF : 0)
-            XCTAssertEqual(Plain.checksum(p.pseudoHeader(length: n - p.l4) + frame[p.l4...]), 0)
+            XCTAssertEqual(PlainChecksum.checksum(p.pseudoHeader(length: n - p.l4) + frame[p.l4...]), 0)
         }
     }
 
     func testCompleteChecksumRefusesAFieldOutsideTheFrameAndWritesNothing() {
-        let p = TestPacket.make(payload: TestPacket.bytes(40, seed: 1))
+        let p = OffloadPacket.make(payload: OffloadPacket.bytes(40, seed: 1))
         let n = p.bytes.count
-        for (start, offset) in [(n, 0), (n + 5, 0), (n - 1, 0), (n - 2, 1), (p.l4, n - p.l4 - 1), (-2, 4), (p.l4, -1), (Int.max, 2), (p.l4, Int.max - 8)] {
+        let outside = [(n, 0), (n + 5, 0), (n - 1, 0), (n - 2, 1), (p.l4, n - p.l4 - 1), (-2, 4), (p.l4, -1), (Int.max, 2), (p.l4, Int.max - 8)]
+        for (start, offset) in outside {
             var frame = p.bytes
             let done = frame.withUnsafeMutableBytes {
                 SoftOffload.completeChecksum($0.baseAddress!, length: $0.count, start: start, offset: offset)
@@ -103,15 +94,15 @@ final class OffloadTests: XCTestCase {
 
     func testTSOOverIPv4CutsAtGSOSizeWithSequenceIDsFlagsAndChecksums() throws {
         // Options in both headers, CWR|ECE|PSH|FIN|ACK, a sequence number and an IP id about to wrap.
-        let p = TestPacket.make(payload: TestPacket.bytes(10_000, seed: 11), ipOptions: 8,
-                                flags: TestPacket.ack | TestPacket.psh | TestPacket.fin | TestPacket.cwr | TestPacket.ece)
+        let p = OffloadPacket.make(payload: OffloadPacket.bytes(10_000, seed: 11), ipOptions: 8,
+                                flags: OffloadPacket.ack | OffloadPacket.psh | OffloadPacket.fin | OffloadPacket.cwr | OffloadPacket.ece)
         let segments = try cut(p.bytes, p.header(gsoSize: 1448, ecn: true))
         XCTAssertEqual(segments.count, 7)
         checkTCP(p, segments, mss: 1448)
     }
 
     func testTSOOverIPv6WithAVLANTag() throws {
-        let p = TestPacket.make(ipv6: true, payload: TestPacket.bytes(5000, seed: 12), vlan: true, flags: TestPacket.ack | TestPacket.psh)
+        let p = OffloadPacket.make(ipv6: true, payload: OffloadPacket.bytes(5000, seed: 12), vlan: true, flags: OffloadPacket.ack | OffloadPacket.psh)
         let segments = try cut(p.bytes, p.header(gsoSize: 1000))
         XCTAssertEqual(segments.count, 5)
         checkTCP(p, segments, mss: 1000)
@@ -119,7 +110,7 @@ final class OffloadTests: XCTestCase {
 
     func testA64KiBTSOFrameWithGSOSize1448Gives46Segments() throws {
         // IPv4 total length 65535: 20 + 32 bytes of headers, 65483 of payload.
-        let p = TestPacket.make(payload: TestPacket.bytes(65_535 - 52, seed: 13))
+        let p = OffloadPacket.make(payload: OffloadPacket.bytes(65_535 - 52, seed: 13))
         XCTAssertEqual(p.bytes.count - p.l3, 65_535)
         let segments = try cut(p.bytes, p.header(gsoSize: 1448))
         XCTAssertEqual(segments.count, 46)
@@ -130,8 +121,8 @@ final class OffloadTests: XCTestCase {
     func testTSOFrameWithinGSOSizeIsOneSegmentWithItsChecksumCompleted() throws {
         for payload in [0, 1, 999, 1448] {
             for ipv6 in [false, true] {
-                let p = TestPacket.make(ipv6: ipv6, payload: TestPacket.bytes(payload, seed: 14),
-                                        flags: TestPacket.ack | TestPacket.fin | TestPacket.psh | TestPacket.cwr)
+                let p = OffloadPacket.make(ipv6: ipv6, payload: OffloadPacket.bytes(payload, seed: 14),
+                                        flags: OffloadPacket.ack | OffloadPacket.fin | OffloadPacket.psh | OffloadPacket.cwr)
                 let segments = try cut(p.bytes, p.header(gsoSize: 1448))
                 XCTAssertEqual(segments.count, 1)
                 checkTCP(p, segments, mss: 1448)
@@ -147,7 +138,7 @@ final class OffloadTests: XCTestCase {
 
     func testTSOSegmentCountLimit() throws {
         // 65483 bytes of payload: gso_size 64 gives 1024 segments, 63 gives 1040.
-        let p = TestPacket.make(payload: TestPacket.bytes(65_483, seed: 15))
+        let p = OffloadPacket.make(payload: OffloadPacket.bytes(65_483, seed: 15))
         XCTAssertEqual(try cut(p.bytes, p.header(gsoSize: 64)).count, 1024)
         assertRefused(p.bytes, p.header(gsoSize: 63), "1040 segments")
         assertRefused(p.bytes, p.header(gsoSize: 1), "65483 segments")
@@ -157,7 +148,7 @@ final class OffloadTests: XCTestCase {
 
     func testUFOOverIPv4FragmentsAtMultiplesOf8WithOffsetsMFAndTheDatagramChecksum() throws {
         // UDP header + 4000 bytes = 4008 bytes of IP payload.
-        let p = TestPacket.make(tcp: false, payload: TestPacket.bytes(4000, seed: 21), ipOptions: 4)
+        let p = OffloadPacket.make(tcp: false, payload: OffloadPacket.bytes(4000, seed: 21), ipOptions: 4)
         let exact = try cut(p.bytes, p.header(gsoSize: 1480))
         XCTAssertEqual(exact.map { $0.count - p.l4 }, [1480, 1480, 1048])
         checkFragments(p, exact, gsoSize: 1480)
@@ -168,7 +159,7 @@ final class OffloadTests: XCTestCase {
     }
 
     func testUFOOverIPv4KeepsAZeroChecksumField() throws {
-        let p = TestPacket.make(tcp: false, payload: TestPacket.bytes(3000, seed: 22), zeroUDPChecksum: true)
+        let p = OffloadPacket.make(tcp: false, payload: OffloadPacket.bytes(3000, seed: 22), zeroUDPChecksum: true)
         let fragments = try cut(p.bytes, p.header(gsoSize: 1480))
         XCTAssertEqual(fragments.count, 3)
         checkFragments(p, fragments, gsoSize: 1480)
@@ -177,13 +168,26 @@ final class OffloadTests: XCTestCase {
         XCTAssertEqual(whole, [p.bytes])
     }
 
+    func testUFOSendsADatagramChecksumOf0AsFFFF() throws {
+        for ipv6 in [false, true] {
+            let p = OffloadPacket.zeroChecksumUDP(ipv6: ipv6, payload: 3000)
+            XCTAssertEqual(p.expectedChecksum(p.bytes, udp: false), 0, "the crafted payload")
+            let fragments = try cut(p.bytes, p.header(gsoSize: 1480))
+            XCTAssertEqual(fragments.count, 3)
+            XCTAssertEqual(fragments[0].be16(p.l4 + (ipv6 ? 8 : 0) + 6), 0xFFFF)
+            checkFragments(p, fragments, gsoSize: 1480)
+            let whole = try cut(p.bytes, p.header(gsoSize: 4000))
+            XCTAssertEqual(whole.first?.be16(p.l4 + 6), 0xFFFF)
+        }
+    }
+
     func testUFOOverIPv6InsertsAFragmentHeader() throws {
-        let p = TestPacket.make(ipv6: true, tcp: false, payload: TestPacket.bytes(3000, seed: 23), vlan: true)
+        let p = OffloadPacket.make(ipv6: true, tcp: false, payload: OffloadPacket.bytes(3000, seed: 23), vlan: true)
         let fragments = try cut(p.bytes, p.header(gsoSize: 1280))
         XCTAssertEqual(fragments.map { $0.count - p.l4 - 8 }, [1280, 1280, 448])
         checkFragments(p, fragments, gsoSize: 1280)
         // Another datagram of the same flow gets another identification.
-        let q = TestPacket.make(ipv6: true, tcp: false, payload: TestPacket.bytes(3000, seed: 24), vlan: true)
+        let q = OffloadPacket.make(ipv6: true, tcp: false, payload: OffloadPacket.bytes(3000, seed: 24), vlan: true)
         let other = try cut(q.bytes, q.header(gsoSize: 1280))
         checkFragments(q, other, gsoSize: 1280)
         XCTAssertNotEqual(fragments[0].be32(p.l4 + 4), other[0].be32(q.l4 + 4))
@@ -191,7 +195,7 @@ final class OffloadTests: XCTestCase {
 
     func testUFODatagramWithinGSOSizeIsOneFrameWithItsChecksumCompleted() throws {
         for ipv6 in [false, true] {
-            let p = TestPacket.make(ipv6: ipv6, tcp: false, payload: TestPacket.bytes(1000, seed: 25))
+            let p = OffloadPacket.make(ipv6: ipv6, tcp: false, payload: OffloadPacket.bytes(1000, seed: 25))
             var completed = p.bytes
             _ = completed.withUnsafeMutableBytes {
                 SoftOffload.completeChecksum($0.baseAddress!, length: $0.count, start: p.l4, offset: 6, udp: true)
@@ -207,26 +211,26 @@ final class OffloadTests: XCTestCase {
 
     func testUFOLimits() {
         // A fragment must hold 8 bytes.
-        let p = TestPacket.make(tcp: false, payload: TestPacket.bytes(100, seed: 26))
+        let p = OffloadPacket.make(tcp: false, payload: OffloadPacket.bytes(100, seed: 26))
         assertRefused(p.bytes, p.header(gsoSize: 7), "too small for an IP fragment")
         // IPv6: a 65535-byte datagram cut at 65528 makes a first fragment of 8 + 65528 bytes of payload.
-        let big = TestPacket.make(ipv6: true, tcp: false, payload: TestPacket.bytes(65_535 - 8, seed: 27))
+        let big = OffloadPacket.make(ipv6: true, tcp: false, payload: OffloadPacket.bytes(65_535 - 8, seed: 27))
         assertRefused(big.bytes, big.header(gsoSize: 65_534), "exceed 65535")
         XCTAssertEqual(try cut(big.bytes, big.header(gsoSize: 65_487)).count, 2, "40 + 8 + 65480 bytes of IP")
         // 1024 fragments at most.
-        let many = TestPacket.make(tcp: false, payload: TestPacket.bytes(8 * 1024 - 8, seed: 28))
+        let many = OffloadPacket.make(tcp: false, payload: OffloadPacket.bytes(8 * 1024 - 8, seed: 28))
         XCTAssertEqual(try cut(many.bytes, many.header(gsoSize: 8)).count, 1024)
-        let tooMany = TestPacket.make(tcp: false, payload: TestPacket.bytes(8 * 1024, seed: 28))
+        let tooMany = OffloadPacket.make(tcp: false, payload: OffloadPacket.bytes(8 * 1024, seed: 28))
         assertRefused(tooMany.bytes, tooMany.header(gsoSize: 8), "1025 segments")
     }
 
     // MARK: refusals
 
     func testEveryMalformedFrameIsRefusedWithItsReason() {
-        let tcp4 = TestPacket.make(payload: TestPacket.bytes(3000, seed: 31))
-        let tcp6 = TestPacket.make(ipv6: true, payload: TestPacket.bytes(3000, seed: 32))
-        let udp4 = TestPacket.make(tcp: false, payload: TestPacket.bytes(3000, seed: 33))
-        let udp6 = TestPacket.make(ipv6: true, tcp: false, payload: TestPacket.bytes(3000, seed: 34))
+        let tcp4 = OffloadPacket.make(payload: OffloadPacket.bytes(3000, seed: 31))
+        let tcp6 = OffloadPacket.make(ipv6: true, payload: OffloadPacket.bytes(3000, seed: 32))
+        let udp4 = OffloadPacket.make(tcp: false, payload: OffloadPacket.bytes(3000, seed: 33))
+        let udp6 = OffloadPacket.make(ipv6: true, tcp: false, payload: OffloadPacket.bytes(3000, seed: 34))
         let h4 = tcp4.header(gsoSize: 1448), h6 = tcp6.header(gsoSize: 1448)
 
         // Too short for the headers.
@@ -296,7 +300,7 @@ final class OffloadTests: XCTestCase {
         // TCP and UDP headers.
         assertRefused(tcp4.with(0x40, at: tcp4.l4 + 12), h4, "TCP data offset 4 is below 5")
         assertRefused(tcp4.with(0x00, at: tcp4.l4 + 12), h4, "TCP data offset 0 is below 5")
-        let empty = TestPacket.make(payload: [])
+        let empty = OffloadPacket.make(payload: [])
         assertRefused(empty.with(0xF0, at: empty.l4 + 12), empty.header(gsoSize: 1448), "TCP header of 60 bytes runs past")
         let udpLength = udp4.bytes.be16(udp4.l4 + 4)
         for wrong in [udpLength - 1, udpLength + 1, 0] {
@@ -311,14 +315,14 @@ final class OffloadTests: XCTestCase {
     /// IP and UDP length fields rewritten to fit (accepted once its headers are whole, which
     /// segments and fragments shorter payloads).
     func testTruncatedFramesAreRefusedOrSegmentedWithoutReadingPastTheirLength() throws {
-        let cases: [(String, TestPacket)] = [
-            ("TCP/IPv4 with options", TestPacket.make(payload: TestPacket.bytes(2000, seed: 41), ipOptions: 12)),
-            ("TCP/IPv6 with a VLAN tag", TestPacket.make(ipv6: true, payload: TestPacket.bytes(2000, seed: 42), vlan: true)),
-            ("UDP/IPv4", TestPacket.make(tcp: false, payload: TestPacket.bytes(2000, seed: 43))),
-            ("UDP/IPv6", TestPacket.make(ipv6: true, tcp: false, payload: TestPacket.bytes(2000, seed: 44))),
+        let cases: [(String, OffloadPacket)] = [
+            ("TCP/IPv4 with options", OffloadPacket.make(payload: OffloadPacket.bytes(2000, seed: 41), ipOptions: 12)),
+            ("TCP/IPv6 with a VLAN tag", OffloadPacket.make(ipv6: true, payload: OffloadPacket.bytes(2000, seed: 42), vlan: true)),
+            ("UDP/IPv4", OffloadPacket.make(tcp: false, payload: OffloadPacket.bytes(2000, seed: 43))),
+            ("UDP/IPv6", OffloadPacket.make(ipv6: true, tcp: false, payload: OffloadPacket.bytes(2000, seed: 44))),
         ]
-        let input = try GuardedBuffer(capacity: 4096)
-        let output = try GuardedBuffer(capacity: 4096)
+        let input = try GuardPageBuffer(capacity: 4096)
+        let output = try GuardPageBuffer(capacity: 4096)
         for (name, p) in cases {
             let header = p.header(gsoSize: p.isTCP ? 536 : 600)
             var accepted = 0, acceptedFixed = 0
@@ -344,7 +348,7 @@ final class OffloadTests: XCTestCase {
     }
 
     func testNextWritesNothingIntoABufferSmallerThanMaxSegmentLength() throws {
-        let p = TestPacket.make(payload: TestPacket.bytes(3000, seed: 51))
+        let p = OffloadPacket.make(payload: OffloadPacket.bytes(3000, seed: 51))
         let frame = UnsafeMutableRawPointer.allocate(byteCount: p.bytes.count, alignment: 1)
         defer { frame.deallocate() }
         p.bytes.withUnsafeBytes { frame.copyMemory(from: $0.baseAddress!, byteCount: p.bytes.count) }
@@ -374,7 +378,8 @@ final class OffloadTests: XCTestCase {
             ("TSO6 with ECN", VirtioNetHeader(flags: 1, gsoType: 0x84, hdrLen: 86, gsoSize: 1428, csumStart: 54, csumOffset: 16), 30_000, all),
             ("UFO", VirtioNetHeader(flags: 1, gsoType: 3, hdrLen: 42, gsoSize: 1472, csumStart: 34, csumOffset: 6), 8000, all),
             ("DATA_VALID is ignored", VirtioNetHeader(flags: 2), 60, 0),
-            ("flag bits the spec does not define are ignored", VirtioNetHeader(flags: 0x1 | 0x10 | 0x40 | 0x80, csumStart: 34, csumOffset: 16), 100, all),
+            ("flag bits the spec does not define are ignored",
+             VirtioNetHeader(flags: 0x1 | 0x10 | 0x40 | 0x80, csumStart: 34, csumOffset: 16), 100, all),
         ]
         for (name, h, length, features) in accepted {
             XCTAssertNil(SoftOffload.checkTX(h, length: length, features: features), name)
@@ -470,11 +475,11 @@ final class OffloadTests: XCTestCase {
         let samples = try sym("softnic_alloc_samples", Samples.self)
         let printSample = try sym("softnic_alloc_print_sample", PrintSample.self)
         let packets = [
-            TestPacket.make(payload: TestPacket.bytes(65_483, seed: 61)),
-            TestPacket.make(ipv6: true, payload: TestPacket.bytes(20_000, seed: 62), vlan: true),
-            TestPacket.make(tcp: false, payload: TestPacket.bytes(20_000, seed: 63)),
-            TestPacket.make(ipv6: true, tcp: false, payload: TestPacket.bytes(20_000, seed: 64)),
-            TestPacket.make(ipv6: true, tcp: false, payload: TestPacket.bytes(1000, seed: 65)),
+            OffloadPacket.make(payload: OffloadPacket.bytes(65_483, seed: 61)),
+            OffloadPacket.make(ipv6: true, payload: OffloadPacket.bytes(20_000, seed: 62), vlan: true),
+            OffloadPacket.make(tcp: false, payload: OffloadPacket.bytes(20_000, seed: 63)),
+            OffloadPacket.make(ipv6: true, tcp: false, payload: OffloadPacket.bytes(20_000, seed: 64)),
+            OffloadPacket.make(ipv6: true, tcp: false, payload: OffloadPacket.bytes(1000, seed: 65)),
         ]
         let headers = packets.map { $0.header(gsoSize: $0.isTCP ? 1448 : 1480) }
         let frames = packets.map { p -> UnsafeMutableRawPointer in
@@ -572,7 +577,7 @@ final class OffloadTests: XCTestCase {
 
     /// TCP segments against their frame: lengths, IP fields and checksums, sequence numbers, flags,
     /// unchanged bytes elsewhere, and the payloads put back together.
-    func checkTCP(_ p: TestPacket, _ segments: [[UInt8]], mss: Int, file: StaticString = #filePath, line: UInt = #line) {
+    func checkTCP(_ p: OffloadPacket, _ segments: [[UInt8]], mss: Int, file: StaticString = #filePath, line: UInt = #line) {
         let o = p.bytes
         XCTAssertEqual(segments.count, max(1, (p.payload.count + mss - 1) / mss), "segment count", file: file, line: line)
         let seq = o.be32(p.l4 + 4), id = o.be16(p.l3 + 4), flags = o[p.l4 + 13]
@@ -586,25 +591,28 @@ final class OffloadTests: XCTestCase {
             XCTAssertEqual(Array(s[..<p.l3]), Array(o[..<p.l3]), "\(what): Ethernet header", file: file, line: line)
             if p.isIPv6 {
                 XCTAssertEqual(s.be16(p.l3 + 4), UInt16(s.count - p.l4), "\(what): IPv6 payload length", file: file, line: line)
-                XCTAssertEqual(s.except(p.l3 + 4, 2, in: p.l3..<p.l4), o.except(p.l3 + 4, 2, in: p.l3..<p.l4), "\(what): IPv6 header", file: file, line: line)
+                XCTAssertEqual(s.except(p.l3 + 4, 2, in: p.l3..<p.l4), o.except(p.l3 + 4, 2, in: p.l3..<p.l4), "\(what): IPv6 header",
+                               file: file, line: line)
             } else {
                 XCTAssertEqual(s.be16(p.l3 + 2), UInt16(s.count - p.l3), "\(what): IPv4 total length", file: file, line: line)
                 XCTAssertEqual(s.be16(p.l3 + 4), id &+ UInt16(i), "\(what): IPv4 id", file: file, line: line)
-                XCTAssertEqual(Plain.checksum(s[p.l3..<p.l4]), 0, "\(what): IPv4 header checksum", file: file, line: line)
+                XCTAssertEqual(PlainChecksum.checksum(s[p.l3..<p.l4]), 0, "\(what): IPv4 header checksum", file: file, line: line)
                 let mask = [(p.l3 + 2, 4), (p.l3 + 10, 2)]
                 XCTAssertEqual(s.except(mask, in: p.l3..<p.l4), o.except(mask, in: p.l3..<p.l4), "\(what): IPv4 header", file: file, line: line)
             }
             XCTAssertEqual(s.be32(p.l4 + 4), seq &+ UInt32(i * mss), "\(what): sequence number", file: file, line: line)
             let f = s[p.l4 + 13]
-            XCTAssertEqual(f & TestPacket.fin != 0, last && flags & TestPacket.fin != 0, "\(what): FIN", file: file, line: line)
-            XCTAssertEqual(f & TestPacket.psh != 0, last && flags & TestPacket.psh != 0, "\(what): PSH", file: file, line: line)
-            XCTAssertEqual(f & TestPacket.cwr != 0, i == 0 && flags & TestPacket.cwr != 0, "\(what): CWR", file: file, line: line)
-            let others = ~(TestPacket.fin | TestPacket.psh | TestPacket.cwr)
+            XCTAssertEqual(f & OffloadPacket.fin != 0, last && flags & OffloadPacket.fin != 0, "\(what): FIN", file: file, line: line)
+            XCTAssertEqual(f & OffloadPacket.psh != 0, last && flags & OffloadPacket.psh != 0, "\(what): PSH", file: file, line: line)
+            XCTAssertEqual(f & OffloadPacket.cwr != 0, i == 0 && flags & OffloadPacket.cwr != 0, "\(what): CWR", file: file, line: line)
+            let others = ~(OffloadPacket.fin | OffloadPacket.psh | OffloadPacket.cwr)
             XCTAssertEqual(f & others, flags & others, "\(what): other flags", file: file, line: line)
             let mask = [(p.l4 + 4, 4), (p.l4 + 13, 1), (p.l4 + 16, 2)]
-            XCTAssertEqual(s.except(mask, in: p.l4..<p.payloadOffset), o.except(mask, in: p.l4..<p.payloadOffset), "\(what): TCP header", file: file, line: line)
+            XCTAssertEqual(s.except(mask, in: p.l4..<p.payloadOffset), o.except(mask, in: p.l4..<p.payloadOffset), "\(what): TCP header",
+                           file: file, line: line)
             XCTAssertEqual(s.be16(p.l4 + 16), p.expectedChecksum(s), "\(what): TCP checksum", file: file, line: line)
-            XCTAssertEqual(Plain.checksum(p.pseudoHeader(length: s.count - p.l4) + s[p.l4...]), 0, "\(what): TCP checksum verifies", file: file, line: line)
+            XCTAssertEqual(PlainChecksum.checksum(p.pseudoHeader(length: s.count - p.l4) + s[p.l4...]), 0, "\(what): TCP checksum verifies",
+                           file: file, line: line)
             payload += s[p.payloadOffset...]
         }
         XCTAssertEqual(payload, p.payload, "the payloads put back together", file: file, line: line)
@@ -612,7 +620,7 @@ final class OffloadTests: XCTestCase {
 
     /// IP fragments against their datagram: offsets, MF/M, ids, lengths, header checksums, and the
     /// datagram put back together with its UDP checksum complete.
-    func checkFragments(_ p: TestPacket, _ fragments: [[UInt8]], gsoSize: Int, file: StaticString = #filePath, line: UInt = #line) {
+    func checkFragments(_ p: OffloadPacket, _ fragments: [[UInt8]], gsoSize: Int, file: StaticString = #filePath, line: UInt = #line) {
         let o = p.bytes
         let datagram = Array(o[p.l4...])
         let step = gsoSize & ~7
@@ -646,7 +654,7 @@ final class OffloadTests: XCTestCase {
                 XCTAssertEqual(field & 0xC000, 0, "\(what): DF and the reserved bit cleared", file: file, line: line)
                 offset = Int(field & 0x1FFF) * 8
                 more = field & 0x2000 != 0
-                XCTAssertEqual(Plain.checksum(f[p.l3..<p.l4]), 0, "\(what): IPv4 header checksum", file: file, line: line)
+                XCTAssertEqual(PlainChecksum.checksum(f[p.l3..<p.l4]), 0, "\(what): IPv4 header checksum", file: file, line: line)
                 let mask = [(p.l3 + 2, 2), (p.l3 + 6, 2), (p.l3 + 10, 2)]
                 XCTAssertEqual(f.except(mask, in: p.l3..<p.l4), o.except(mask, in: p.l3..<p.l4), "\(what): IPv4 header", file: file, line: line)
             }
@@ -663,18 +671,21 @@ final class OffloadTests: XCTestCase {
         }
         XCTAssertEqual(whole.count, datagram.count, "the datagram put back together", file: file, line: line)
         guard whole.count == datagram.count else { return }
-        XCTAssertEqual(whole.except([(6, 2)], in: 0..<whole.count), datagram.except([(6, 2)], in: 0..<datagram.count), "the datagram put back together", file: file, line: line)
+        XCTAssertEqual(whole.except([(6, 2)], in: 0..<whole.count), datagram.except([(6, 2)], in: 0..<datagram.count),
+                       "the datagram put back together", file: file, line: line)
         if !p.isIPv6 && datagram.be16(6) == 0 {
             XCTAssertEqual(whole.be16(6), 0, "no checksum stays no checksum", file: file, line: line)
         } else {
-            XCTAssertEqual(whole.be16(6), p.expectedChecksum(o[..<p.l4] + whole, udp: true), "the datagram's UDP checksum", file: file, line: line)
-            XCTAssertEqual(Plain.checksum(p.pseudoHeader(length: whole.count) + whole), 0, "the datagram's UDP checksum verifies", file: file, line: line)
+            XCTAssertEqual(whole.be16(6), p.expectedChecksum(o[..<p.l4] + whole, udp: true), "the datagram's UDP checksum",
+                           file: file, line: line)
+            XCTAssertEqual(PlainChecksum.checksum(p.pseudoHeader(length: whole.count) + whole), 0, "the datagram's UDP checksum verifies",
+                           file: file, line: line)
         }
     }
 }
 
 /// RFC 1071 written out plainly, a byte at a time: the reference the library is checked against.
-enum Plain {
+enum PlainChecksum {
     /// The ones'-complement sum of big-endian 16-bit words (an odd last byte is the high byte of
     /// a word padded with zero), folded to 16 bits, not complemented.
     static func sum<C: Collection>(_ bytes: C) -> UInt16 where C.Element == UInt8 {
@@ -699,7 +710,7 @@ enum Plain {
 
 /// A frame as Linux sends it with CHECKSUM_PARTIAL: complete IP headers (IPv4 header checksum
 /// included), the TCP or UDP checksum field holding the folded pseudo-header sum.
-struct TestPacket {
+struct OffloadPacket {
     static let fin: UInt8 = 0x01, psh: UInt8 = 0x08, ack: UInt8 = 0x10, ece: UInt8 = 0x40, cwr: UInt8 = 0x80
 
     var bytes: [UInt8]
@@ -723,7 +734,7 @@ struct TestPacket {
 
     static func make(ipv6: Bool = false, tcp: Bool = true, payload: [UInt8], vlan: Bool = false, ipOptions: Int = 0,
                      seq: UInt32 = 0xFFFF_F000, flags: UInt8 = ack | psh | fin, ipID: UInt16 = 0xFFFE,
-                     zeroUDPChecksum: Bool = false) -> TestPacket {
+                     zeroUDPChecksum: Bool = false) -> OffloadPacket {
         var b: [UInt8] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0x52, 0x54, 0x00, 0xAB, 0xCD, 0xEF]
         if vlan { b += [0x81, 0x00, 0x20, 0x64] }
         b += ipv6 ? [0x86, 0xDD] : [0x08, 0x00]
@@ -740,7 +751,7 @@ struct TestPacket {
             b += [UInt8(0x40 | ihl / 4), 0x00] + be16(ihl + l4Length) + be16(Int(ipID)) + [0x40, 0x00, 64, proto, 0, 0]
             b += [10, 0, 0, 1, 192, 168, 7, 200]
             b += [UInt8](repeating: 1, count: ipOptions)  // NOP options
-            let c = Plain.checksum(b[l3...])
+            let c = PlainChecksum.checksum(b[l3...])
             b[l3 + 10] = UInt8(c >> 8)
             b[l3 + 11] = UInt8(c & 0xFF)
         }
@@ -753,11 +764,26 @@ struct TestPacket {
             b += be16(5353) + be16(9999) + be16(l4Length) + [0, 0]
         }
         b += payload
-        var p = TestPacket(bytes: b, l3: l3, l4: l4, payloadOffset: l4 + l4Header, isIPv6: ipv6, isTCP: tcp, payload: payload)
+        var p = OffloadPacket(bytes: b, l3: l3, l4: l4, payloadOffset: l4 + l4Header, isIPv6: ipv6, isTCP: tcp, payload: payload)
         if !(zeroUDPChecksum && !tcp) {
-            p.bytes.setBE16(Plain.sum(p.pseudoHeader(length: l4Length)), at: l4 + p.csumOffset)
+            p.bytes.setBE16(PlainChecksum.sum(p.pseudoHeader(length: l4Length)), at: l4 + p.csumOffset)
         }
         return p
+    }
+
+    /// A UDP datagram whose checksum comes out 0: its last word (even `payload`) is chosen so.
+    static func zeroChecksumUDP(ipv6: Bool = false, payload: Int) -> OffloadPacket {
+        precondition(payload % 2 == 0)
+        var p = make(ipv6: ipv6, tcp: false, payload: bytes(payload - 2, seed: 5) + [0, 0])
+        let n = p.bytes.count
+        var zeroed = p.bytes
+        zeroed[p.l4 + 6] = 0
+        zeroed[p.l4 + 7] = 0
+        let w = 0xFFFF - PlainChecksum.sum(p.pseudoHeader(length: n - p.l4) + zeroed[p.l4...])
+        p.bytes[n - 2] = UInt8(w >> 8)
+        p.bytes[n - 1] = UInt8(w & 0xFF)
+        return OffloadPacket(bytes: p.bytes, l3: p.l3, l4: p.l4, payloadOffset: p.payloadOffset, isIPv6: ipv6, isTCP: false,
+                          payload: Array(p.bytes[p.payloadOffset...]))
     }
 
     /// The TCP or UDP pseudo-header for `length` bytes of segment or datagram.
@@ -775,7 +801,7 @@ struct TestPacket {
         var segment = Array(frame[(frame.startIndex + l4)...])
         segment[csumOffset] = 0
         segment[csumOffset + 1] = 0
-        let c = Plain.checksum(pseudoHeader(length: segment.count) + segment)
+        let c = PlainChecksum.checksum(pseudoHeader(length: segment.count) + segment)
         return (udp ?? !isTCP) && c == 0 ? 0xFFFF : c
     }
 
@@ -813,7 +839,7 @@ struct TestPacket {
     static func be32(_ v: UInt32) -> [UInt8] { [UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)] }
 }
 
-extension Array where Element == UInt8 {
+fileprivate extension Array where Element == UInt8 {
     func be16(_ at: Int) -> UInt16 { UInt16(self[at]) << 8 | UInt16(self[at + 1]) }
     func be32(_ at: Int) -> UInt32 { UInt32(be16(at)) << 16 | UInt32(be16(at + 2)) }
     mutating func setBE16(_ v: UInt16, at: Int) {
@@ -833,7 +859,7 @@ extension Array where Element == UInt8 {
 
 /// Memory whose end is followed by an inaccessible page: a frame placed with `tail` ends right at
 /// it, so touching the byte after the frame is a crash rather than a silent read.
-final class GuardedBuffer {
+final class GuardPageBuffer {
     let base: UnsafeMutableRawPointer
     let mapped: Int
     let page: Int

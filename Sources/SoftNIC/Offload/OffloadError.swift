@@ -2,6 +2,4 @@
 struct OffloadError: Error, Equatable, CustomStringConvertible {
     let text: String
     var description: String { text }
-
-    init(_ text: String) { self.text = text }
 }

@@ -24,10 +24,13 @@ extension SoftOffload {
     /// types, which this device never offers.
     static let flagUDPTunnelCsum: UInt8 = 8
 
-    /// nil when the header is acceptable for a frame of `length` bytes (after the header) given the negotiated
-    /// `features`; otherwise a short text naming what is wrong. Rules (virtio 1.2 5.1.6.2): NEEDS_CSUM needs CSUM negotiated, and csum_start + csum_offset + 2 <= length;
-    /// a gso type other than NONE needs its HOST_ feature (TCPV4→HOST_TSO4, TCPV6→HOST_TSO6, UDP→HOST_UFO, the ECN bit→HOST_ECN), NEEDS_CSUM set,
-    /// gso_size > 0, and hdr_len <= length; unknown gso types (including UDP_L4=5) are refused; hdr_len > length is refused even without GSO.
+    /// nil when the header is acceptable for a frame of `length` bytes (after the header) given
+    /// the negotiated `features`; otherwise a short text naming what is wrong. Rules (virtio 1.2
+    /// 5.1.6.2): NEEDS_CSUM needs CSUM negotiated, and csum_start + csum_offset + 2 <= length; a
+    /// gso type other than NONE needs its HOST_ feature (TCPV4→HOST_TSO4, TCPV6→HOST_TSO6,
+    /// UDP→HOST_UFO, the ECN bit→HOST_ECN), NEEDS_CSUM set, gso_size > 0, and hdr_len <= length;
+    /// unknown gso types (including UDP_L4=5) are refused; hdr_len > length is refused even
+    /// without GSO.
     ///
     /// Flags, as the spec has them: the device "MUST ignore flag bits that it does not
     /// recognize" (5.1.6.2.2), so bits the spec does not define for transmission are ignored;

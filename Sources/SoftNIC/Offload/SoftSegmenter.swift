@@ -44,8 +44,9 @@ struct SoftSegmenter {
     private let fragmenting: Bool
     /// The pseudo-header's address words plus the protocol (the length is added per segment).
     private let pseudoSum: UInt64
-    /// TCP: the frame's sequence number and flags; IPv4: its id.
+    /// TCP: the frame's sequence number.
     private let sequence: UInt32
+    /// IPv4: the frame's id.
     private let ipID: UInt16
     /// UDP: the datagram's checksum, computed in init; nil when an IPv4 checksum field is 0.
     private let udpChecksum: UInt16?
@@ -65,7 +66,7 @@ struct SoftSegmenter {
         let gsoSize = Int(header.gsoSize)
         // The gso type's own errors (unknown, NONE) come first, from the layout.
         let layout = try GSOLayout(f, gsoType: header.gsoType)
-        guard gsoSize > 0 else { throw OffloadError("gso_size 0 for gso type \(GSOLayout.name(gsoType: header.gsoType))") }
+        guard gsoSize > 0 else { throw OffloadError(text: "gso_size 0 for gso type \(GSOLayout.name(gsoType: header.gsoType))") }
         self.frame = f
         self.layout = layout
         let l3 = layout.ipOffset, l4 = layout.transportOffset
@@ -98,7 +99,7 @@ struct SoftSegmenter {
             fragmenting = payloadLength > gsoSize
             if fragmenting {
                 step = gsoSize & ~7
-                guard step > 0 else { throw OffloadError("gso_size \(gsoSize) is too small for an IP fragment (8 bytes at least)") }
+                guard step > 0 else { throw OffloadError(text: "gso_size \(gsoSize) is too small for an IP fragment (8 bytes at least)") }
                 count = (payloadLength + step - 1) / step
                 let fragmentHeader = layout.isIPv6 ? 8 : 0
                 maxSegmentLength = l4 + fragmentHeader + step
@@ -111,10 +112,10 @@ struct SoftSegmenter {
             }
         }
         guard count <= Self.maxSegments else {
-            throw OffloadError("\(count) segments (payload \(payloadLength) bytes, gso_size \(gsoSize)) is more than \(Self.maxSegments)")
+            throw OffloadError(text: "\(count) segments (payload \(payloadLength) bytes, gso_size \(gsoSize)) is more than \(Self.maxSegments)")
         }
         let ipLength = maxSegmentLength - l3
-        guard ipLength <= 65535 else { throw OffloadError("a segment of \(ipLength) bytes of IP would exceed 65535") }
+        guard ipLength <= 65535 else { throw OffloadError(text: "a segment of \(ipLength) bytes of IP would exceed 65535") }
     }
 
     /// Writes the next segment into `out` (at least `capacity` bytes) and returns its length, nil when all were written.
