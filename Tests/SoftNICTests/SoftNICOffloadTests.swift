@@ -23,7 +23,7 @@ final class SoftNICOffloadTests: SoftNICTestCase {
     }
 
     /// Checks segments of `p` cut at `mss`: payload in order and whole, checksums that verify.
-    func checkSegments(_ p: TestPacket, _ frames: [ReceivedFrame], mss: Int, file: StaticString = #filePath, line: UInt = #line) {
+    func checkSegments(_ p: OffloadPacket, _ frames: [ReceivedFrame], mss: Int, file: StaticString = #filePath, line: UInt = #line) {
         var payload: [UInt8] = []
         for (i, f) in frames.enumerated() {
             let s = f.frame
@@ -33,7 +33,7 @@ final class SoftNICOffloadTests: SoftNICTestCase {
             payload += s[p.payloadOffset...]
             let got = UInt16(s[p.l4 + p.csumOffset]) << 8 | UInt16(s[p.l4 + p.csumOffset + 1])
             XCTAssertEqual(got, p.expectedChecksum(s), "segment \(i): TCP checksum", file: file, line: line)
-            if !p.isIPv6 { XCTAssertEqual(Plain.checksum(s[p.l3..<(p.l3 + 20)]), 0, "segment \(i): IPv4 header checksum", file: file, line: line) }
+            if !p.isIPv6 { XCTAssertEqual(PlainChecksum.checksum(s[p.l3..<(p.l3 + 20)]), 0, "segment \(i): IPv4 header checksum", file: file, line: line) }
         }
         XCTAssertEqual(payload, p.payload, "the segments carry the payload whole and in order", file: file, line: line)
     }
@@ -42,7 +42,7 @@ final class SoftNICOffloadTests: SoftNICTestCase {
         let env = try makeDaemon([.init(id: "p", link: "loopback")])
         let g = try env.connectAndStart("p", features: Self.offloading)
         g.postRX(count: 16, size: 4096)
-        let p = TestPacket.make(payload: TestPacket.bytes(600, seed: 1))
+        let p = OffloadPacket.make(payload: OffloadPacket.bytes(600, seed: 1))
         var gsoSizeZero = p.header(gsoSize: 1448)
         gsoSizeZero.gsoSize = 0
         var csumBeyond = VirtioNetHeader(flags: VirtioNetHeader.flagNeedsCsum, csumStart: UInt16(p.bytes.count), csumOffset: 16)
@@ -72,7 +72,7 @@ final class SoftNICOffloadTests: SoftNICTestCase {
         let env = try makeDaemon([.init(id: "p", link: "loopback")])
         let g = try env.connectAndStart("p", features: Self.offloading)
         g.postRX(count: 32, size: 4096)
-        let p = TestPacket.make(payload: TestPacket.bytes(20000, seed: 2))
+        let p = OffloadPacket.make(payload: OffloadPacket.bytes(20000, seed: 2))
         let h = p.header(gsoSize: 1448)
         g.sendAndComplete([p.bytes], headers: [headerBytes(h)])
         let got = g.receive(1)
@@ -87,8 +87,8 @@ final class SoftNICOffloadTests: SoftNICTestCase {
         let env = try makeDaemon([.init(id: "p", link: "loopback")])
         let g = try env.connectAndStart("p", features: Self.sendsOnly)
         g.postRX(count: 64, size: 2048)
-        let p = TestPacket.make(payload: TestPacket.bytes(10000, seed: 3))
-        let partial = TestPacket.make(payload: TestPacket.bytes(900, seed: 4))
+        let p = OffloadPacket.make(payload: OffloadPacket.bytes(10000, seed: 3))
+        let partial = OffloadPacket.make(payload: OffloadPacket.bytes(900, seed: 4))
         g.sendAndComplete([p.bytes, partial.bytes],
                           headers: [headerBytes(p.header(gsoSize: 1448)), headerBytes(partial.header(gsoSize: 0, type: VirtioNetHeader.gsoNone))])
         let got = g.receive(8)
@@ -107,7 +107,7 @@ final class SoftNICOffloadTests: SoftNICTestCase {
         let env = try makeDaemon([.init(id: a, link: "wire:\(b)"), .init(id: b, link: "wire:\(a)")])
         let ga = try env.connectAndStart(a, features: Self.offloading)
         let gb = try env.connectAndStart(b, features: Features.all)
-        let p = TestPacket.make(ipv6: true, payload: TestPacket.bytes(30000, seed: 5))
+        let p = OffloadPacket.make(ipv6: true, payload: OffloadPacket.bytes(30000, seed: 5))
         // B has buffers for 5 of the 21 segments: they arrive, the rest wait on the wire.
         gb.postRX(count: 5, size: 2048)
         ga.sendAndComplete([p.bytes], headers: [headerBytes(p.header(gsoSize: 1440))])

@@ -59,7 +59,7 @@ final class SoftNICTapTests: SoftNICTestCase {
         let (env, name) = try tapPort()
         let g = try env.connectAndStart("t", features: Features.all | VirtioNetFeature.offloads)
         let sock = try PacketSocket(interface: name)
-        let p = TestPacket.make(payload: TestPacket.bytes(20000, seed: 9))
+        let p = OffloadPacket.make(payload: OffloadPacket.bytes(20000, seed: 9))
         g.sendAndComplete([p.bytes], layout: .split, headers: [headerBytes(p.header(gsoSize: 1448))])
         XCTAssertEqual(sock.receive(type: 0x0800), p.bytes, "the 20 KB TCP frame arrives whole: the kernel holds it as one GSO packet")
         let plain = TestFrames.make(length: 1400, seed: 10)
@@ -105,7 +105,7 @@ final class SoftNICTapTests: SoftNICTestCase {
         sock.send(f)
         XCTAssertEqual(g.receive(1).map(\.frame), [f])
         XCTAssertEqual(env.device("t").tapDirectFrames(), [0])
-        let p = TestPacket.make(payload: TestPacket.bytes(12000, seed: 41))
+        let p = OffloadPacket.make(payload: OffloadPacket.bytes(12000, seed: 41))
         g.sendAndComplete([p.bytes], headers: [headerBytes(p.header(gsoSize: 1448))])
         XCTAssertEqual(sock.receive(type: 0x0800), p.bytes, "the copying path passes the header too")
     }
