@@ -14,6 +14,7 @@ extension DMAEngine {
         var resolutions = 0
         var outcome: RXOutcome
         var position: RXPosition
+        waitingForBuffers = false
         while true {
             guard let q = r.queue else { r.stats.drop(.noBuffer); return false }
             let writer = RXWriter(queue: q, memory: view, headerLength: headerLength, mergeable: mergeable)
@@ -43,6 +44,7 @@ extension DMAEngine {
             return true
         case .dropped(let reason):
             if reason != .noBuffer || countDrop { r.stats.drop(reason) }
+            waitingForBuffers = reason == .noBuffer
             return false
         }
     }
@@ -75,6 +77,7 @@ extension DMAEngine {
                     break
                 }
                 w.pop()
+                wireResume = 0
                 n += 1
             }
             return n
@@ -111,13 +114,14 @@ extension DMAEngine {
     func deliverOffloaded(_ frame: UnsafeMutableRawPointer, length: Int, header: inout VirtioNetHeader, to rx: EngineRing,
                           countDrop: Bool, resume: inout Int) -> Bool {
         header.numBuffers = 0
+        // DATA_VALID on TX means nothing (the sender's guest may set it): it never crosses.
         // DATA_VALID is for guests with GUEST_CSUM only.
         if features & VirtioNetFeature.guestCsum == 0 { header.flags &= ~VirtioNetHeader.flagDataValid }
         if header.flags == 0 && header.gsoType == VirtioNetHeader.gsoNone {
-            return deliver(frame, length: length, to: rx, countDrop: countDrop) || countDrop
+            return deliver(frame, length: length, to: rx, countDrop: countDrop) || !waits(countDrop)
         }
         if guestTakes(header) {
-            return deliver(frame, length: length, header: header, to: rx, countDrop: countDrop) || countDrop
+            return deliver(frame, length: length, header: header, to: rx, countDrop: countDrop) || !waits(countDrop)
         }
         if header.gsoType == VirtioNetHeader.gsoNone {
             // A partial checksum the guest does not take: complete it (once: the flag goes).
@@ -128,7 +132,7 @@ extension DMAEngine {
                 return true
             }
             header.flags &= ~VirtioNetHeader.flagNeedsCsum
-            return deliver(frame, length: length, header: header, to: rx, countDrop: countDrop) || countDrop
+            return deliver(frame, length: length, header: header, to: rx, countDrop: countDrop) || !waits(countDrop)
         }
         var segments: SoftSegmenter
         do throws(OffloadError) {
@@ -142,7 +146,7 @@ extension DMAEngine {
         while let n = segments.next(into: segmentBuffer, capacity: Self.frameBufferSize) {
             defer { index += 1 }
             if index < resume { continue }
-            if !deliver(segmentBuffer, length: n, to: rx, countDrop: countDrop) && !countDrop {
+            if !deliver(segmentBuffer, length: n, to: rx, countDrop: countDrop) && waits(countDrop) {
                 resume = index
                 return false
             }
@@ -150,6 +154,13 @@ extension DMAEngine {
         resume = 0
         return true
     }
+
+    /// Whether a frame `deliver` just refused should wait for buffers: only when the caller keeps
+    /// frames (`countDrop` false) and no buffer was posted. One that can never fit (buffers too
+    /// small for it) or whose ring faulted was counted, and is done with: it must not hold the
+    /// frames behind it.
+    @inline(__always)
+    func waits(_ countDrop: Bool) -> Bool { !countDrop && waitingForBuffers }
 
     /// The next running RX ring, round-robin.
     func nextRX() -> EngineRing? {

@@ -142,7 +142,11 @@ extension DMAEngine {
     /// included: the tap takes the same header), to the wire or the paired RX ring (loopback)
     /// gathered with its header.
     @inline(__always)
-    func transmit(_ chain: DescriptorChain, length: Int, header: VirtioNetHeader, from r: EngineRing) {
+    func transmit(_ chain: DescriptorChain, length: Int, header given: VirtioNetHeader, from r: EngineRing) {
+        // DATA_VALID means nothing on TX (virtio 1.2, 5.1.6.2): it must not reach a receiver
+        // as "checksum validated". (The tap gets the guest's header as it is; the kernel ignores it there.)
+        var header = given
+        header.flags &= ~VirtioNetHeader.flagDataValid
         switch link.kind {
         case .sink, .source:
             break  // they consume TX frames; they are counted by the caller

@@ -100,7 +100,9 @@ extension DMAEngine {
                 continue
             }
             let hdr = headerLength
-            if link.zeroCopy && fillWindow(rx, need: hdr + tapMaxFrame) {
+            // One byte beyond the largest frame: the kernel cuts a longer frame to the window and
+            // says so only by filling it, so a read that reaches past the largest frame was cut.
+            if link.zeroCopy && fillWindow(rx, need: hdr + tapMaxFrame + 1) {
                 let got: Int
                 do throws(SystemError) {
                     guard let g = try tap.receive(scattered: rxWindow.iov, count: rxWindow.iovCount) else { break }
@@ -165,7 +167,6 @@ extension DMAEngine {
             let chain: DescriptorChain
             do { chain = try rx.walker.walk(head: head, queue: q, memory: view) } catch { return false }
             var k = chain.firstWritableIndex
-            if w.chains == 0 && (k >= chain.count || Int(chain[k].length) < headerLength) { return false }
             if chain.writableBytes == 0 { return false }
             var count = w.iovCount
             while k < chain.count {
@@ -184,7 +185,9 @@ extension DMAEngine {
             w.iovCount = count
             w.chains &+= 1
         }
-        return true
+        // The header and num_buffers go in the first buffer: whichever chain is first now (after
+        // frames used the ones before it) must hold them whole, or the copy path takes the frame.
+        return w.iov[0].iov_len >= headerLength
     }
 
     /// A frame of `got` bytes (header included) was read into the window: its chains are used,
@@ -193,14 +196,34 @@ extension DMAEngine {
         let w = rxWindow
         let hdr = headerLength
         guard let q = rx.queue else { w.invalidate(); return }
-        if got > w.bytes {
-            // The frame was longer than the window (the tap's MTU above the device's largest
-            // frame): the kernel cut it, nothing is used (the bytes written into the posted
-            // buffers stay unused, as a NIC's would).
-            rx.stats.drop(.frameTooLarge)
+        if got > hdr + tapMaxFrame || got < hdr + 14 {
+            // Longer than the largest frame (the tap's MTU set above it; the kernel cut it to the
+            // window), or a runt: dropped, nothing used. The bytes the kernel wrote stay in the
+            // posted buffers, which the guest gets back only with later frames written over them.
+            rx.stats.drop(got < hdr + 14 ? .runt : .frameTooLarge)
             return
         }
-        if got < hdr + 14 { rx.stats.drop(.runt); return }
+        let first = w.iov[0].iov_base!
+        // Safety: the first buffer holds at least the header (fillWindow checked it).
+        let h = VirtioNetHeader(from: first, size: hdr)
+        if (h.flags & ~VirtioNetHeader.flagDataValid) != 0 || h.gsoType != VirtioNetHeader.gsoNone, !guestTakes(h) {
+            // Offloads the guest does not take (frames the tap queued before the guest's offloads
+            // changed): copy it out and deliver it through the software path, which writes these
+            // same chains again, this time checked and used.
+            var out = 0
+            var i = 0
+            while out < got {
+                let n = min(w.iov[i].iov_len, got - out)
+                // Safety: out + n <= got <= hdr + maxGSOFrame < frameBufferSize; the iov entry has iov_len >= n bytes.
+                (frameBuffer + out).copyMemory(from: w.iov[i].iov_base!, byteCount: n)
+                out += n
+                i += 1
+            }
+            var copy = h
+            var resume = 0
+            _ = deliverOffloaded(frameBuffer + hdr, length: got - hdr, header: &copy, to: rx, countDrop: true, resume: &resume)
+            return
+        }
         var left = got
         var used = rx.usedIdx
         var k = 0
@@ -211,7 +234,6 @@ extension DMAEngine {
             left -= c
             k += 1
         }
-        let first = w.iov[0].iov_base!
         // Safety: the first buffer holds the header (fillWindow checked it is at least hdr bytes).
         if features & VirtioNetFeature.guestCsum == 0 {
             // DATA_VALID is for guests with GUEST_CSUM; without it the kernel sends no other flag.

@@ -55,6 +55,9 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     /// Segments of the wire's first frame already delivered (a frame cut in software waits on the
     /// wire, part delivered, until the guest posts buffers for the rest).
     var wireResume = 0
+    /// The last `deliver` that returned false found no buffer posted (rather than buffers too
+    /// small, or a fault): see `waits`.
+    var waitingForBuffers = false
     var active: [EngineRing] = []
     var activeRX: [EngineRing] = []
     /// Round-robin over the RX rings for frames from a tap or a wire.

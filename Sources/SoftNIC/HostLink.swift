@@ -11,6 +11,7 @@ import Virtio
 final class HostLink {
     enum Kind { case sink, source, loopback, tap, wire }
     let spec: LinkSpec
+    let portID: String
     let kind: Kind
     let tap: TapDevice?
     /// Frames from the wire's peer, and the peer's inbound ring.
@@ -23,6 +24,7 @@ final class HostLink {
 
     init(_ spec: LinkSpec, portID: String, macOwn: UInt64, macGuest: UInt64, logger: Logger) throws {
         self.spec = spec
+        self.portID = portID
         var tap: TapDevice?
         var wireIn: FrameRing?
         var wireOut: FrameRing?
@@ -50,11 +52,16 @@ final class HostLink {
             kind = .wire
             wireIn = try WireHub.shared.inbound(for: portID)
             wireOut = try WireHub.shared.inbound(for: peer)
+            try WireHub.shared.claim(peer: peer, sender: portID)
         }
         self.tap = tap
         self.wireIn = wireIn
         self.wireOut = wireOut
         generator = TrafficGenerator(frameSize: frameSize, rate: rate, dst: macGuest, src: macOwn)
+    }
+
+    deinit {
+        if case .wire(let peer) = spec { WireHub.shared.release(peer: peer, sender: portID) }
     }
 
     /// Whether the link takes TX frames only to count them (sink and source).

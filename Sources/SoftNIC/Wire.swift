@@ -110,6 +110,30 @@ public final class FrameRing: @unchecked Sendable {
 public final class WireHub: Sendable {
     public static let shared = WireHub()
     private let rings = Mutex<[String: FrameRing]>([:])
+    /// Which port sends into each port's inbound ring: a ring has one producer.
+    private let senders = Mutex<[String: String]>([:])
+
+    public struct SharedPeer: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// Makes `sender` the one port that sends to `peer`; refused when another port does already
+    /// (two ports wired to one peer would be two producers on its single-producer ring).
+    func claim(peer: String, sender: String) throws(SharedPeer) {
+        let other: String? = senders.withLock { d in
+            if let o = d[peer], o != sender { return o }
+            d[peer] = sender
+            return nil
+        }
+        if let other {
+            throw SharedPeer(description: "link=wire:\(peer): port \(other) is already wired to \(peer); a port takes one wire (give each pair of ports its own: wire:B on A, wire:A on B)")
+        }
+    }
+
+    /// Releases `sender`'s claim on `peer` (its link went away).
+    func release(peer: String, sender: String) {
+        senders.withLock { d in if d[peer] == sender { d[peer] = nil } }
+    }
 
     func inbound(for id: String) throws(SystemError) -> FrameRing {
         if let r = rings.withLock({ $0[id] }) { return r }

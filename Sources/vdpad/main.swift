@@ -18,7 +18,7 @@ struct Vdpad: ParsableCommand {
           socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off]
           socket=PATH  the vhost-user socket (paths containing ',' are not supported)
           id=NAME      port name (default vdpa0, vdpa1, ... in order)
-          link=LINK    loopback (default) | sink | source[:size=BYTES][:rate=PPS] | tap[:ifname=IF] | wire:ID
+          link=LINK    loopback (default) | sink | source[:size=BYTES][:rate=PPS] | tap[:ifname=IF][:zerocopy=off] | wire:ID
           queues=N     queue pairs (default 1; a kernel device serves one)
           device=DEV   softnic (default) | vhost-vdpa:/dev/vhost-vdpa-N (a kernel vDPA NIC;
                        link= and mac= are the software NIC's)
