@@ -139,8 +139,9 @@ extension DMAEngine {
 
 extension DMAEngine {
     /// Takes the negotiated features: the header's size and the offloads each way; a tap link
-    /// is told the header's size and which offloads the guest takes (TUNSETOFFLOAD), so the
-    /// kernel hands over only frames the guest can take and does the rest itself.
+    /// is told the header's size and which offloads the guest takes (TUNSETOFFLOAD, through
+    /// its TapConfigurator), so the kernel hands over only frames the guest can take and does
+    /// the rest itself.
     func applyFeatures(_ f: UInt64) {
         features = f
         eventIdx = f & VirtioFeature.ringEventIdx != 0
@@ -148,7 +149,7 @@ extension DMAEngine {
         indirect = f & VirtioFeature.ringIndirectDesc != 0
         headerLength = VirtioNetHeader.size(features: f)
         translationGeneration &+= 1
-        guard let tap = link.tap else { return }
+        guard let config = link.tapConfig else { return }
         var offloads: UInt32 = 0
         // TUN takes segmentation offloads only together with checksum offload (as the spec's GUEST_TSO* need GUEST_CSUM).
         if f & VirtioNetFeature.guestCsum != 0 {
@@ -158,13 +159,12 @@ extension DMAEngine {
             if f & VirtioNetFeature.guestECN != 0 && offloads & (TapDevice.offloadTSO4 | TapDevice.offloadTSO6) != 0 { offloads |= TapDevice.offloadTSOECN }
             if f & VirtioNetFeature.guestUFO != 0 { offloads |= TapDevice.offloadUFO }
         }
-        do throws(SystemError) {
-            try tap.setVnetHeaderSize(headerLength)
-            try tap.setOffloads(offloads)
-        } catch {
-            // The kernel then completes what it cannot hand over: frames still flow, only
-            // without offloads (or, with the wrong header size, garbled: say so loudly).
-            logger.error("tap \(tap.name): \(error); frames to the guest may not match its offloads")
-        }
+        // Applied off this thread (TapConfigurator); until then no frame passes the tap.
+        tapWanted = config.request(headerLength: headerLength, offloads: offloads)
     }
+
+    /// Whether the tap has the header size and offloads of the negotiated features (frames
+    /// pass between the guest and the tap only then).
+    @inline(__always)
+    var tapReady: Bool { link.tapConfig.map { $0.isApplied(tapWanted) } ?? true }
 }

@@ -151,7 +151,8 @@ extension DMAEngine {
         case .sink, .source:
             break  // they consume TX frames; they are counted by the caller
         case .tap:
-            if !sendToTap(chain, length: length, header: header) { r.stats.drop(.linkError) }
+            // Not until the tap has the negotiated header size and offloads (a link coming up).
+            if !tapReady || !sendToTap(chain, length: length, header: header) { r.stats.drop(.linkError) }
         case .loopback:
             let rx = rings[r.index - 1]
             guard rx.running else { rx.stats.drop(.noBuffer); return }

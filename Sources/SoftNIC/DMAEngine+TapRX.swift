@@ -92,8 +92,9 @@ extension DMAEngine {
         guard let tap = link.tap else { return 0 }
         var n = 0
         while n < Self.batch {
-            // Like a NIC without RX descriptors: a frame that finds no running RX ring is dropped.
-            guard let rx = nextRX() else {
+            // Like a NIC without RX descriptors: a frame that finds no running RX ring (or a tap
+            // not yet set to the negotiated header size and offloads) is dropped.
+            guard tapReady, let rx = nextRX() else {
                 guard let got = readTapCopy(tap) else { break }
                 if got >= 0 { rings[0].stats.drop(.noBuffer) }
                 n += 1

@@ -58,6 +58,8 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     /// The last `deliver` that returned false found no buffer posted (rather than buffers too
     /// small, or a fault): see `waits`.
     var waitingForBuffers = false
+    /// The tap setting the negotiated features asked for (TapConfigurator's generation).
+    var tapWanted: UInt64 = 0
     var active: [EngineRing] = []
     var activeRX: [EngineRing] = []
     /// Round-robin over the RX rings for frames from a tap or a wire.
@@ -95,6 +97,7 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
         txIOV = .allocate(capacity: Self.txIOVCapacity)
         try epoll.add(wake.raw, token: Self.wakeToken)
         if let tap = link.tap { try epoll.add(tap.raw, token: Self.tapToken) }
+        link.tapConfig?.setEngineWake(wake)
         if let wire = link.wireIn { try epoll.add(wire.wake.raw, token: Self.wireToken) }
     }
 

@@ -21,6 +21,8 @@ final class HostLink {
     /// Tap frames go between the guest's buffers and the kernel directly (writev, readv);
     /// false: through the device's buffer.
     var zeroCopy = false
+    /// Applies the tap's header size and offloads off the engine's thread (see TapConfigurator).
+    var tapConfig: TapConfigurator?
 
     init(_ spec: LinkSpec, portID: String, macOwn: UInt64, macGuest: UInt64, logger: Logger) throws {
         self.spec = spec
@@ -45,7 +47,7 @@ final class HostLink {
             // With a virtio-net header on every frame: the guest's offloads pass through, and the
             // kernel does the work for the other side (see `DMAEngine.applyFeatures`).
             let device = try TapDevice(name: name ?? String("vdpa-\(portID)".prefix(15)), vnetHeader: true)
-            try device.setVnetHeaderSize(VirtioNetHeader.fullSize)
+            tapConfig = try TapConfigurator(tap: device, headerLength: VirtioNetHeader.fullSize, logger: logger)
             logger.info("tap link on interface \(device.name)")
             tap = device
         case .wire(let peer):
@@ -62,6 +64,7 @@ final class HostLink {
 
     deinit {
         if case .wire(let peer) = spec { WireHub.shared.release(peer: peer, sender: portID) }
+        tapConfig?.stop()
     }
 
     /// Whether the link takes TX frames only to count them (sink and source).
