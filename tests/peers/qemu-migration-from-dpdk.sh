@@ -40,7 +40,8 @@
 #      qemu-migration): the port's RX packets and the guest's rx_packets/tx_packets grow, the
 #      guest answers on its command channel, no panic on its console.
 #
-# Environment: XMIG_RUNS (default 2), XMIG_PING_INTERVAL (default 0.01), XMIG_PING_SIZE
+# Environment: XMIG_RUNS (default 2), XMIG_DPDK_VDEV_ARGS (more net_vhost0 options, e.g.
+# ",tso=1"), XMIG_PING_INTERVAL (default 0.01), XMIG_PING_SIZE
 # (default 1400: the guest copies such frames out of the RX buffer instead of building the
 # skb in it, so the buffer keeps DPDK's bytes; see qemu-migration.sh), XMIG_RATE (frames/s of
 # the destination's link, default 1000), XMIG_FRAME_SIZE (default 1400), XMIG_STRICT_DEST=1

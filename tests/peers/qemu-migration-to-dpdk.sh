@@ -26,7 +26,8 @@
 #      gets replies: traffic out of the guest comes back), DPDK's port counters grow, the
 #      guest answers on its command channel, no panic on its console.
 #
-# Environment: XMIG_RUNS (default 2), XMIG_RATE (default 100), XMIG_FRAME_SIZE (default
+# Environment: XMIG_RUNS (default 2), XMIG_DPDK_VDEV_ARGS (more net_vhost0 options, e.g.
+# ",tso=1"), XMIG_RATE (default 100), XMIG_FRAME_SIZE (default
 # 1400: 1400-byte frames at 100/s make a missing mark show in the RAM files, see
 # qemu-migration.sh), XMIG_PING_INTERVAL (default 0.01), XMIG_PING_SIZE (default 512),
 # XMIG_SOURCE_ENV (more VAR=VALUE words for the source vdpad, e.g.

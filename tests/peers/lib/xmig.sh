@@ -68,11 +68,13 @@ xm_faults() { xm_port "$1" "$2" '[.queues[].faults] | add'; }
 
 # xm_dpdk NAME SOCKET: testpmd with DPDK's vhost PMD (net_vhost0, the socket server) in icmpecho
 # mode, main lcore 0 (forwarding on lcore 1), statistics every second in $TMP/NAME.log.
+# XMIG_DPDK_VDEV_ARGS adds net_vhost0 options (e.g. ",tso=1": the PMD then offers HOST_TSO4/6,
+# which its default tso=0 leaves out).
 xm_dpdk() {
     local name=$1 sock=$2 prefix=vh-$$-$1
     DPDK_PREFIXES+=("$prefix")
     spawn "$name" "$TESTPMD" -l 0-1 --main-lcore 0 --no-huge -m 1024 --no-pci \
-        --file-prefix="$prefix" --vdev "net_vhost0,iface=$sock,queues=1" -- \
+        --file-prefix="$prefix" --vdev "net_vhost0,iface=$sock,queues=1${XMIG_DPDK_VDEV_ARGS:-}" -- \
         --no-mlockall --forward-mode=icmpecho -a --total-num-mbufs=16384 --stats-period 1
     wait_for_socket "$sock" 30 "$name"
 }
