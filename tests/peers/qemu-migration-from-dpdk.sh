@@ -41,7 +41,8 @@
 #      guest answers on its command channel, no panic on its console.
 #
 # Environment: XMIG_RUNS (default 2), XMIG_DPDK_VDEV_ARGS (more net_vhost0 options, e.g.
-# ",tso=1"), XMIG_PING_INTERVAL (default 0.01), XMIG_PING_SIZE
+# ",tso=1"), XMIG_VDPAD_PORT_OPTS (more options for the destination vdpad port, e.g.
+# ",features=..."), XMIG_PING_INTERVAL (default 0.01), XMIG_PING_SIZE
 # (default 1400: the guest copies such frames out of the RX buffer instead of building the
 # skb in it, so the buffer keeps DPDK's bytes; see qemu-migration.sh), XMIG_RATE (frames/s of
 # the destination's link, default 1000), XMIG_FRAME_SIZE (default 1400), XMIG_STRICT_DEST=1
@@ -66,6 +67,7 @@ resolve_bins
 command -v jq >/dev/null || fail "jq missing: run scripts/install-deps"
 
 QEMU_LOSS_RUNS=0 DEST_JUDGED=0 SUMMARY=()
+XM_LOAD_HINT="a vdpad destination must offer every feature the guest acked on DPDK's vhost PMD"
 
 run() {
     local tag=$1 t0=$SECONDS
@@ -83,7 +85,7 @@ run() {
     say "$tag: DPDK negotiated ${dpdkfeat:-?} = $(xm_names "${dpdkfeat:-0}")"
     say "$tag: the guest acked (QEMU's view): $gfeat"
 
-    xm_vdpad "vdst-$tag" "$dctl" -- "socket=$TMP/$tag-dst.sock,id=dst,link=source:size=$FSIZE:rate=$RATE,mac=$XM_MAC"
+    xm_vdpad "vdst-$tag" "$dctl" -- "socket=$TMP/$tag-dst.sock,id=dst,link=source:size=$FSIZE:rate=$RATE,mac=$XM_MAC${XMIG_VDPAD_PORT_OPTS:-}"
     local port; port=$(free_port)
     start_qemu "$dst" --socket "$TMP/$tag-dst.sock" --connect --mac "$XM_MAC" --ip "$XM_IP" \
         --incoming "tcp:127.0.0.1:$port"

@@ -27,7 +27,8 @@
 #      guest answers on its command channel, no panic on its console.
 #
 # Environment: XMIG_RUNS (default 2), XMIG_DPDK_VDEV_ARGS (more net_vhost0 options, e.g.
-# ",tso=1"), XMIG_RATE (default 100), XMIG_FRAME_SIZE (default
+# ",tso=1"), XMIG_VDPAD_PORT_OPTS (more options for the source vdpad port, e.g.
+# ",features=..."), XMIG_RATE (default 100), XMIG_FRAME_SIZE (default
 # 1400: 1400-byte frames at 100/s make a missing mark show in the RAM files, see
 # qemu-migration.sh), XMIG_PING_INTERVAL (default 0.01), XMIG_PING_SIZE (default 512),
 # XMIG_SOURCE_ENV (more VAR=VALUE words for the source vdpad, e.g.
@@ -53,13 +54,14 @@ resolve_bins
 command -v jq >/dev/null || fail "jq missing: run scripts/install-deps"
 
 QEMU_LOSS_RUNS=0 DEST_JUDGED=0 SUMMARY=()
+XM_LOAD_HINT="DPDK's vhost PMD offers HOST_TSO4/6 only with tso=1 (XMIG_DPDK_VDEV_ARGS=,tso=1); or restrict the vdpad port to what DPDK offers before the VM starts (XMIG_VDPAD_PORT_OPTS=,features=...)"
 
 run() {
     local tag=$1 t0=$SECONDS
     echo "--- $TEST_NAME: $tag (vdpad link=source $RATE frames/s of $FSIZE B, guest pings every ${PING_INTERVAL}s -> DPDK vhost PMD icmpecho)"
     local sctl=$TMP/$tag-src.ctl ssock=$TMP/$tag-src.sock src=src-$tag dst=dst-$tag dpdk=dpdk-$tag
     xm_vdpad "vsrc-$tag" "$sctl" "VDPAD_TEST_JOURNAL=$TMP/$tag.journal" "${SOURCE_ENV[@]}" -- \
-        "socket=$ssock,id=src,link=source:size=$FSIZE:rate=$RATE,mac=$XM_MAC"
+        "socket=$ssock,id=src,link=source:size=$FSIZE:rate=$RATE,mac=$XM_MAC${XMIG_VDPAD_PORT_OPTS:-}"
     start_qemu "$src" --socket "$ssock" --connect --mac "$XM_MAC" --ip "$XM_IP"
     local src_shm=$SHM
     wait_guest "$src" 90

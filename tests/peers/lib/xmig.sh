@@ -203,7 +203,9 @@ xm_explain_features() {
 }
 
 # xm_dest_loaded TAG DST-VM: fail unless the destination QEMU is alive and has loaded the state
-# (paused, waiting for cont), with its own error and the refused features otherwise.
+# (paused, waiting for cont), with its own error and the refused features otherwise (and
+# XM_LOAD_HINT, which a test may set, when QEMU refused features).
+XM_LOAD_HINT=
 xm_dest_loaded() {
     local tag=$1 vm=$2 st i
     for ((i = 0; i < 50; i++)); do
@@ -214,7 +216,7 @@ xm_dest_loaded() {
     done
     if ! alive "$vm"; then
         local why; why=$(xm_explain_features "$vm" || true)
-        fail "$tag: the destination QEMU refused the migration and exited: $(xm_load_error "$vm")${why:+ ($why)}"
+        fail "$tag: the destination QEMU refused the migration and exited: $(xm_load_error "$vm")${why:+ ($why${XM_LOAD_HINT:+; $XM_LOAD_HINT})}"
     fi
     [[ $st == *paused* && $st != *inmigrate* ]] || fail "$tag: destination QEMU not loaded and paused after the migration: '$st'"
 }
