@@ -53,12 +53,8 @@ xm_vdpad() {
 xm_port() {
     vd_json "$1" stats 2>/dev/null | jq -r --arg p "$2" ".ports[] | select(.id == \$p) | $3" 2>/dev/null
 }
-# xm_rxq CONTROL PORT-ID: "mode packets relayed pagesMarked switchovers gapMicros faults" of
-# the port's RX queue 0.
-xm_rxq() {
-    xm_port "$1" "$2" '.queues[] | select(.index == 0) |
-        "\(.mode) \(.packets) \(.relayed) \(.pagesMarked) \(.switchovers) \(.lastSwitchoverGapMicros) \(.faults)"'
-}
+# xm_rxq CONTROL PORT-ID: vd_q of the port's RX queue 0.
+xm_rxq() { vd_q "$1" 0 "$2"; }
 # xm_status CONTROL PORT-ID FILTER: jq FILTER on the port's object in `vdpactl status`.
 xm_status() {
     vd_json "$1" status 2>/dev/null | jq -r --arg p "$2" ".ports[] | select(.id == \$p) | $3" 2>/dev/null
@@ -71,12 +67,8 @@ xm_faults() { xm_port "$1" "$2" '[.queues[].faults] | add'; }
 # XMIG_DPDK_VDEV_ARGS adds net_vhost0 options (e.g. ",tso=1": the PMD then offers HOST_TSO4/6,
 # which its default tso=0 leaves out).
 xm_dpdk() {
-    local name=$1 sock=$2 prefix=vh-$$-$1
-    DPDK_PREFIXES+=("$prefix")
-    spawn "$name" "$TESTPMD" -l 0-1 --main-lcore 0 --no-huge -m 1024 --no-pci \
-        --file-prefix="$prefix" --vdev "net_vhost0,iface=$sock,queues=1${XMIG_DPDK_VDEV_ARGS:-}" -- \
-        --no-mlockall --forward-mode=icmpecho -a --total-num-mbufs=16384 --stats-period 1
-    wait_for_socket "$sock" 30 "$name"
+    start_testpmd_vhost "$1" "$2" "" icmpecho "${XMIG_DPDK_VDEV_ARGS:-}"
+    wait_for_socket "$2" 30 "$1"
 }
 # xm_dpdk_ctr NAME: "rx tx" packets of testpmd NAME's port 0, from its latest statistics screen.
 xm_dpdk_ctr() {
@@ -162,11 +154,8 @@ xm_wait_incoming() {
     wait_for_socket "$TMP/$1.mon" 20 "$1"
 }
 
-info_field() { sed -n "s/^$2: *\([^ ]*\).*/\1/p" <<<"$1" | head -n 1; }
-
 # xm_migrate TAG SRC-VM DST-VM PORT LIMIT [WATCH-CMD]: `migrate -d tcp:...` on SRC-VM, then
-# `info migrate` every 0.2 s until completed/failed/cancelled (or the destination QEMU exited);
-# WATCH-CMD (eval'd each round) may watch the source backend. Sets MIG_STATUS, MIG_INFO,
+# `info migrate` every 0.2 s until completed/failed/cancelled; WATCH-CMD (eval'd each round) may watch the source backend. Sets MIG_STATUS, MIG_INFO,
 # MIG_TOTAL, MIG_DOWNTIME; keeps the last `info migrate` in $TMP/TAG-info-migrate.log.
 MIG_STATUS='' MIG_INFO='' MIG_TOTAL='' MIG_DOWNTIME=''
 xm_migrate() {
