@@ -105,7 +105,6 @@ vd_start() {
     wait_for_socket "$ctl" 20 "$name"
     wait_for_socket "$sock" 20 "$name"
 }
-info_field() { sed -n "s/^$2: *\([^ ]*\).*/\1/p" <<<"$1" | head -n 1; }
 mig_status() { info_field "$(monitor src "info migrate" 2>&1)" "Migration status"; }
 # since FILE LINE: FILE's lines after line number LINE.
 since() { tail -n "+$(($2 + 1))" "$1"; }

@@ -105,9 +105,6 @@ thread_ticks() {
     done
 }
 
-# info_field TEXT KEY: the value after "KEY:" in `info migrate` output (first word).
-info_field() { sed -n "s/^$2: *\([^ ]*\).*/\1/p" <<<"$1" | head -n 1; }
-
 # boot_source TAG RATE MACHINE VDPAD-ENV...: source vdpad + source QEMU, guest up, RX flowing,
 # guest TX started.
 boot_source() {

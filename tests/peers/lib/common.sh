@@ -261,14 +261,16 @@ start_testpmd_frontend() {
         --no-mlockall --forward-mode=io -a --total-num-mbufs=16384 --stats-period 1
 }
 
-# start_testpmd_vhost NAME SOCKET [client]: testpmd with a vhost-user backend port (DPDK's
-# vhost PMD), frames looped back to the frontend (io forwarding, loop topology).
+# start_testpmd_vhost NAME SOCKET [client] [FORWARD-MODE] [VDEV-OPTIONS]: testpmd with a
+# vhost-user backend port (DPDK's vhost PMD). FORWARD-MODE defaults to io: frames looped back to
+# the frontend (loop topology); icmpecho answers the frontend's ARP requests and pings.
+# VDEV-OPTIONS are appended to net_vhost0's (e.g. ",tso=1").
 start_testpmd_vhost() {
-    local name=$1 sock=$2 client=${3:+,client=1} prefix=vh-$$-$1
+    local name=$1 sock=$2 client=${3:+,client=1} fwd=${4:-io} prefix=vh-$$-$1
     DPDK_PREFIXES+=("$prefix")
     spawn "$name" "$TESTPMD" -l 0-1 --main-lcore 0 --no-huge -m 1024 --no-pci \
-        --file-prefix="$prefix" --vdev "net_vhost0,iface=$sock,queues=1$client" -- \
-        --no-mlockall --forward-mode=io --port-topology=loop -a --total-num-mbufs=16384 \
+        --file-prefix="$prefix" --vdev "net_vhost0,iface=$sock,queues=1$client${5:-}" -- \
+        --no-mlockall --forward-mode="$fwd" --port-topology=loop -a --total-num-mbufs=16384 \
         --stats-period 1
 }
 
@@ -466,12 +468,16 @@ cpu_percent() {
 # vd_json CONTROL COMMAND: vdpactl's JSON reply.
 vd_json() { timeout 5 "$VDPACTL" --control "$1" "$2" --json; }
 
-# vd_q CONTROL QUEUE: "mode packets relayed pagesMarked switchovers gapMicros faults" of a queue.
+# vd_q CONTROL QUEUE [PORT-ID]: "mode packets relayed pagesMarked switchovers gapMicros faults"
+# of a queue of port PORT-ID (default: the daemon's first port).
 vd_q() {
-    vd_json "$1" stats 2>/dev/null | jq -r --argjson q "$2" \
-        '.ports[0].queues[] | select(.index == $q) |
+    vd_json "$1" stats 2>/dev/null | jq -r --argjson q "$2" --arg p "${3:-}" \
+        '[.ports[] | select($p == "" or .id == $p)][0].queues[] | select(.index == $q) |
          "\(.mode) \(.packets) \(.relayed) \(.pagesMarked) \(.switchovers) \(.lastSwitchoverGapMicros) \(.faults)"' 2>/dev/null
 }
+
+# info_field TEXT KEY: the value after "KEY:" in QEMU's `info migrate` output (first word).
+info_field() { sed -n "s/^$2: *\([^ ]*\).*/\1/p" <<<"$1" | head -n 1; }
 
 # guest_ctr CMD-SOCKET [TIMEOUT]: "rx_packets tx_packets" of the guest's eth0 (no serial-log
 # wait: after a migration the destination's console log never says the channel is ready).

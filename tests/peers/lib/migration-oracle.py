@@ -2,7 +2,7 @@
 """The live-migration oracle: compare the source's and the destination's guest RAM files.
 
 Usage: migration-oracle.py --src RAM --dst RAM [--journal FILE] [--vdpad-log FILE]
-                           [--status FILE] [--mac MAC] [--vars FILE] [--detail N]
+                           [--status FILE] [--rings FILE] [--mac MAC] [--vars FILE] [--detail N]
 
 Run it once a migration has completed: the source is stopped and the destination (started
 with -S) has not run, so the two RAM files (RAM file offset = guest-physical address for
@@ -43,6 +43,19 @@ holds, 1 when it does not, 2 on a usage or input error.
    Ring addresses come from vdpad's trace log (SET_VRING_ADDR: log_guest_addr is the used
    ring's guest-physical address; desc/avail user addresses are translated with the memory
    regions of --status, a `vdpactl status --json` reply) and the ring sizes from --status.
+   Or, for any backend (DPDK's too), from --rings: one line per ring
+   `index size desc avail used last_avail_idx` (guest-physical addresses, hex or decimal), as
+   QEMU's own `info virtio-queue-status` shows them on the stopped source; last_avail_idx is
+   what the backend's GET_VRING_BASE returned, checked against the used index as above.
+
+3. ICMP echo replies the backend wrote (for a backend without a journal, e.g. DPDK's vhost
+   PMD answering the guest's pings in testpmd's icmpecho mode): in every differing page, each
+   intact reply frame in an RX buffer of the source (a 12-byte virtio-net header with
+   num_buffers = 1, the guest MAC, IPv4 with a valid header checksum, ICMP echo reply with a
+   valid checksum over the whole message) is the backend's bytes as it wrote them (the guest
+   does not write into a received frame, and a guest write over it would break a checksum).
+   Differing bytes inside such a frame mean the destination lacks a device write: counted as
+   "icmp-lost" pages (o_pages_icmp_lost). Frames whose checksums no longer hold are not judged.
 """
 import argparse
 import json
@@ -196,6 +209,65 @@ def ring_areas(log_path, status_path):
     return areas, "; ".join(notes)
 
 
+def rings_file(path):
+    """([(start, end, label)], {ring: base}, note) from a --rings file."""
+    areas, bases, notes = [], {}, []
+    try:
+        with open(path) as f:
+            lines = [l.split() for l in f if l.strip() and not l.startswith("#")]
+    except OSError as e:
+        return [], {}, f"rings file unreadable: {e}"
+    for parts in lines:
+        try:
+            idx, n, d, a, u = (int(x, 0) for x in parts[:5])
+            base = int(parts[5], 0) if len(parts) > 5 else None
+        except (ValueError, IndexError):
+            return [], {}, f"bad line in the rings file: {' '.join(parts)}"
+        kind = "rx" if idx % 2 == 0 else "tx"
+        areas.append((u, u + 6 + 8 * n, f"used-ring:{idx}({kind})"))
+        areas.append((d, d + 16 * n, f"driver-ring:desc{idx}"))
+        areas.append((a, a + 6 + 2 * n, f"driver-ring:avail{idx}"))
+        if base is not None:
+            bases[idx] = base
+        notes.append(f"ring {idx} ({kind}, {n} entries): desc 0x{d:x} avail 0x{a:x} used 0x{u:x}")
+    if not areas:
+        return [], {}, "rings file empty"
+    return areas, bases, "; ".join(notes) + " (from --rings)"
+
+
+def inet_ok(b: bytes) -> bool:
+    """The Internet checksum over b (its checksum field included) holds."""
+    if len(b) % 2:
+        b += b"\0"
+    t = sum(int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2))
+    while t >> 16:
+        t = (t & 0xFFFF) + (t >> 16)
+    return t == 0xFFFF
+
+
+def icmp_reply_bytes_lost(src, dst, base, offs, mac):
+    """Differing bytes of page `base` inside an intact ICMP echo reply frame that the device
+    wrote into an RX buffer of the source (see 3. in the module help)."""
+    lo = max(0, base - 1600)
+    win = bytes(src[lo:base + PAGE])
+    frames = []
+    i = win.find(mac)
+    while i >= 0:
+        ip = i + 14
+        if (i >= 12 and win[i - 12:i] == VNET_HDR_ONE_BUFFER and win[i + 12:i + 14] == b"\x08\x00"
+                and lo + ip + 28 <= len(src)):
+            hdr = bytes(src[lo + ip:lo + ip + 20])
+            tot = int.from_bytes(hdr[2:4], "big")
+            if hdr[0] == 0x45 and hdr[9] == 1 and 28 <= tot <= 9000 and lo + ip + tot <= len(src) and inet_ok(hdr):
+                icmp = bytes(src[lo + ip + 20:lo + ip + tot])
+                if icmp[0] == 0 and icmp[1] == 0 and inet_ok(icmp):
+                    frames.append((lo + i - 12, lo + ip + tot))
+        i = win.find(mac, i + 1)
+    if not frames:
+        return 0
+    return sum(1 for o in offs if any(s0 <= base + o < e0 for s0, e0 in frames))
+
+
 def diff_pages(src, dst, size):
     """Indices of differing 4 KiB pages."""
     pages = []
@@ -272,6 +344,7 @@ def main() -> int:
     ap.add_argument("--journal")
     ap.add_argument("--vdpad-log")
     ap.add_argument("--status")
+    ap.add_argument("--rings", help="ring addresses (QEMU's view), see 2.")
     ap.add_argument("--mac", default="52:54:00:12:34:56")
     ap.add_argument("--vars")
     ap.add_argument("--detail", type=int, default=30, help="differing pages to describe (default 30)")
@@ -424,7 +497,11 @@ def main() -> int:
         verified_iv = Intervals({(g, g + n) for (g, n) in distinct if sums[(g, n)] in {l[3] for l in by_range[(g, n)]}})
 
     # ---- 2. whole RAM -----------------------------------------------------------------------
-    areas, ring_note = ring_areas(a.vdpad_log, a.status)
+    rings_bases = {}
+    if a.rings:
+        areas, rings_bases, ring_note = rings_file(a.rings)
+    else:
+        areas, ring_note = ring_areas(a.vdpad_log, a.status)
     report.append(f"rings: {ring_note}")
     # Invariant 3: once GET_VRING_BASE has answered, every buffer the device took is completed:
     # the used index in guest RAM equals the base it returned.
@@ -438,6 +515,7 @@ def main() -> int:
                         bases[int(m.group(1))] = int(m.group(2))
         except OSError:
             pass
+    bases.update(rings_bases)  # QEMU's view (GET_VRING_BASE as QEMU recorded it) wins
     idx_bad = 0
     notes = []
     for s0, e0, lab in areas:
@@ -459,6 +537,7 @@ def main() -> int:
     cats = {"used-ring": 0, "device": 0, "device-superseded": 0, "driver-ring": 0, "neither": 0}
     frame_like = 0
     frame_lost = 0
+    icmp_lost = 0
     diff_bytes_total = 0
     details = []
     for p in pages:
@@ -509,12 +588,15 @@ def main() -> int:
             frame_like += frame
             lost = device_frame_bytes_lost(src, dst, base, offs, mac) >= 64
             frame_lost += lost
+        ilost = cat != "used-ring" and icmp_reply_bytes_lost(src, dst, base, offs, mac) > 0
+        icmp_lost += ilost
         if len(details) < a.detail:
             sp_list = spans(offs)
             shown = ", ".join(f"+0x{s:x}" + (f"..+0x{e - 1:x}" if e - s > 1 else "") for s, e in sp_list[:6])
             more = f" (+{len(sp_list) - 6} more spans)" if len(sp_list) > 6 else ""
             sample = sp_list[0][0]
-            what = cat + (" frame-like" if frame else "") + (" FRAME-LOST" if cat == "neither" and lost else "")
+            what = cat + (" frame-like" if frame else "") + (" FRAME-LOST" if cat == "neither" and lost else "") \
+                + (" ICMP-REPLY-LOST" if ilost else "")
             if labels:
                 what += " [" + ",".join(sorted(labels)) + "]"
             if outside_all and cat != "neither":
@@ -525,14 +607,15 @@ def main() -> int:
                   f"used-ring {cats['used-ring']}, device (journaled bytes the source still holds) {cats['device']}, "
                   f"device-superseded (journaled range the guest wrote since) {cats['device-superseded']}, "
                   f"driver-ring {cats['driver-ring']}, neither {cats['neither']} (frame-like {frame_like}, "
-                  f"frame payload lost outside the journal {frame_lost})")
+                  f"frame payload lost outside the journal {frame_lost}); pages with bytes of an intact ICMP echo reply "
+                  f"the destination lacks: {icmp_lost}")
     report.extend(details)
     if len(pages) > len(details):
         report.append(f"  ... {len(pages) - len(details)} more differing pages")
     out.update(o_pages=len(pages), o_page_bytes=diff_bytes_total, o_pages_used=cats["used-ring"],
                o_pages_device=cats["device"], o_pages_superseded=cats["device-superseded"],
                o_pages_driver=cats["driver-ring"], o_pages_neither=cats["neither"],
-               o_pages_framelike=frame_like, o_pages_frame_lost=frame_lost, o_journal_ok=int(ok), o_rings_located=int(bool(areas)))
+               o_pages_framelike=frame_like, o_pages_frame_lost=frame_lost, o_pages_icmp_lost=icmp_lost, o_journal_ok=int(ok), o_rings_located=int(bool(areas)))
 
     print("\n".join(report))
     if a.vars:
