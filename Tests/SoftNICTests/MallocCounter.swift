@@ -102,6 +102,25 @@ enum MallocCounter {
 
     /// Resolves "executable(+0xOFFSET)" frames of a backtrace_symbols text with addr2line and
     /// swift-demangle when they are installed; otherwise returns the text as it is.
+    /// Runs `test` in a child process with the counter preloaded; the child writes KEY=VALUE
+    /// lines to the file named by environment variable `resultVariable`. Returns them (empty
+    /// when the child wrote none) and the child's result.
+    static func runChild(test: String, resultVariable: String) throws -> (values: [String: Int], child: ChildProcess.Result) {
+        let dir = NSTemporaryDirectory() + "malloc-count-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let lib = try build(in: dir)
+        let resultPath = dir + "/result.txt"
+        let r = try ChildProcess.run(test: test, environment: ["LD_PRELOAD": lib, resultVariable: resultPath], timeout: 120)
+        let text = (try? String(contentsOfFile: resultPath, encoding: .utf8)) ?? ""
+        var values: [String: Int] = [:]
+        for line in text.split(separator: "\n") {
+            let kv = line.split(separator: "=", maxSplits: 1)
+            if kv.count == 2, let v = Int(kv[1]) { values[String(kv[0])] = v }
+        }
+        return (values, r)
+    }
+
     static func symbolize(_ text: String) -> String {
         guard let exe = ChildProcess.executable, FileManager.default.isExecutableFile(atPath: "/usr/bin/addr2line") else { return text }
         var out: [String] = []

@@ -436,19 +436,8 @@ final class OffloadTests: XCTestCase {
             try countInChild()
             return
         }
-        let dir = NSTemporaryDirectory() + "offload-alloc-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let lib = try MallocCounter.build(in: dir)
-        let resultPath = dir + "/result.txt"
-        let r = try ChildProcess.run(test: me, environment: ["LD_PRELOAD": lib, "OFFLOAD_ALLOC_RESULT": resultPath], timeout: 120)
+        let (values, r) = try MallocCounter.runChild(test: me, resultVariable: "OFFLOAD_ALLOC_RESULT")
         XCTAssertTrue(r.succeeded, "\(r.summary); child output:\n\(r.excerpt)")
-        let text = (try? String(contentsOfFile: resultPath, encoding: .utf8)) ?? ""
-        var values: [String: Int] = [:]
-        for line in text.split(separator: "\n") {
-            let kv = line.split(separator: "=", maxSplits: 1)
-            if kv.count == 2, let v = Int(kv[1]) { values[String(kv[0])] = v }
-        }
         guard let segments = values["segments"], let calls = values["calls"] else {
             XCTFail("the child wrote no result; output (tail):\n\(r.output.suffix(4000))")
             return

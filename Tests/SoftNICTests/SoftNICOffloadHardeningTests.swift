@@ -12,25 +12,6 @@ import CVDPAShims
 final class SoftNICOffloadHardeningTests: SoftNICTestCase {
     typealias PacketSocket = SoftNICTapTests.PacketSocket
 
-    func tapPort(_ options: String = "") throws -> (SoftNICTestDaemon, String) {
-        guard getuid() == 0, access("/dev/net/tun", R_OK | W_OK) == 0 else { throw XCTSkip("needs root and /dev/net/tun") }
-        let name = "vdr\(UInt32.random(in: 0...0xFFFFFF))"
-        return (try makeDaemon([.init(id: "t", link: "tap:ifname=\(name)" + options)]), name)
-    }
-
-    func headerBytes(_ h: VirtioNetHeader) -> [UInt8] {
-        var b = [UInt8](repeating: 0, count: netHeaderLength)
-        b.withUnsafeMutableBytes { h.write(to: $0.baseAddress!, size: netHeaderLength) }
-        return b
-    }
-
-    func frame(_ length: Int, seed: Int) -> [UInt8] {
-        var f = TestFrames.make(length: length, seed: seed)
-        f[12] = 0x88
-        f[13] = 0xB6
-        return f
-    }
-
     /// Finding 1: a chain that stays in the RX window after a frame becomes the window's first
     /// chain without the "first writable buffer holds the header" check; commitWindow then
     /// stores num_buffers at iov[0].iov_base + 10 (and flags at +0) whatever iov[0]'s length.
@@ -46,9 +27,9 @@ final class SoftNICOffloadHardeningTests: SoftNICTestCase {
         g.add([DriverBuffer(gpa: c, length: 9100, isWritable: true)], ring: 0)
         g.ring(0).publish()
         g.kick(0)
-        sock.send(frame(100, seed: 1))   // window [A, B, C]: uses A; B and C stay in the window
+        sock.send(tapFrame(100, seed: 1))   // window [A, B, C]: uses A; B and C stay in the window
         _ = g.waitUsed(ring: 0, count: 1)
-        sock.send(frame(100, seed: 2))   // window [B, C]: B first, too small for the header
+        sock.send(tapFrame(100, seed: 2))   // window [B, C]: B first, too small for the header
         // The copy path refuses B (its first buffer cannot hold the header): dropped, counted.
         XCTAssertEqual(stats(env, "t", 0, until: { $0.drops["bufferTooSmall", default: 0] >= 1 }).drops["bufferTooSmall"], 1)
         XCTAssertEqual(g.read(b + 1, 63), [UInt8](repeating: 0xEE, count: 63),
@@ -69,9 +50,9 @@ final class SoftNICOffloadHardeningTests: SoftNICTestCase {
         g.add([DriverBuffer(gpa: c, length: 9100, isWritable: true)], ring: 0)
         g.ring(0).publish()
         g.kick(0)
-        sock.send(frame(100, seed: 1))
+        sock.send(tapFrame(100, seed: 1))
         _ = g.waitUsed(ring: 0, count: 1)
-        sock.send(frame(100, seed: 2))
+        sock.send(tapFrame(100, seed: 2))
         XCTAssertEqual(stats(env, "t", 0, until: { $0.drops["bufferTooSmall", default: 0] >= 1 }).drops["bufferTooSmall"], 1)
         XCTAssertEqual(g.usedIndex(0), 1)
     }
@@ -97,10 +78,10 @@ final class SoftNICOffloadHardeningTests: SoftNICTestCase {
         }
         g.ring(0).publish()
         g.kick(0)
-        sock.send(frame(12000, seed: 3))
+        sock.send(tapFrame(12000, seed: 3))
         XCTAssertEqual(stats(env, "t", 0, until: { $0.drops["frameTooLarge", default: 0] == 1 }).drops["frameTooLarge"], 1)
         XCTAssertEqual(g.usedIndex(0), 0, "nothing used")
-        let next = frame(1000, seed: 4)
+        let next = tapFrame(1000, seed: 4)
         sock.send(next)
         XCTAssertEqual(g.receive(1).map(\.frame), [next], "the next frame lands whole in the same buffers")
     }
@@ -118,7 +99,7 @@ final class SoftNICOffloadHardeningTests: SoftNICTestCase {
         gb.postRX(count: 16, size: 2048)
         let p = OffloadPacket.make(payload: OffloadPacket.bytes(6000, seed: 5))
         let next = TestFrames.make(length: 300, seed: 7)
-        ga.sendAndComplete([p.bytes, next], headers: [headerBytes(p.header(gsoSize: 6000)), headerBytes(VirtioNetHeader())])
+        ga.sendAndComplete([p.bytes, next], headers: [netHeaderBytes(p.header(gsoSize: 6000)), netHeaderBytes(VirtioNetHeader())])
         let got = gb.receive(1, timeout: 2)
         XCTAssertEqual(got.map(\.frame), [next], "the frame after the one that cannot fit arrives")
         XCTAssertEqual(env.queue(b, 0).drops["bufferTooSmall"], 1, "the frame that cannot fit is dropped once, counted")
@@ -136,7 +117,7 @@ final class SoftNICOffloadHardeningTests: SoftNICTestCase {
         gb.postRX(count: 4, size: 4096)
         var p = OffloadPacket.make(payload: OffloadPacket.bytes(500, seed: 9))
         p.bytes[p.l4 + 16] ^= 0xFF   // break the TCP checksum
-        ga.sendAndComplete([p.bytes], headers: [headerBytes(VirtioNetHeader(flags: VirtioNetHeader.flagDataValid))])
+        ga.sendAndComplete([p.bytes], headers: [netHeaderBytes(VirtioNetHeader(flags: VirtioNetHeader.flagDataValid))])
         let got = gb.receive(1)
         XCTAssertEqual(got.first.map { $0.header[0] }, 0, "B is told DATA_VALID for a frame with a bad checksum")
     }

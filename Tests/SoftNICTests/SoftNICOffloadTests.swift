@@ -12,12 +12,6 @@ final class SoftNICOffloadTests: SoftNICTestCase {
     /// Sends offloads (CSUM, HOST_*) but takes none (no GUEST_*).
     static let sendsOnly = Features.all | VirtioNetFeature.hostOffloads
 
-    func headerBytes(_ h: VirtioNetHeader) -> [UInt8] {
-        var b = [UInt8](repeating: 0, count: netHeaderLength)
-        b.withUnsafeMutableBytes { h.write(to: $0.baseAddress!, size: netHeaderLength) }
-        return b
-    }
-
     func header(of f: ReceivedFrame) -> VirtioNetHeader {
         f.header.withUnsafeBytes { VirtioNetHeader(from: $0.baseAddress!, size: netHeaderLength) }
     }
@@ -50,9 +44,9 @@ final class SoftNICOffloadTests: SoftNICTestCase {
         var hdrLenBeyond = p.header(gsoSize: 1448)
         hdrLenBeyond.hdrLen = UInt16(p.bytes.count + 1)
         let good = (0..<4).map { TestFrames.make(length: 200 + $0, seed: 10 + $0) }
-        let plain = headerBytes(VirtioNetHeader())
+        let plain = netHeaderBytes(VirtioNetHeader())
         g.sendAndComplete([good[0], p.bytes, good[1], p.bytes, good[2], p.bytes, good[3]],
-                          headers: [plain, headerBytes(gsoSizeZero), plain, headerBytes(csumBeyond), plain, headerBytes(hdrLenBeyond), plain])
+                          headers: [plain, netHeaderBytes(gsoSizeZero), plain, netHeaderBytes(csumBeyond), plain, netHeaderBytes(hdrLenBeyond), plain])
         XCTAssertEqual(g.receive(4).map(\.frame), good, "the frames around the bad ones arrive intact and in order")
         let tx = stats(env, "p", 1) { $0.drops["badHeader"] == 3 }
         XCTAssertEqual(tx.drops["badHeader"], 3, "each bad header dropped and counted")
@@ -63,7 +57,7 @@ final class SoftNICOffloadTests: SoftNICTestCase {
         let env2 = try makeDaemon([.init(id: "q", link: "loopback")])
         let g2 = try env2.connectAndStart("q", features: Features.all)
         g2.postRX(count: 4, size: 4096)
-        g2.sendAndComplete([p.bytes, good[0]], headers: [headerBytes(p.header(gsoSize: 0, type: VirtioNetHeader.gsoNone)), plain])
+        g2.sendAndComplete([p.bytes, good[0]], headers: [netHeaderBytes(p.header(gsoSize: 0, type: VirtioNetHeader.gsoNone)), plain])
         XCTAssertEqual(g2.receive(1).map(\.frame), [good[0]])
         XCTAssertEqual(stats(env2, "q", 1, until: { $0.drops["badHeader"] == 1 }).drops["badHeader"], 1)
     }
@@ -74,7 +68,7 @@ final class SoftNICOffloadTests: SoftNICTestCase {
         g.postRX(count: 32, size: 4096)
         let p = OffloadPacket.make(payload: OffloadPacket.bytes(20000, seed: 2))
         let h = p.header(gsoSize: 1448)
-        g.sendAndComplete([p.bytes], headers: [headerBytes(h)])
+        g.sendAndComplete([p.bytes], headers: [netHeaderBytes(h)])
         let got = g.receive(1)
         XCTAssertEqual(got.first?.frame, p.bytes, "the large frame arrives whole, its checksum still partial")
         var expected = h
@@ -90,7 +84,7 @@ final class SoftNICOffloadTests: SoftNICTestCase {
         let p = OffloadPacket.make(payload: OffloadPacket.bytes(10000, seed: 3))
         let partial = OffloadPacket.make(payload: OffloadPacket.bytes(900, seed: 4))
         g.sendAndComplete([p.bytes, partial.bytes],
-                          headers: [headerBytes(p.header(gsoSize: 1448)), headerBytes(partial.header(gsoSize: 0, type: VirtioNetHeader.gsoNone))])
+                          headers: [netHeaderBytes(p.header(gsoSize: 1448)), netHeaderBytes(partial.header(gsoSize: 0, type: VirtioNetHeader.gsoNone))])
         let got = g.receive(8)
         checkSegments(p, Array(got[0..<7]), mss: 1448)
         let c = got[7].frame
@@ -110,7 +104,7 @@ final class SoftNICOffloadTests: SoftNICTestCase {
         let p = OffloadPacket.make(ipv6: true, payload: OffloadPacket.bytes(30000, seed: 5))
         // B has buffers for 5 of the 21 segments: they arrive, the rest wait on the wire.
         gb.postRX(count: 5, size: 2048)
-        ga.sendAndComplete([p.bytes], headers: [headerBytes(p.header(gsoSize: 1440))])
+        ga.sendAndComplete([p.bytes], headers: [netHeaderBytes(p.header(gsoSize: 1440))])
         var got = gb.receive(5)
         gb.postRX(count: 40, size: 2048)
         got += gb.receive(16)
@@ -121,7 +115,7 @@ final class SoftNICOffloadTests: SoftNICTestCase {
         arp[12] = 0x08
         arp[13] = 0x06
         let next = TestFrames.make(length: 300, seed: 7)
-        ga.sendAndComplete([arp, next], headers: [headerBytes(p.header(gsoSize: 100, type: VirtioNetHeader.gsoTCPv4)), headerBytes(VirtioNetHeader())])
+        ga.sendAndComplete([arp, next], headers: [netHeaderBytes(p.header(gsoSize: 100, type: VirtioNetHeader.gsoTCPv4)), netHeaderBytes(VirtioNetHeader())])
         XCTAssertEqual(gb.receive(1).map(\.frame), [next], "the frame after it arrives")
         XCTAssertEqual(stats(env, b, 0, until: { $0.drops["badOffload"] == 1 }).drops["badOffload"], 1)
         XCTAssertEqual(stats(env, b, 0, until: { $0.packets == 22 }).packets, 22)

@@ -43,24 +43,12 @@ final class SoftNICTapTests: SoftNICTestCase {
         }
     }
 
-    func tapPort(_ options: String = "") throws -> (SoftNICTestDaemon, String) {
-        guard getuid() == 0, access("/dev/net/tun", R_OK | W_OK) == 0 else { throw XCTSkip("needs root and /dev/net/tun") }
-        let name = "vdt\(UInt32.random(in: 0...0xFFFFFF))"
-        return (try makeDaemon([.init(id: "t", link: "tap:ifname=\(name)" + options)]), name)
-    }
-
-    func headerBytes(_ h: VirtioNetHeader) -> [UInt8] {
-        var b = [UInt8](repeating: 0, count: netHeaderLength)
-        b.withUnsafeMutableBytes { h.write(to: $0.baseAddress!, size: netHeaderLength) }
-        return b
-    }
-
     func testALargeTSOFrameReachesTheInterfaceWholeAndPlainFramesAsTheyAre() throws {
         let (env, name) = try tapPort()
         let g = try env.connectAndStart("t", features: Features.all | VirtioNetFeature.offloads)
         let sock = try PacketSocket(interface: name)
         let p = OffloadPacket.make(payload: OffloadPacket.bytes(20000, seed: 9))
-        g.sendAndComplete([p.bytes], layout: .split, headers: [headerBytes(p.header(gsoSize: 1448))])
+        g.sendAndComplete([p.bytes], layout: .split, headers: [netHeaderBytes(p.header(gsoSize: 1448))])
         XCTAssertEqual(sock.receive(type: 0x0800), p.bytes, "the 20 KB TCP frame arrives whole: the kernel holds it as one GSO packet")
         let plain = TestFrames.make(length: 1400, seed: 10)
         g.sendAndComplete([plain], layout: .indirect)
@@ -75,12 +63,7 @@ final class SoftNICTapTests: SoftNICTestCase {
         // 40 buffers of 512 bytes hold the largest frame the tap may hand over (9018): frames are
         // read straight into them, a 1500-byte one across 3 chains.
         g.postRX(count: 40, size: 512)
-        let frames = (0..<3).map { i -> [UInt8] in
-            var f = TestFrames.make(length: 1500 - 300 * i, seed: 20 + i)
-            f[12] = 0x88
-            f[13] = 0xB6
-            return f
-        }
+        let frames = (0..<3).map { tapFrame(1500 - 300 * $0, seed: 20 + $0) }
         for f in frames { sock.send(f) }
         let got = g.receive(3)
         XCTAssertEqual(got.map(\.frame), frames)
@@ -99,14 +82,12 @@ final class SoftNICTapTests: SoftNICTestCase {
         let g = try env.connectAndStart("t", features: Features.all | VirtioNetFeature.offloads)
         let sock = try PacketSocket(interface: name)
         g.postRX(count: 40, size: 512)
-        var f = TestFrames.make(length: 1500, seed: 40)
-        f[12] = 0x88
-        f[13] = 0xB6
+        let f = tapFrame(1500, seed: 40)
         sock.send(f)
         XCTAssertEqual(g.receive(1).map(\.frame), [f])
         XCTAssertEqual(env.device("t").tapDirectFrames(), [0])
         let p = OffloadPacket.make(payload: OffloadPacket.bytes(12000, seed: 41))
-        g.sendAndComplete([p.bytes], headers: [headerBytes(p.header(gsoSize: 1448))])
+        g.sendAndComplete([p.bytes], headers: [netHeaderBytes(p.header(gsoSize: 1448))])
         XCTAssertEqual(sock.receive(type: 0x0800), p.bytes, "the copying path passes the header too")
     }
 
@@ -117,9 +98,7 @@ final class SoftNICTapTests: SoftNICTestCase {
         // 2 buffers of 1024: less than the largest frame, so the frame goes through the device's
         // buffer (RXWriter checks it fits before writing), across both chains.
         g.postRX(count: 2, size: 1024)
-        var f = TestFrames.make(length: 1500, seed: 30)
-        f[12] = 0x88
-        f[13] = 0xB6
+        let f = tapFrame(1500, seed: 30)
         sock.send(f)
         let got = g.receive(1)
         XCTAssertEqual(got.map(\.frame), [f])
