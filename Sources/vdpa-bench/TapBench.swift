@@ -7,7 +7,8 @@ import VhostUserFrontend
 import Virtio
 
 /// `--mode tap-tx` and `--mode tap-rx`: the bench plays a guest that negotiates VERSION_1,
-/// MRG_RXBUF and the offloads against a port on a `tap` link, and measures frames per second.
+/// MRG_RXBUF and the offloads (without the GUEST_* ones with `--no-guest-offloads`) against a
+/// port on a `tap` link, and measures frames per second.
 ///
 /// - tap-tx: the TX ring is kept full of frames (each one buffer: virtio-net header and frame),
 ///   completed chains reposted at once. The kernel takes each frame in tun's write and drops it
@@ -31,9 +32,13 @@ struct TapBench {
     let seconds: Double
     let ringSize: UInt16
     let bufferSize: UInt32
+    /// Whether the guest takes the GUEST_* offloads too (the HOST_* ones it always asks for).
+    let guestOffloads: Bool
 
-    static let features = VirtioFeature.version1 | VirtioFeature.vhostUserProtocolFeatures
-        | VirtioNetFeature.mrgRxbuf | VirtioNetFeature.offloads
+    var features: UInt64 {
+        VirtioFeature.version1 | VirtioFeature.vhostUserProtocolFeatures | VirtioNetFeature.mrgRxbuf
+            | (guestOffloads ? VirtioNetFeature.offloads : VirtioNetFeature.hostOffloads)
+    }
 
     func run() throws -> [String: Any] {
         let (frame, header) = tso ? TapFrames.tso() : TapFrames.plain(size: frameSize)
@@ -51,9 +56,9 @@ struct TapBench {
         let ram = try GuestRAM(baseGPA: 0, size: ramSize, name: "vdpa-bench-ram")
         let fe = try VhostUserFrontend(connectingTo: socket, timeout: .seconds(5), replyTimeout: .seconds(10))
         fe.ackPolicy = .always
-        let negotiated = try fe.negotiate(features: Self.features)
-        guard negotiated.ackedFeatures & Self.features == Self.features else {
-            throw TapBenchError("the port did not offer \(describeFeatures(Self.features & ~negotiated.ackedFeatures))")
+        let negotiated = try fe.negotiate(features: features)
+        guard negotiated.ackedFeatures & features == features else {
+            throw TapBenchError("the port did not offer \(describeFeatures(features & ~negotiated.ackedFeatures))")
         }
         try fe.setMemTable([ram])
         let placed = try RingPlacement.layout(rings: 2, size: UInt32(ringSize), startGPA: 0, ringAlignment: 4096)
@@ -106,7 +111,8 @@ struct TapBench {
         if let failure = blaster?.failure { throw TapBenchError("blaster: \(failure)") }
 
         var report: [String: Any] = ["mode": direction.rawValue, "frameSize": frame.count, "tso": tso,
-                                     "ringSize": Int(ringSize), "seconds": seconds, "tap": tap]
+                                     "ringSize": Int(ringSize), "seconds": seconds, "tap": tap,
+                                     "features": describeFeatures(negotiated.ackedFeatures)]
         report["mtu"] = mtu
         if direction == .rx { report["bufferSize"] = Int(bufferSize) }
         // Per whole second of the run; the first second (start-up, ring fill) is left out of the median.
