@@ -58,7 +58,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpa-bench", dependencies: [
-            "VDPA", "VhostUserFrontend", "Virtio", "VhostUser", "Platform",
+            "VDPA", "VhostUserFrontend", "Virtio", "VhostUser", "Platform", "CVDPAShims",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpactl", dependencies: [

@@ -83,6 +83,27 @@ static inline int cvdpa_packet_socket(const char *ifname) {
     if (sll.sll_ifindex == 0 || bind(fd, (struct sockaddr *)&sll, sizeof sll) != 0) { int e = errno; close(fd); errno = e; return -1; }
     return fd;
 }
+/* A packet socket that only sends, bound to interface `ifname`: protocol 0, so it receives
+   nothing (it adds no per-frame copy on the interface, as an ETH_P_ALL socket would), and
+   PACKET_QDISC_BYPASS, so frames go straight to the driver's xmit. For the benchmark's frame
+   generator. Returns the fd, or -1 with errno. */
+static inline int cvdpa_packet_tx_socket(const char *ifname) {
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    struct sockaddr_ll sll;
+    memset(&sll, 0, sizeof sll);
+    sll.sll_family = AF_PACKET;
+    sll.sll_ifindex = (int)if_nametoindex(ifname);
+    int one = 1;
+    if (sll.sll_ifindex == 0 || bind(fd, (struct sockaddr *)&sll, sizeof sll) != 0
+        || setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one) != 0) { int e = errno; close(fd); errno = e; return -1; }
+    return fd;
+}
+/* struct mmsghdr and sendmmsg(2), which glibc declares only with _GNU_SOURCE. */
+struct cvdpa_mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
+static inline int cvdpa_sendmmsg(int fd, struct cvdpa_mmsghdr *msgs, unsigned int count, int flags) {
+    return (int)syscall(SYS_sendmmsg, fd, msgs, count, flags);
+}
 static inline uint64_t cvdpa_monotonic_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
