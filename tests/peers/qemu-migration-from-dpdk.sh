@@ -51,22 +51,14 @@
 set -uo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+# shellcheck source=lib/xmig.sh
+source "$PEERS_DIR/lib/xmig.sh"    # FSIZE, PING_INTERVAL
 
 RUNS=${XMIG_RUNS:-2}
-PING_INTERVAL=${XMIG_PING_INTERVAL:-0.01}
 PING_SIZE=${XMIG_PING_SIZE:-1400}
 RATE=${XMIG_RATE:-1000}
-FSIZE=${XMIG_FRAME_SIZE:-1400}
 
-peer_init qemu-migration-from-dpdk $((40 + 70 * RUNS))
-# shellcheck source=lib/xmig.sh
-source "$PEERS_DIR/lib/xmig.sh"
-require_guest
-require_testpmd
-resolve_bins
-command -v jq >/dev/null || fail "jq missing: run scripts/install-deps"
-
-QEMU_LOSS_RUNS=0 DEST_JUDGED=0 SUMMARY=()
+xm_init qemu-migration-from-dpdk $((40 + 70 * RUNS)) testpmd
 XM_LOAD_HINT="a vdpad destination must offer every feature the guest acked on DPDK's vhost PMD"
 
 run() {
@@ -101,13 +93,11 @@ run() {
 
     sleep 1
     local dc0; dc0=$(xm_dpdk_ctr "$dpdk")
-    xm_migrate "$tag" "$src" "$dst" "$port" 60
-    [[ $MIG_STATUS == completed ]] ||
-        fail "$tag: migration did not complete: status '$MIG_STATUS': $(tr '\n' ' ' <<<"$MIG_INFO" | head -c 500); destination: $(xm_load_error "$dst")"
+    xm_migrate_ok "$tag" "$src" "$dst" "$port" 60
     say "$tag: migration completed: total $MIG_TOTAL ms, downtime $MIG_DOWNTIME ms; DPDK port rx tx before [$dc0] after [$(xm_dpdk_ctr "$dpdk")]"
     xm_dest_loaded "$tag" "$dst"
 
-    xm_rings "$src" "$TMP/$tag.rings" || fail "$tag: no ring addresses from QEMU (info virtio-queue-status): $(tail -c 300 "$TMP/$src-queue-status.log")"
+    xm_rings "$tag" "$src" "$TMP/$tag.rings"
     say "$tag: source (QEMU's view after GET_VRING_BASE): $XM_RING_NOTE"
     xm_oracle "$tag" "$src_shm" "$dst_shm" "$TMP/$tag.rings"
     ((o_pages_used == 0)) || fail "$tag: $o_pages_used differing pages in used rings: DPDK's ring writes are missing on the destination"
@@ -125,42 +115,27 @@ run() {
     [[ $(xm_status "$dctl" dst .connection) == connected ]] || fail "$tag: destination port not connected after cont"
     local acked; acked=$(xm_status "$dctl" dst .features.ackedNames)
     say "$tag: the destination vdpad port acked: $acked"
-    local d1 d2 g1 g2 dest_ok=1 why=()
+    local d1 d2 g1 g2
+    DEST_WHY=()
     sleep 1
     d1=$(xm_rxq "$dctl" dst); g1=$(xm_guest_alive "$dst")
     sleep 2
     d2=$(xm_rxq "$dctl" dst); g2=$(xm_guest_alive "$dst")
     local faults; faults=$(xm_faults "$dctl" dst)
     [[ $faults == 0 ]] || fail "$tag: the destination port has device faults ($faults): [$d2]"
-    local -a D1 D2 G1 G2
-    read -r -a D1 <<<"$d1"; read -r -a D2 <<<"$d2"; read -r -a G1 <<<"$g1"; read -r -a G2 <<<"$g2"
-    [[ ${D2[1]:-0} -gt ${D1[1]:-0} ]] || { dest_ok=0; why+=("vdpad RX packets did not grow (${D1[1]:-?} -> ${D2[1]:-?})"); }
-    [[ ${G1[0]:-x} =~ ^[0-9]+$ && ${G2[0]:-x} =~ ^[0-9]+$ && ${G2[0]} -gt ${G1[0]} ]] ||
-        { dest_ok=0; why+=("guest rx_packets did not grow ('$g1' -> '$g2')"); }
-    [[ ${G1[1]:-x} =~ ^[0-9]+$ && ${G2[1]:-x} =~ ^[0-9]+$ && ${G2[1]} -gt ${G1[1]} ]] ||
-        { dest_ok=0; why+=("guest tx_packets did not grow ('$g1' -> '$g2')"); }
-    local panic; panic=$(xm_panicked "$dst") && { dest_ok=0; why+=("guest console: $panic"); }
+    local -a D1 D2
+    read -r -a D1 <<<"$d1"; read -r -a D2 <<<"$d2"
+    [[ ${D2[1]:-0} -gt ${D1[1]:-0} ]] || DEST_WHY+=("vdpad RX packets did not grow (${D1[1]:-?} -> ${D2[1]:-?})")
+    dest_guest_check "$dst" "$g1" "$g2"
     say "$tag: destination RX ring [$d1] -> [$d2] (mode packets relayed pagesMarked switchovers gapMicros faults); guest rx tx [$g1] -> [$g2]"
-    local verdict="destination keeps working"
-    ((dest_ok)) || verdict="destination NOT working: ${why[*]}"
-    if ((loss)); then
-        say "$tag: $o_pages differing pages, none attributable to DPDK's writes (QEMU's own losses, or DPDK writes the oracle cannot see): $verdict (not judged)"
-    else
-        DEST_JUDGED=$((DEST_JUDGED + 1))
-        ((dest_ok)) || fail "$tag: clean migration (no differing page) but the $verdict"
-        say "$tag: no differing page; $verdict"
-    fi
-    SUMMARY+=("$tag: ${MIG_TOTAL} ms/${MIG_DOWNTIME} ms, pages differing $o_pages (used-ring $o_pages_used, DPDK ICMP replies lost $o_pages_icmp_lost, driver-ring $o_pages_driver, other $o_pages_neither), $( ((loss)) && echo "QEMU losses: $verdict, not judged" || echo "dest ok"); run time $((SECONDS - t0)) s")
+    dest_judge "$tag" "$loss" "no differing page" \
+        "$o_pages differing pages, none attributable to DPDK's writes (QEMU's own losses, or DPDK writes the oracle cannot see)"
+    SUMMARY+=("$tag: ${MIG_TOTAL} ms/${MIG_DOWNTIME} ms, pages differing $o_pages (used-ring $o_pages_used, DPDK ICMP replies lost $o_pages_icmp_lost, driver-ring $o_pages_driver, other $o_pages_neither), $( ((loss)) && echo "QEMU losses: $DEST_VERDICT, not judged" || echo "dest ok"); run time $((SECONDS - t0)) s")
     stop_qemu "$dst"; stop_qemu "$src"; stop "vdst-$tag"; stop "$dpdk" INT 10 || true
     rm -f "$src_shm" "$dst_shm"
 }
 
 for ((r = 1; r <= RUNS; r++)); do run "run$r"; done
 
-echo "--- $TEST_NAME: summary"
-for s in "${SUMMARY[@]}"; do say "$s"; done
-say "runs with differing pages (QEMU's own): $QEMU_LOSS_RUNS of $RUNS; destination judged on $DEST_JUDGED"
-if ((DEST_JUDGED == 0)) && [[ $XM_STRICT_DEST == 1 ]]; then
-    fail "every run had differing pages: the destination check was judged on none (XMIG_STRICT_DEST=1)"
-fi
+xm_summary "runs with differing pages (QEMU's own)" "every run had differing pages"
 pass "$RUNS migration(s) DPDK -> vdpad: loaded, no DPDK write lost in the used rings or ICMP replies; QEMU losses in $QEMU_LOSS_RUNS; destination judged on $DEST_JUDGED"

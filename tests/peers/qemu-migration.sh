@@ -76,8 +76,6 @@ require_guest
 resolve_bins
 command -v jq >/dev/null || fail "jq missing: run scripts/install-deps"
 
-say() { echo "    $*"; }   # report lines (stdout, indented: not PASS/FAIL lines)
-
 # --- helpers for two daemons --------------------------------------------------------------
 # vd_start NAME CONTROL SOCKET RATE [ENV=VALUE...]: a vdpad (one port vdpa0, link=source at RATE
 # frames/s) logging at trace level to $TMP/NAME.log; waits for its control and vhost-user sockets.
@@ -247,37 +245,20 @@ migrate_and_judge() {
 
     # The destination.
     monitor "dst-$tag" cont >/dev/null 2>&1
-    local d1 d2 g1 g2 dest_ok=1 dest_why=()
+    local d1 d2 g1 g2
+    DEST_WHY=()
     sleep 1
     d1=$(vd_q "$dctl" 0); g1=$(guest_ctr "$TMP/dst-$tag.cmd" 6)
     sleep 2
     d2=$(vd_q "$dctl" 0); g2=$(guest_ctr "$TMP/dst-$tag.cmd" 6)
-    local -a D1 D2 G1 G2
-    read -r -a D1 <<<"$d1"; read -r -a D2 <<<"$d2"; read -r -a G1 <<<"$g1"; read -r -a G2 <<<"$g2"
-    [[ ${D2[0]:-} == direct ]] || { dest_ok=0; dest_why+=("RX ring mode '${D2[0]:-?}', not direct"); }
-    [[ ${D2[1]:-0} -gt ${D1[1]:-0} ]] || { dest_ok=0; dest_why+=("vdpad RX packets did not increase (${D1[1]:-?} -> ${D2[1]:-?})"); }
-    ((${D2[6]:-0} == 0)) || { dest_ok=0; dest_why+=("destination RX ring faults ${D2[6]}"); }
-    [[ ${G1[0]:-x} =~ ^[0-9]+$ && ${G2[0]:-x} =~ ^[0-9]+$ && ${G2[0]} -gt ${G1[0]} ]] ||
-        { dest_ok=0; dest_why+=("guest rx_packets did not increase ('$g1' -> '$g2')"); }
-    [[ ${G1[1]:-x} =~ ^[0-9]+$ && ${G2[1]:-x} =~ ^[0-9]+$ && ${G2[1]} -gt ${G1[1]} ]] ||
-        { dest_ok=0; dest_why+=("guest tx_packets did not increase ('$g1' -> '$g2')"); }
-    if grep -aqE 'Kernel panic|BUG:|Oops' "$TMP/dst-$tag.serial.log" 2>/dev/null; then
-        dest_ok=0; dest_why+=("guest console: $(grep -aE 'Kernel panic|BUG:|Oops' "$TMP/dst-$tag.serial.log" | head -n 1)")
-    fi
+    local -a D1 D2
+    read -r -a D1 <<<"$d1"; read -r -a D2 <<<"$d2"
+    [[ ${D2[0]:-} == direct ]] || DEST_WHY+=("RX ring mode '${D2[0]:-?}', not direct")
+    [[ ${D2[1]:-0} -gt ${D1[1]:-0} ]] || DEST_WHY+=("vdpad RX packets did not increase (${D1[1]:-?} -> ${D2[1]:-?})")
+    ((${D2[6]:-0} == 0)) || DEST_WHY+=("destination RX ring faults ${D2[6]}")
+    dest_guest_check "dst-$tag" "$g1" "$g2"
     say "$tag: destination RX ring [$d1] -> [$d2]; guest rx tx [$g1] -> [$g2]"
-    local verdict
-    if ((dest_ok)); then
-        verdict="destination keeps working"
-    else
-        verdict="destination NOT working: ${dest_why[*]}"
-    fi
-    if ((loss)); then
-        say "$tag: QEMU lost guest-CPU writes in $qloss pages (not device writes): $verdict (not judged)"
-    else
-        DEST_JUDGED=$((DEST_JUDGED + 1))
-        ((dest_ok)) || fail "$tag: clean migration (no differing page) but the $verdict"
-        say "$tag: no QEMU losses; $verdict"
-    fi
+    dest_judge "$tag" "$loss" "no QEMU losses" "QEMU lost guest-CPU writes in $qloss pages (not device writes)"
     SUMMARY+=("$tag: ${total} ms/${downtime} ms, journal $o_jlines lines ($o_verified verified), pages differing $o_pages (device $o_pages_device, used $o_pages_used; QEMU's: superseded $o_pages_superseded, driver-ring $o_pages_driver, neither $o_pages_neither), relayed ${A[2]}, pagesMarked ${A[3]}, switchovers ${A[4]}, $( ((loss)) && echo "QEMU losses" || echo "dest ok")")
     say "$tag: run time $((SECONDS - t0)) s"
     stop_qemu "dst-$tag"; stop_qemu "src-$stag"; stop "vdst-$tag"; stop "vsrc-$stag"

@@ -15,47 +15,34 @@
 set -uo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+# shellcheck source=lib/guestnet.sh
+source "$PEERS_DIR/lib/guestnet.sh"
 peer_init qemu-tap 170
 require_guest
 [[ -c /dev/net/tun ]] || fail "no /dev/net/tun"
 command -v ip >/dev/null || fail "no ip command (iproute2)"
 
-TCP_PY=$PEERS_DIR/lib/tcp.py
 ifname=vdpatap$$
 ifname=${ifname:0:15}
 ns=vdpa-peer-tap-$$
 host_ip=10.77.0.1 guest_ip=10.77.0.2
-nsx() { ip netns exec "$ns" "$@"; }
 
 # Payloads: deterministic text (numbers, one a line), 1 MiB each way, different each way.
 seq 1 300000 | head -c 1048576 > "$TMP/to-host.bin"
 seq 300001 600000 | head -c 1048576 > "$TMP/to-guest.bin"
-md5_to_host=$(md5sum < "$TMP/to-host.bin" | cut -d' ' -f1)
-md5_to_guest=$(md5sum < "$TMP/to-guest.bin" | cut -d' ' -f1)
 size=1048576
 
 sock=$TMP/vdpa0.sock
-start_vdpad --port "socket=$sock,id=vdpa0,queues=1,link=tap:ifname=$ifname"
-wait_for_socket "$sock" 20 vdpad
-wait_status 10 --port vdpa0 --connection listening
-ip link show dev "$ifname" >/dev/null 2>&1 || fail "vdpad did not create the TAP interface $ifname (ip link)"
+start_tap_port "$sock" "$ifname"
 grep -q "tap link on interface $ifname" "$TMP/vdpad.log" || fail "vdpad did not log its TAP interface $ifname"
-
-ip netns add "$ns" || fail "ip netns add $ns failed"
-on_cleanup "ip netns del $ns"
-ip link set "$ifname" netns "$ns" || fail "cannot move $ifname into namespace $ns"
-# No IPv6 on the TAP: its router solicitations and MLD reports would only add noise.
-nsx sysctl -qw "net.ipv6.conf.$ifname.disable_ipv6=1" 2>/dev/null || true
-nsx ip link set lo up
-nsx ip addr add "$host_ip/24" dev "$ifname" || fail "cannot address $ifname"
-nsx ip link set "$ifname" up || fail "cannot bring $ifname up"
+tap_into_ns "$ifname" "$ns" "$host_ip/24"
 
 t0=$SECONDS
 start_qemu vm1 --socket "$sock" --connect --queues 1 --mac 52:54:00:77:00:02 --ip "$guest_ip/24"
 wait_guest vm1 60
 boot=$((SECONDS - t0))
 wait_status 30 --port vdpa0 --connection connected --feature-bit 32 --ring 0 --ring 1
-guest_exec vm1 'for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done 2>/dev/null; true' >/dev/null
+guests_no_ipv6 vm1
 
 # Idle: the guest sends nothing; the engine must be asleep.
 sleep 1
@@ -84,8 +71,6 @@ snapshot() {
     fail "device counters kept moving while the guest was quiet"
 }
 b0_tap_rx=0 b0_tap_tx=0 b0_tap_txdrop=0 s_tap_rx=0 s_tap_tx=0 s_tap_txdrop=0
-# d P0 P1 QUEUE FIELD: device counter growth from snapshot P0 to P1.
-d() { echo $(($(qstat "$2" "$3" "$4") - $(qstat "$1" "$3" "$4"))); }
 
 # Baseline with the guest up and quiet. What the counters cannot account for before it
 # (frames read from the TAP while the guest's RX ring was not running are counted only in
@@ -103,47 +88,24 @@ out=$(nsx busybox ping -c 3 -W 3 "$guest_ip" 2>&1) || fail "namespace ping $gues
 ping_ns=$(grep -o "min/avg/max = [0-9./]*" <<<"$out" | cut -d" " -f3)
 log "ping rtt guest->ns $ping_guest ms, ns->guest $ping_ns ms"
 
-# Guest -> namespace.
-spawn ns-listener ip netns exec "$ns" python3 "$TCP_PY" listen "$host_ip" 5001 "$TMP/recv-host.bin" --timeout 90
-wait_for_log "$TMP/ns-listener.log" '^listening' 10 ns-listener
-t=$(date +%s.%N)
-out=$(GUEST_EXEC_TIMEOUT=90 guest_exec vm1 "seq 1 300000 | head -c $size | nc $host_ip 5001 && echo sent") ||
-    fail "guest -> namespace TCP transfer failed: $out"
-wait_for_log "$TMP/ns-listener.log" '^received' 30 ns-listener
-up_s=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-got=$(grep '^received' "$TMP/ns-listener.log")
-[[ $got == "received $size bytes md5 $md5_to_host "* ]] ||
-    fail "guest -> namespace: expected $size bytes md5 $md5_to_host, got: $got"
-cmp -s "$TMP/recv-host.bin" "$TMP/to-host.bin" || fail "guest -> namespace: bytes differ"
-stop ns-listener TERM 5 || true
-
-# Namespace -> guest.
-# (nc's stdin must stay open: at EOF on stdin it shuts its sending side, and the sender's
-# end would see that as the end. The rc file is written when nc exits, not the sleep.)
-guest_exec vm1 'rm -f /tmp/recv /tmp/nc.rc; (sleep 120 | (nc -l -p 5002 > /tmp/recv 2>/tmp/nc.err; echo $? > /tmp/nc.rc)) </dev/null >/dev/null 2>&1 &' ||
-    fail "cannot start the guest's listener"
-t=$(date +%s.%N)
-out=$(nsx python3 "$TCP_PY" send "$guest_ip" 5002 "$TMP/to-guest.bin" --timeout 90 2>&1) ||
-    fail "namespace -> guest TCP transfer failed: $out"
-down_s=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-out=$(guest_exec vm1 'i=0; while [ ! -e /tmp/nc.rc ] && [ $i -lt 100 ]; do usleep 100000; i=$((i+1)); done;
-    echo "rc=$(cat /tmp/nc.rc 2>/dev/null) size=$(wc -c < /tmp/recv) md5=$(md5sum < /tmp/recv | cut -d" " -f1)";
-    kill $(pidof sleep) 2>/dev/null; true') || fail "cannot check what the guest received: $out"
-[[ $out == *"rc=0 size=$size md5=$md5_to_guest"* ]] ||
-    fail "namespace -> guest: expected rc=0 size=$size md5=$md5_to_guest, guest says: $out"
+# Guest -> namespace, then namespace -> guest.
+tcp_guest_to_ns vm1 5001 "$TMP/to-host.bin" 90 "seq 1 300000 | head -c $size | nc $host_ip 5001"
+up_s=$XFER_S
+tcp_ns_to_guest vm1 "$guest_ip" 5002 "$TMP/to-guest.bin" 90
+down_s=$XFER_S
 
 # Counters, once the traffic is over: growth since the baseline, device against TAP.
 sleep 1
 snapshot s
 no_faults s
-dev_rx=$(d b0 s 0 packets) dev_tx=$(d b0 s 1 packets) dev_rx_drops=$(d b0 s 0 drops)
+dev_rx=$(qdelta b0 s 0 packets) dev_tx=$(qdelta b0 s 1 packets) dev_rx_drops=$(qdelta b0 s 0 drops)
 tap_rx=$((s_tap_rx - b0_tap_rx)) tap_tx=$((s_tap_tx - b0_tap_tx)) tap_txdrop=$((s_tap_txdrop - b0_tap_txdrop))
-counts="since baseline: device RX $dev_rx (drops $dev_rx_drops) TX $dev_tx (drops $(d b0 s 1 drops)); TAP rx $tap_rx tx $tap_tx tx_dropped $tap_txdrop"
+counts="since baseline: device RX $dev_rx (drops $dev_rx_drops) TX $dev_tx (drops $(qdelta b0 s 1 drops)); TAP rx $tap_rx tx $tap_tx tx_dropped $tap_txdrop"
 log "$counts"
 # Bytes, not frames: with the offloads the guest negotiates, one frame can carry up to 64 KiB.
-(($(d b0 s 1 bytes) >= size)) || fail "device TX counted fewer bytes ($(d b0 s 1 bytes)) than the 1 MiB sent: $counts"
-(($(d b0 s 0 bytes) >= size)) || fail "device RX counted fewer bytes ($(d b0 s 0 bytes)) than the 1 MiB received: $counts"
-(($(d b0 s 1 drops) == 0)) || fail "device dropped TX frames: $(cat "$TMP/stats-s.log")"
+(($(qdelta b0 s 1 bytes) >= size)) || fail "device TX counted fewer bytes ($(qdelta b0 s 1 bytes)) than the 1 MiB sent: $counts"
+(($(qdelta b0 s 0 bytes) >= size)) || fail "device RX counted fewer bytes ($(qdelta b0 s 0 bytes)) than the 1 MiB received: $counts"
+(($(qdelta b0 s 1 drops) == 0)) || fail "device dropped TX frames: $(cat "$TMP/stats-s.log")"
 # Every frame the guest sent went into the TAP.
 ((tap_rx == dev_tx)) || fail "TAP rx_packets != device TX packets: $counts"
 # Every frame read from the TAP was delivered or counted as dropped. (RX drops are possible:
@@ -154,5 +116,4 @@ log "$counts"
 stop_qemu vm1
 wait_status 15 --port vdpa0 --connection listening
 alive vdpad || fail "vdpad exited after QEMU quit"
-rate() { awk -v s="$1" -v n="$size" 'BEGIN { printf "%.0f", n / 1024 / s }'; }
-pass "boot ${boot}s; ping rtt avg $(cut -d/ -f2 <<<"$ping_guest") ms (guest) / $(cut -d/ -f2 <<<"$ping_ns") ms (ns); 1 MiB guest->ns ${up_s}s (~$(rate "$up_s") KiB/s), ns->guest ${down_s}s (~$(rate "$down_s") KiB/s), md5 ok; $counts; before the baseline unaccounted $boot_unaccounted; idle CPU ${idle_cpu}%"
+pass "boot ${boot}s; ping rtt avg $(cut -d/ -f2 <<<"$ping_guest") ms (guest) / $(cut -d/ -f2 <<<"$ping_ns") ms (ns); 1 MiB guest->ns ${up_s}s (~$(kib_rate "$size" "$up_s") KiB/s), ns->guest ${down_s}s (~$(kib_rate "$size" "$down_s") KiB/s), md5 ok; $counts; before the baseline unaccounted $boot_unaccounted; idle CPU ${idle_cpu}%"

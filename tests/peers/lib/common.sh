@@ -465,6 +465,8 @@ cpu_percent() {
 
 # --- vdpad and guest probes shared by the migration tests ---
 
+say() { echo "    $*"; }   # report lines (stdout, indented: not PASS/FAIL lines)
+
 # vd_json CONTROL COMMAND: vdpactl's JSON reply.
 vd_json() { timeout 5 "$VDPACTL" --control "$1" "$2" --json; }
 
@@ -485,6 +487,40 @@ guest_ctr() {
     # shellcheck disable=SC2016  # expanded by the guest's shell
     "$GUEST_DIR/guest-exec" --timeout "${2:-15}" "$1" \
         'echo $(cat /sys/class/net/eth0/statistics/rx_packets /sys/class/net/eth0/statistics/tx_packets)' 2>&1 | tail -n 1
+}
+
+# The destination's verdict: a migration test collects in DEST_WHY (emptied before each
+# destination) what shows that the destination does not work, then dest_judge decides.
+DEST_WHY=() DEST_VERDICT='' DEST_JUDGED=0
+
+# dest_guest_check VM G1 G2: the destination guest VM's "rx tx" (guest_ctr), read G1 then G2:
+# adds to DEST_WHY each of them that did not grow, and a panic, BUG or Oops on its console.
+dest_guest_check() {
+    local -a a b
+    local panic
+    read -r -a a <<<"$2"; read -r -a b <<<"$3"
+    [[ ${a[0]:-x} =~ ^[0-9]+$ && ${b[0]:-x} =~ ^[0-9]+$ && ${b[0]} -gt ${a[0]} ]] ||
+        DEST_WHY+=("guest rx_packets did not grow ('$2' -> '$3')")
+    [[ ${a[1]:-x} =~ ^[0-9]+$ && ${b[1]:-x} =~ ^[0-9]+$ && ${b[1]} -gt ${a[1]} ]] ||
+        DEST_WHY+=("guest tx_packets did not grow ('$2' -> '$3')")
+    panic=$(grep -a -m 1 -E 'Kernel panic|BUG:|Oops' "$TMP/$1.serial.log" 2>/dev/null) && DEST_WHY+=("guest console: $panic")
+}
+
+# dest_judge TAG LOSS CLEAN LOSS-NOTE: sets DEST_VERDICT from DEST_WHY ("destination keeps
+# working" or "destination NOT working: REASONS"). LOSS 1 (QEMU lost pages of its own, which
+# alone can break the guest): reported only, "TAG: LOSS-NOTE: VERDICT (not judged)". LOSS 0:
+# judged (DEST_JUDGED + 1): fails "TAG: clean migration (CLEAN) but the VERDICT" unless
+# DEST_WHY is empty, and reports "TAG: CLEAN; VERDICT".
+dest_judge() {
+    DEST_VERDICT="destination keeps working"
+    ((${#DEST_WHY[@]} == 0)) || DEST_VERDICT="destination NOT working: ${DEST_WHY[*]}"
+    if (($2)); then
+        say "$1: $4: $DEST_VERDICT (not judged)"
+    else
+        DEST_JUDGED=$((DEST_JUDGED + 1))
+        ((${#DEST_WHY[@]} == 0)) || fail "$1: clean migration ($3) but the $DEST_VERDICT"
+        say "$1: $3; $DEST_VERDICT"
+    fi
 }
 
 # free_port: a free TCP port on 127.0.0.1.

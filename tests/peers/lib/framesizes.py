@@ -14,9 +14,10 @@ SIGTERM or SIGINT, then prints one line per direction:
 without FCS; "over" counts frames longer than --mtu-frame (default 1514, an MTU-sized frame):
 only GSO frames (TSO, GRO) are longer. Exit 0, or 1 if the socket cannot be opened.
 """
-import signal
 import socket
 import sys
+
+from peercli import StopFlag, take_option
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -24,11 +25,7 @@ PACKET_OUTGOING = 4
 
 def main() -> int:
     args = sys.argv[1:]
-    limit = 1514
-    if "--mtu-frame" in args:
-        i = args.index("--mtu-frame")
-        limit = int(args[i + 1])
-        del args[i:i + 2]
+    limit = take_option(args, "--mtu-frame", 1514, int)
     if len(args) != 1:
         print(__doc__, file=sys.stderr)
         return 2
@@ -41,14 +38,7 @@ def main() -> int:
         print(f"framesizes.py: cannot capture on {ifname}: {e}", file=sys.stderr)
         return 1
     s.settimeout(0.2)
-    stop = False
-
-    def on_signal(_sig, _frame):
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopFlag()
     # [frames, bytes, max, over] per direction
     stats = {"in": [0, 0, 0, 0], "out": [0, 0, 0, 0]}
     print(f"capturing {ifname}", flush=True)

@@ -18,11 +18,12 @@ carried in the payload, so the 16-bit ICMP sequence wrapping does not matter. Se
 """
 import os
 import select
-import signal
 import socket
 import struct
 import sys
 import time
+
+from peercli import StopFlag, take_option
 
 
 def checksum(data: bytes) -> int:
@@ -36,16 +37,8 @@ def checksum(data: bytes) -> int:
 
 def main() -> int:
     args = sys.argv[1:]
-    interval, duration = 0.005, 120.0
-    for name in ("--interval", "--duration"):
-        if name in args:
-            i = args.index(name)
-            value = float(args[i + 1])
-            del args[i:i + 2]
-            if name == "--interval":
-                interval = value
-            else:
-                duration = value
+    interval = take_option(args, "--interval", 0.005)
+    duration = take_option(args, "--duration", 120.0)
     if len(args) != 1 or interval <= 0 or duration <= 0:
         print(__doc__, file=sys.stderr)
         return 2
@@ -53,13 +46,7 @@ def main() -> int:
     ident = os.getpid() & 0xFFFF
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     sock.setblocking(False)
-    stop = False
-
-    def on_signal(_signum, _frame):
-        nonlocal stop
-        stop = True
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopFlag()
 
     print(f"start {ident}", flush=True)
     sent = replies = duplicates = send_errors = 0

@@ -17,14 +17,11 @@ import socket
 import sys
 import time
 
+from peercli import take_option
 
 def main() -> int:
     args = sys.argv[1:]
-    timeout = 60.0
-    if "--timeout" in args:
-        i = args.index("--timeout")
-        timeout = float(args[i + 1])
-        del args[i:i + 2]
+    timeout = take_option(args, "--timeout", 60.0)
     if len(args) != 4 or args[0] not in ("listen", "send"):
         print(__doc__, file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 # shellcheck shell=bash disable=SC2034
 # Helpers for the cross-backend live-migration tests (qemu-migration-from-dpdk,
-# qemu-migration-to-dpdk, qemu-migration-features). Source it after lib/common.sh and
-# peer_init. One guest at a time migrates between two backends: a vdpad port or DPDK 22.11's
+# qemu-migration-to-dpdk, qemu-migration-features). Source it after lib/common.sh, then call
+# xm_init. One guest at a time migrates between two backends: a vdpad port or DPDK 22.11's
 # vhost PMD (testpmd --vdev net_vhost0 in icmpecho mode: it answers the guest's ARP requests
 # and pings, so traffic out of the guest comes back).
 
@@ -11,8 +11,32 @@ XM_PEER_IP=10.0.2.2            # the guest pings it: icmpecho answers, a vdpad l
 XM_PEER_MAC=02:00:00:00:00:02  # static ARP entry in the guest (vdpad links do not answer ARP)
 ORACLE=$PEERS_DIR/lib/migration-oracle.py
 XM_STRICT_DEST=${XMIG_STRICT_DEST:-0}
+FSIZE=${XMIG_FRAME_SIZE:-1400}          # frame size of a vdpad link=source
+PING_INTERVAL=${XMIG_PING_INTERVAL:-0.01}  # seconds between the guest's pings (xm_guest_ping)
 
-say() { echo "    $*"; }
+# xm_init NAME LIMIT [testpmd]: peer_init NAME LIMIT, then the guest, vdpad, jq (and testpmd)
+# must be there. Empties SUMMARY and the run counters QEMU_LOSS_RUNS and DEST_JUDGED.
+xm_init() {
+    peer_init "$1" "$2"
+    require_guest
+    [[ ${3:-} == testpmd ]] && require_testpmd
+    resolve_bins
+    command -v jq >/dev/null || fail "jq missing: run scripts/install-deps"
+    QEMU_LOSS_RUNS=0 DEST_JUDGED=0 SUMMARY=()
+}
+
+# xm_summary LOSS-WHAT NONE-JUDGED: after the runs, SUMMARY's lines, then "LOSS-WHAT:
+# QEMU_LOSS_RUNS of RUNS; destination judged on DEST_JUDGED"; with XMIG_STRICT_DEST=1 the test
+# fails "NONE-JUDGED: ..." when no run was judged.
+xm_summary() {
+    local s
+    echo "--- $TEST_NAME: summary"
+    for s in "${SUMMARY[@]}"; do say "$s"; done
+    say "$1: $QEMU_LOSS_RUNS of $RUNS; destination judged on $DEST_JUDGED"
+    if ((DEST_JUDGED == 0)) && [[ $XM_STRICT_DEST == 1 ]]; then
+        fail "$2: the destination check was judged on none (XMIG_STRICT_DEST=1)"
+    fi
+}
 
 # xm_names HEX: the feature bits of HEX by name ('+'-separated, names as vdpad's
 # describeFeatures prints them; unknown bits as bitN).
@@ -106,13 +130,18 @@ xm_qemu_features() {
         END { print names }'
 }
 
-# xm_rings VM FILE: the oracle's --rings lines (index size desc avail used last_avail_idx) for
+# xm_rings TAG VM FILE: the oracle's --rings lines (index size desc avail used last_avail_idx) for
 # rings 0 and 1, from QEMU's `info virtio-queue-status` on the stopped source (after the
 # migration completed: QEMU has stopped the vhost device and recorded GET_VRING_BASE's answer
-# as last_avail_idx). Never on a running vhost device: QEMU 7.2 would ask the backend for the
-# ring base, which stops the ring. Also sets XM_RING_NOTE (used_idx against last_avail_idx).
+# as last_avail_idx); fails the test (naming TAG) without them. Never on a running vhost
+# device: QEMU 7.2 would ask the backend for the ring base, which stops the ring. Also sets
+# XM_RING_NOTE (used_idx against last_avail_idx).
 XM_RING_NOTE=
 xm_rings() {
+    xm_read_rings "$2" "$3" ||
+        fail "$1: no ring addresses from QEMU (info virtio-queue-status): $(tail -c 300 "$TMP/$2-queue-status.log" 2>/dev/null)"
+}
+xm_read_rings() {
     local vm=$1 out=$2 path q st
     path=$(xm_virtio_path "$vm")
     [[ -n $path ]] || return 1
@@ -175,6 +204,14 @@ xm_migrate() {
     MIG_TOTAL=$(info_field "$MIG_INFO" "total time") MIG_DOWNTIME=$(info_field "$MIG_INFO" "downtime")
 }
 
+# xm_migrate_ok TAG SRC-VM DST-VM PORT LIMIT [WATCH-CMD]: xm_migrate, which must end
+# "completed" (else the test fails with the source's `info migrate` and the destination's error).
+xm_migrate_ok() {
+    xm_migrate "$@"
+    [[ $MIG_STATUS == completed ]] ||
+        fail "$1: migration did not complete: status '$MIG_STATUS': $(tr '\n' ' ' <<<"$MIG_INFO" | head -c 500); destination: $(xm_load_error "$3")"
+}
+
 # xm_load_error VM: QEMU's own error lines from a destination that failed to load (its log).
 xm_load_error() {
     grep -a -E 'qemu-system[^:]*: ' "$TMP/$1.log" 2>/dev/null | sed 's/^qemu-system[^:]*: //' | head -n 6 | tr '\n' ' '
@@ -232,12 +269,20 @@ xm_oracle() {
     fi
 }
 
+# xm_journal_checks TAG: after xm_oracle --journal with vdpad as the source backend, the checks
+# that apply in full: the journal check, no differing byte in a used ring or a device range the
+# destination lacks, no frame payload lost outside the journal.
+xm_journal_checks() {
+    ((ORACLE_RC == 0 && o_journal_ok == 1)) ||
+        fail "$1: JOURNAL CHECK FAILED: $o_unmarked of $o_jlines lines marked=0, $o_jbad_lines verified device ranges differ on the destination, $o_idx_bad used indexes off the ring bases (see the report above)"
+    ((o_pages_used == 0)) || fail "$1: $o_pages_used differing pages in used rings (only the device side writes there)"
+    ((o_pages_device == 0)) || fail "$1: $o_pages_device differing pages hold device writes the destination lacks"
+    ((o_pages_frame_lost == 0)) || fail "$1: $o_pages_frame_lost differing pages hold frame payload the device wrote outside every journaled range"
+}
+
 # xm_exec VM SECONDS COMMAND: run COMMAND in the guest without waiting for the console's
 # "command channel ready" (a migrated guest's console log never says it again).
 xm_exec() { "$GUEST_DIR/guest-exec" --timeout "$2" "$TMP/$1.cmd" "$3"; }
 
 # xm_guest_alive VM: the guest answers on its command channel; prints "rx tx".
 xm_guest_alive() { guest_ctr "$TMP/$1.cmd" 6; }
-
-# xm_panicked VM: the guest's console shows a panic/BUG/Oops (prints the line).
-xm_panicked() { grep -a -m 1 -E 'Kernel panic|BUG:|Oops' "$TMP/$1.serial.log" 2>/dev/null; }
