@@ -159,8 +159,13 @@ extension DMAEngine {
             if f & VirtioNetFeature.guestECN != 0 && offloads & (TapDevice.offloadTSO4 | TapDevice.offloadTSO6) != 0 { offloads |= TapDevice.offloadTSOECN }
             if f & VirtioNetFeature.guestUFO != 0 { offloads |= TapDevice.offloadUFO }
         }
-        // Applied off this thread (TapConfigurator); until then no frame passes the tap.
-        tapWanted = config.request(headerLength: headerLength, offloads: offloads)
+        // Applied off this thread (TapConfigurator); until then no frame passes the tap. Only
+        // a change is applied: QEMU sends SET_FEATURES again to turn dirty logging on and off,
+        // and the tap must not pause for that.
+        if tapSetting.map({ $0.headerLength != headerLength || $0.offloads != offloads }) ?? true {
+            tapWanted = config.request(headerLength: headerLength, offloads: offloads)
+            tapSetting = (headerLength, offloads)
+        }
     }
 
     /// Whether the tap has the header size and offloads of the negotiated features (frames

@@ -142,10 +142,10 @@ extension DMAEngine {
             resume = 0
             return true
         }
-        var index = 0
+        segments.skip(resume)
+        var index = resume
         while let n = segments.next(into: segmentBuffer, capacity: Self.frameBufferSize) {
             defer { index += 1 }
-            if index < resume { continue }
             if !deliver(segmentBuffer, length: n, to: rx, countDrop: countDrop) && waits(countDrop) {
                 resume = index
                 return false

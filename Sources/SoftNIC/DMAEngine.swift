@@ -60,6 +60,8 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     var waitingForBuffers = false
     /// The tap setting the negotiated features asked for (TapConfigurator's generation).
     var tapWanted: UInt64 = 0
+    /// The tap setting last asked for (nil: none yet, the tap has what it was opened with).
+    var tapSetting: (headerLength: Int, offloads: UInt32)?
     var active: [EngineRing] = []
     var activeRX: [EngineRing] = []
     /// Round-robin over the RX rings for frames from a tap or a wire.

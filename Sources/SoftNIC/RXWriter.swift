@@ -170,7 +170,12 @@ struct RXWriter<Memory: GuestMemoryAccess> {
             return false
         }
         availCache = a
-        if idx == a { problem = .noBuffer; return false }
+        if idx == a {
+            // Every entry of the ring is posted and the frame still does not fit: it never will
+            // (buffers too small), so it must not wait for more.
+            problem = a &- start == queue.size ? .bufferTooSmall : .noBuffer
+            return false
+        }
         return true
     }
 

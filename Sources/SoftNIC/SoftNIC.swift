@@ -114,7 +114,9 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
                     guard let p = raw.baseAddress else { return false }
                     switch e.link.kind {
                     case .tap, .wire:
-                        // Sent as if the guest had sent it on TX ring 1.
+                        // Sent as if the guest had sent it on TX ring 1 (not before the tap has the
+                        // negotiated header size).
+                        if !e.tapReady { e.rings[1].stats.drop(.linkError); return false }
                         if !e.link.send(p, length: raw.count, header: VirtioNetHeader(), headerLength: e.headerLength) { e.rings[1].stats.drop(.linkError) }
                         e.link.notifyPeer()
                         return true

@@ -74,11 +74,11 @@ struct Vdpactl: ParsableCommand {
                         print("  device ring \(r.index): size \(r.size) base \(r.base) enabled \(r.enabled) used at \(r.usedIOVA)")
                     }
                 }
-                print("  features: \(p.features.acked) [\(p.features.ackedNames)] of \(p.features.offered)"
-                      + (p.features.offeredNames.map { " [\($0)]" } ?? ""))
+                print("  features: \(p.features.acked) [\(p.features.ackedNames)] of \(p.features.offered)")
+                if let names = p.features.offeredNames { print("  features offered: [\(names)]") }
                 if let limit = p.features.limit { print("  features limited by: \(limit)") }
-                print("  protocol: \(p.protocolFeatures.acked) [\(p.protocolFeatures.ackedNames)] of \(p.protocolFeatures.offered)"
-                      + (p.protocolFeatures.offeredNames.map { " [\($0)]" } ?? ""))
+                print("  protocol: \(p.protocolFeatures.acked) [\(p.protocolFeatures.ackedNames)] of \(p.protocolFeatures.offered)")
+                if let names = p.protocolFeatures.offeredNames { print("  protocol offered: [\(names)]") }
                 for r in p.memoryRegions { print("  region gpa \(r.guestPhysAddr) size \(r.size) uva \(r.userAddr)") }
                 for q in p.queues where q.ringSize > 0 || q.enabled || q.started {
                     print("  queue \(q.index): size \(q.ringSize) enabled \(q.enabled) started \(q.started) mode \(q.mode)")

@@ -147,6 +147,16 @@ final class RXWriterTests: XCTestCase {
         _ = c
     }
 
+    /// With MRG_RXBUF and every entry of the ring posted, a frame larger than all of them
+    /// together can never fit: `bufferTooSmall` (counted, and the wire does not keep it), not
+    /// `noBuffer` (which would hold it, and every frame behind it, forever).
+    func testMergeableFrameLargerThanAFullRingIsTooLargeNotWaiting() throws {
+        var gpas: [UInt64] = []
+        for _ in 0..<Int(Self.ringSize) { gpas += post([16]).gpas }
+        XCTAssertEqual(try write(Self.frame(Int(Self.ringSize) * 16), mergeable: true), .dropped(.bufferTooSmall))
+        try assertNothingConsumed(gpas, 16)
+    }
+
     /// The header must fit whole in the first writable buffer.
     func testFirstBufferSmallerThanTheHeader() throws {
         let (_, gpas) = post([8, 2048])

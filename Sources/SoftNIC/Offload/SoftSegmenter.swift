@@ -121,6 +121,10 @@ struct SoftSegmenter {
     /// Writes the next segment into `out` (at least `capacity` bytes) and returns its length, nil when all were written.
     /// Also nil, writing nothing and staying at the same segment, when `capacity` is below
     /// `maxSegmentLength` (check that after init).
+    /// Passes over the next `k` segments without writing them (segments are cut by index, so
+    /// the ones after are the same): a frame part-delivered earlier resumes where it stopped.
+    mutating func skip(_ k: Int) { written = min(count, written + max(0, k)) }
+
     mutating func next(into out: UnsafeMutableRawPointer, capacity: Int) -> Int? {
         guard written < count, capacity >= maxSegmentLength else { return nil }
         // Safety: the caller gives `capacity` writable bytes at `out`.
