@@ -58,6 +58,12 @@ final class MigrationSwitch {
         self.stats = stats
         self.testSwitches = testSwitches
         self.logger = logger
+        // The relay thread starts with the port and sleeps until a ring is attached, so the
+        // first LOG_ALL (which QEMU waits for, holding its main loop) does not wait for a thread
+        // to start (issue 11, item 4). Should it fail to start here, the first switch tries again.
+        do { _ = try relayEngine() } catch {
+            logger.warning("relay thread not started with the port (\(error)); the first switchover will start it")
+        }
     }
 
     deinit { relay?.stop() }
@@ -308,7 +314,7 @@ final class MigrationSwitch {
         }
     }
 
-    /// The port's relay thread, made on the first switch.
+    /// The port's relay thread: made with the port (see init), or on the first switch if that failed.
     private func relayEngine() throws -> RelayEngine {
         if let relay { return relay }
         let r = try RelayEngine(mode: relayMode, name: portID, logger: logger)
