@@ -2,7 +2,7 @@ import Glibc
 import Platform
 import Virtio
 
-/// The chains posted in one RX ring ahead of its next avail entry, walked once and kept as one
+/// The chains posted in an RX ring ahead of its next avail entry, walked once and kept as one
 /// iovec list of their writable buffers, so a frame from the tap is read straight into the
 /// guest's buffers (one readv, no device-buffer copy). Walked chains stay in the window across
 /// frames; it is rebuilt when its ring, its start or the engine's translation generation
@@ -106,7 +106,7 @@ extension DMAEngine {
             if link.zeroCopy && fillWindow(rx, need: hdr + tapMaxFrame + 1) {
                 let got: Int
                 do throws(SystemError) {
-                    guard let g = try tap.receive(scattered: rxWindow.iov, count: rxWindow.iovCount) else { break }
+                    guard let w = rx.rxWindow, let g = try tap.receive(scattered: w.iov, count: w.iovCount) else { break }
                     got = g
                 } catch {
                     rings[0].stats.drop(.linkError)  // the tap failed (not merely empty): counted on RX queue 0
@@ -149,7 +149,10 @@ extension DMAEngine {
     /// faults included).
     func fillWindow(_ rx: EngineRing, need: Int) -> Bool {
         guard let q = rx.queue else { return false }
-        let w = rxWindow
+        // Each RX ring has a window of its own (made at its first tap frame): frames go round-robin
+        // over the rings, and a window shared between them would be rebuilt at every frame.
+        let w: RXWindow
+        if let existing = rx.rxWindow { w = existing } else { w = RXWindow(); rx.rxWindow = w }
         if w.ring != rx.index || w.generation != translationGeneration || w.start != rx.lastAvail {
             w.reset(ring: rx.index, start: rx.lastAvail, generation: translationGeneration)
         }
@@ -194,7 +197,7 @@ extension DMAEngine {
     /// A frame of `got` bytes (header included) was read into the window: its chains are used,
     /// in order, each as far as the frame reached; the header's num_buffers says how many.
     func commitWindow(_ rx: EngineRing, got: Int) {
-        let w = rxWindow
+        guard let w = rx.rxWindow else { return }
         let hdr = headerLength
         guard let q = rx.queue else { w.invalidate(); return }
         if got > hdr + tapMaxFrame || got < hdr + 14 {

@@ -44,9 +44,6 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     /// Bumped whenever a ring's translation may have changed (memory, start, stop, redirect,
     /// fault): the tap's RX window is valid only for the generation it was built in.
     var translationGeneration: UInt64 = 0
-    /// The chains of an RX ring walked ahead, as one iovec list: tap frames are read straight
-    /// into them (see DMAEngine+TapRX).
-    let rxWindow = RXWindow()
     /// TX chains' readable buffers as an iovec list, for one writev to the tap.
     let txIOV: UnsafeMutablePointer<iovec>
     static let txIOVCapacity = 1024

@@ -38,6 +38,9 @@ final class EngineRing {
     /// RX counts not yet added to `stats` (added once per batch, in flush).
     var pendingPackets: UInt64 = 0
     var pendingBytes: UInt64 = 0
+    /// A tap link's RX ring: its chains walked ahead, as one iovec list that tap frames are read
+    /// straight into (see DMAEngine+TapRX); made at the ring's first tap frame.
+    var rxWindow: RXWindow?
 
     init(index: Int, stats: QueueCounterSet) {
         self.index = index
