@@ -5,7 +5,7 @@ import Virtio
 /// The chains posted in an RX ring ahead of its next avail entry, walked once and kept as one
 /// iovec list of their writable buffers, so a frame from the tap is read straight into the
 /// guest's buffers (one readv, no device-buffer copy). Walked chains stay in the window across
-/// frames; it is rebuilt when its ring, its start or the engine's translation generation
+/// frames; it is rebuilt when its start or the engine's translation generation
 /// changes. Preallocated once; confined to the engine's thread.
 final class RXWindow {
     static let maxIOV = 1024
@@ -16,10 +16,10 @@ final class RXWindow {
     let heads: UnsafeMutablePointer<UInt16>
     let iovEnd: UnsafeMutablePointer<Int>
     let room: UnsafeMutablePointer<Int>
-    var ring = -1
     /// The avail index of the first chain.
     var start: UInt16 = 0
-    var generation: UInt64 = 0
+    /// The translation generation it was built in (never: no generation matches it).
+    var generation: UInt64 = .max
     var chains = 0
     var iovCount = 0
     /// Writable bytes of all chains.
@@ -39,8 +39,7 @@ final class RXWindow {
         room.deallocate()
     }
 
-    func reset(ring: Int, start: UInt16, generation: UInt64) {
-        self.ring = ring
+    func reset(start: UInt16, generation: UInt64) {
         self.start = start
         self.generation = generation
         chains = 0
@@ -48,7 +47,6 @@ final class RXWindow {
         bytes = 0
     }
 
-    func invalidate() { ring = -1 }
 
     /// Drops the first `k` chains (used by a frame); the rest move to the front.
     func consume(_ k: Int) {
@@ -153,8 +151,8 @@ extension DMAEngine {
         // over the rings, and a window shared between them would be rebuilt at every frame.
         let w: RXWindow
         if let existing = rx.rxWindow { w = existing } else { w = RXWindow(); rx.rxWindow = w }
-        if w.ring != rx.index || w.generation != translationGeneration || w.start != rx.lastAvail {
-            w.reset(ring: rx.index, start: rx.lastAvail, generation: translationGeneration)
+        if w.generation != translationGeneration || w.start != rx.lastAvail {
+            w.reset(start: rx.lastAvail, generation: translationGeneration)
         }
         while w.bytes < need {
             if !mergeable && w.chains >= 1 { return false }
@@ -199,7 +197,7 @@ extension DMAEngine {
     func commitWindow(_ rx: EngineRing, got: Int) {
         guard let w = rx.rxWindow else { return }
         let hdr = headerLength
-        guard let q = rx.queue else { w.invalidate(); return }
+        guard let q = rx.queue else { return }  // (a stopped ring bumped the generation: the window is rebuilt)
         if got > hdr + tapMaxFrame || got < hdr + 14 {
             // Longer than the largest frame (the tap's MTU set above it; the kernel cut it to the
             // window), or a runt: dropped, nothing used. The bytes the kernel wrote stay in the
