@@ -26,6 +26,17 @@ public struct RelayRingConfig: Sendable {
     }
 }
 
+/// How much the relay marks for each completion (`--port ...,log=`). Every option covers at least
+/// every byte the device wrote.
+public enum LogGranularity: String, Sendable, CaseIterable {
+    /// The first `used.len` bytes of the chain's writable buffers (the bytes the device wrote).
+    case exact
+    /// Each writable buffer of a completed chain whole, whatever `used.len` says.
+    case buffer
+    /// Coarser marks that cut the relay's work per packet (see `RelayStep`).
+    case pageRun = "page-run"
+}
+
 /// Per relayed ring counters, read by the control thread.
 public final class RelayCounters: Sendable {
     public let relayed = Atomic<UInt64>(0)

@@ -16,11 +16,11 @@ final class DeviceBinding: VhostUserDeviceHooks {
     /// What the frontend configured, kept from the events.
     private(set) var state = FrontendState()
 
-    init(device: any VDPADevice, portID: String, relayMode: RelayLoopMode, migration: MigrationStatsTable,
-         testSwitches: TestSwitches, logger: Logger) {
+    init(device: any VDPADevice, portID: String, relayMode: RelayLoopMode, options: MigrationOptions = MigrationOptions(),
+         migration: MigrationStatsTable, testSwitches: TestSwitches, logger: Logger) {
         self.device = device
         self.logger = logger
-        self.migration = MigrationSwitch(device: device, portID: portID, relayMode: relayMode, stats: migration,
+        self.migration = MigrationSwitch(device: device, portID: portID, relayMode: relayMode, options: options, stats: migration,
                                          testSwitches: testSwitches, logger: logger)
     }
 

@@ -35,6 +35,8 @@ final class MigrationSwitch {
     let device: any VDPADevice
     let logger: Logger
     let relayMode: RelayLoopMode
+    /// `relay=`, `migration=`, `log=` of the port.
+    let options: MigrationOptions
     let portID: String
     let stats: MigrationStatsTable
     let testSwitches: TestSwitches
@@ -50,8 +52,9 @@ final class MigrationSwitch {
     /// its old log, which is then used.
     private var staleLog: DirtyLog?
 
-    init(device: any VDPADevice, portID: String, relayMode: RelayLoopMode, stats: MigrationStatsTable,
-         testSwitches: TestSwitches, logger: Logger) {
+    init(device: any VDPADevice, portID: String, relayMode: RelayLoopMode, options: MigrationOptions = MigrationOptions(),
+         stats: MigrationStatsTable, testSwitches: TestSwitches, logger: Logger) {
+        self.options = options
         self.device = device
         self.portID = portID
         self.relayMode = relayMode

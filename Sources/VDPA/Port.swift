@@ -142,7 +142,7 @@ public final class Port: Sendable {
         }
         let reader = MessageReader()
         let binding = device.map {
-            DeviceBinding(device: $0, portID: spec.id, relayMode: options.relayLoop, migration: migration,
+            DeviceBinding(device: $0, portID: spec.id, relayMode: options.relayLoop, options: spec.migration, migration: migration,
                           testSwitches: options.testSwitches, logger: logger)
         }
         var connection: SharedFD?

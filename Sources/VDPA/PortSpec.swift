@@ -1,7 +1,48 @@
+import Relay
 import Virtio
 
+/// How a port keeps a live migration's dirty log (`relay=`, `migration=`, `log=`).
+public struct MigrationOptions: Equatable, Sendable, CustomStringConvertible {
+    /// `relay=`: which halves of the rings the relay mediates while logging is on.
+    public enum RelayHalves: String, Equatable, Sendable, CaseIterable {
+        /// The device completes into a mediated used ring; the relay copies completions to the
+        /// guest and logs what they expose.
+        case used
+        /// As `used`, and the device reads a mediated avail ring: the relay checks each chain the
+        /// guest posts before the device may see it.
+        case availUsed = "avail+used"
+    }
+    /// `migration=`: how the device's writes reach the log.
+    public enum Method: String, Equatable, Sendable, CaseIterable {
+        /// The relay (`relay=`, `log=`).
+        case relay
+        /// The rings stay direct; the device's IOMMU records the pages it writes, and the daemon
+        /// folds its dirty bitmap into the log.
+        case iommuDirty = "iommu-dirty"
+    }
+    public var relay: RelayHalves
+    public var method: Method
+    public var log: LogGranularity
+
+    public init(relay: RelayHalves = .used, method: Method = .relay, log: LogGranularity = .exact) {
+        self.relay = relay
+        self.method = method
+        self.log = log
+    }
+
+    /// As `--port` options, or nil for the defaults.
+    public var description: String {
+        var parts: [String] = []
+        if method != .relay { parts.append("migration=\(method.rawValue)") }
+        if relay != .used { parts.append("relay=\(relay.rawValue)") }
+        if log != .exact { parts.append("log=\(log.rawValue)") }
+        return parts.isEmpty ? "migration=relay,relay=used,log=exact" : parts.joined(separator: ",")
+    }
+}
+
 /// One `--port` option:
-/// `socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off]`.
+/// `socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off]`
+/// `[,relay=used|avail+used][,migration=relay|iommu-dirty][,log=exact|buffer|page-run]`.
 public struct PortSpec: Equatable, Sendable {
     /// Which vDPA device serves the port (`device=`).
     public enum Device: Equatable, Sendable, CustomStringConvertible {
@@ -35,11 +76,15 @@ public struct PortSpec: Equatable, Sendable {
     /// `offloads=off` (false) withholds the checksum and segmentation offloads
     /// (`VirtioNetFeature.offloads`) whatever the device and `features=` allow.
     public var offloads: Bool
+    /// `relay=`, `migration=`, `log=`: how a live migration is logged.
+    public var migration: MigrationOptions
 
     public static let maxQueuePairs = 64
 
     public init(id: String, socketPath: String, client: Bool = false, queuePairs: Int = 1, link: String = "loopback", mac: [UInt8]? = nil,
-                device: Device = .softnic, queuesGiven: Bool = false, featureLimit: UInt64? = nil, offloads: Bool = true) {
+                device: Device = .softnic, queuesGiven: Bool = false, featureLimit: UInt64? = nil, offloads: Bool = true,
+                migration: MigrationOptions = MigrationOptions()) {
+        self.migration = migration
         self.featureLimit = featureLimit
         self.offloads = offloads
         self.device = device
@@ -88,6 +133,9 @@ public struct PortSpec: Equatable, Sendable {
         var queuesGiven = false
         var featureLimit: UInt64?
         var offloads: Bool?
+        var relay: MigrationOptions.RelayHalves?
+        var method: MigrationOptions.Method?
+        var log: LogGranularity?
         for item in text.split(separator: ",", omittingEmptySubsequences: false) {
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             let key = String(parts[0])
@@ -120,10 +168,24 @@ public struct PortSpec: Equatable, Sendable {
                     throw ParseError(message: "--port \(text): mac=\(v) must be a unicast MAC like 52:54:00:12:34:56")
                 }
                 mac = bytes
-            case ("relay", "used"):
-                break
-            case ("relay", "avail+used"):
-                throw ParseError(message: "--port \(text): relay=avail+used (the avail relay that checks chains before the device sees them) is not implemented yet; use relay=used (the default)")
+            case ("relay", let v):
+                guard let r = v.flatMap(MigrationOptions.RelayHalves.init(rawValue:)) else {
+                    throw ParseError(message: "--port \(text): relay=\(v ?? ""): expected relay=used (the default) or relay=avail+used")
+                }
+                guard relay == nil || relay == r else { throw ParseError(message: "--port \(text): relay= given twice") }
+                relay = r
+            case ("migration", let v):
+                guard let m = v.flatMap(MigrationOptions.Method.init(rawValue:)) else {
+                    throw ParseError(message: "--port \(text): migration=\(v ?? ""): expected migration=relay (the default) or migration=iommu-dirty")
+                }
+                guard method == nil || method == m else { throw ParseError(message: "--port \(text): migration= given twice") }
+                method = m
+            case ("log", let v):
+                guard let g = v.flatMap(LogGranularity.init(rawValue:)) else {
+                    throw ParseError(message: "--port \(text): log=\(v ?? ""): expected log=exact (the default), log=buffer or log=page-run")
+                }
+                guard log == nil || log == g else { throw ParseError(message: "--port \(text): log= given twice") }
+                log = g
             case ("features", let v?):
                 guard featureLimit == nil else { throw ParseError(message: "--port \(text): features= given twice; give one '+'-separated list") }
                 featureLimit = try parseFeatureList(v, option: text)
@@ -148,15 +210,37 @@ public struct PortSpec: Equatable, Sendable {
                 if socket != nil && value == nil {
                     throw ParseError(message: "--port \(text): unknown option '\(key)' (socket paths containing ',' are not supported)")
                 }
-                throw ParseError(message: "--port \(text): unknown or malformed option '\(item)'; expected socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off]")
+                throw ParseError(message: "--port \(text): unknown or malformed option '\(item)'; expected socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off][,relay=used|avail+used][,migration=relay|iommu-dirty][,log=exact|buffer|page-run]")
             }
         }
         guard let socket else { throw ParseError(message: "--port \(text): socket=PATH is required") }
         if case .vhostVDPA = device, linkGiven || mac != nil {
             throw ParseError(message: "--port \(text): link= and mac= configure the software NIC; a vhost-vdpa device has its own link and MAC")
         }
+        let options = MigrationOptions(relay: relay ?? .used, method: method ?? .relay, log: log ?? .exact)
+        if options.method == .iommuDirty && (relay != nil || log != nil) {
+            throw ParseError(message: "--port \(text): migration=iommu-dirty keeps the rings direct (the device's IOMMU records what it writes): relay= and log= apply to migration=relay only")
+        }
+        try refuseUnimplemented(options, text)
         return PortSpec(id: id ?? defaultID, socketPath: socket, client: client, queuePairs: queues, link: link, mac: mac,
-                        device: device, queuesGiven: queuesGiven, featureLimit: featureLimit, offloads: offloads ?? true)
+                        device: device, queuesGiven: queuesGiven, featureLimit: featureLimit, offloads: offloads ?? true,
+                        migration: options)
+    }
+
+    /// The migration options `refuseUnimplemented` refuses (for its test).
+    static let unimplementedMigrationOptions = ["relay=avail+used", "migration=iommu-dirty", "log=buffer", "log=page-run"]
+
+    /// Options parsed but not implemented yet: refused, loudly, rather than ignored.
+    static func refuseUnimplemented(_ o: MigrationOptions, _ text: String) throws(ParseError) {
+        if o.relay == .availUsed {
+            throw ParseError(message: "--port \(text): relay=avail+used (the avail relay that checks chains before the device sees them) is not implemented yet; use relay=used (the default)")
+        }
+        if o.method == .iommuDirty {
+            throw ParseError(message: "--port \(text): migration=iommu-dirty (dirty tracking in the device's IOMMU) is not implemented yet; use migration=relay (the default)")
+        }
+        if o.log != .exact {
+            throw ParseError(message: "--port \(text): log=\(o.log.rawValue) is not implemented yet; use log=exact (the default)")
+        }
     }
 
     /// `features=`'s list: feature names as `describeFeatures` prints them (any case) or hex bits

@@ -70,6 +70,20 @@ public struct PortStatus: Codable, Sendable, Equatable {
     public var connections: Int
     public var rejectedConnections: Int
     public var lastError: String?
+    /// How the port logs a live migration (`migration=`, `relay=`, `log=`); absent in older replies.
+    public var migrationSettings: MigrationSettings?
+}
+
+/// A port's `migration=`, `relay=` and `log=` options, as given (or their defaults).
+public struct MigrationSettings: Codable, Sendable, Equatable {
+    public var method: String
+    public var relay: String
+    public var log: String
+    public init(_ o: MigrationOptions) {
+        method = o.method.rawValue
+        relay = o.relay.rawValue
+        log = o.log.rawValue
+    }
 }
 
 func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
@@ -98,6 +112,7 @@ extension PortStatus {
         connections = 0
         rejectedConnections = 0
         lastError = nil
+        migrationSettings = MigrationSettings(spec.migration)
     }
 
     /// Refreshes the session-derived fields from a live session.

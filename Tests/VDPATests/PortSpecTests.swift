@@ -42,6 +42,27 @@ final class PortSpecTests: XCTestCase {
         }
     }
 
+    /// `relay=`, `migration=`, `log=`: defaults, values, and what is refused with a message naming it.
+    func testMigrationOptions() throws {
+        let d = try PortSpec.parse("socket=/x", defaultID: "vdpa0").migration
+        XCTAssertEqual(d, MigrationOptions(relay: .used, method: .relay, log: .exact))
+        XCTAssertEqual(try PortSpec.parse("socket=/x,relay=used,migration=relay,log=exact", defaultID: "vdpa0").migration, d)
+        for (bad, says) in [("relay=avail", "relay=avail:"), ("relay", "relay=:"), ("migration=iommu", "migration=iommu:"),
+                            ("log=pages", "log=pages:"), ("relay=used,relay=avail+used", "relay="),
+                            ("migration=iommu-dirty,log=exact", "apply to migration=relay only"),
+                            ("migration=iommu-dirty,relay=used", "apply to migration=relay only")] {
+            XCTAssertThrowsError(try PortSpec.parse("socket=/x," + bad, defaultID: "vdpa0"), bad) {
+                XCTAssertTrue("\($0)".contains(says), "\(bad): \($0)")
+            }
+        }
+        // Not implemented yet: refused loudly, never ignored.
+        for unimplemented in PortSpec.unimplementedMigrationOptions {
+            XCTAssertThrowsError(try PortSpec.parse("socket=/x," + unimplemented, defaultID: "vdpa0"), unimplemented) {
+                XCTAssertTrue("\($0)".contains("not implemented"), "\(unimplemented): \($0)")
+            }
+        }
+    }
+
     /// `features=` takes names (any case) and hex bits joined by '+'; `offloads=off` withholds the
     /// offloads, alone or with a list. The spec keeps the bits and prints them back as options.
     func testFeatureList() throws {
