@@ -16,6 +16,8 @@ public struct RelayRingConfig: Sendable {
     /// guest's suppression: a kernel vDPA device); the relay then wakes every millisecond while
     /// it relays this ring, instead of every 100 ms.
     public var deviceMayNotInterrupt = false
+    /// How much the relay marks for each completion (`log=`).
+    public var log = LogGranularity.exact
 
     /// Indirect tables are followed whether or not INDIRECT_DESC was negotiated (the device
     /// decided when the ring started; marking a chain it completed is never wrong).
@@ -33,7 +35,10 @@ public enum LogGranularity: String, Sendable, CaseIterable {
     case exact
     /// Each writable buffer of a completed chain whole, whatever `used.len` says.
     case buffer
-    /// Coarser marks that cut the relay's work per packet (see `RelayStep`).
+    /// Whole runs of 64 pages (256 KiB, aligned: one 64-bit word of the log) around the written
+    /// bytes: one word set whole per run, and a completion whose bytes fall in the run the step
+    /// set last costs one comparison, no bit arithmetic and no atomic operation. QEMU sends the
+    /// whole run again (more pages per migration iteration, for less relay work per packet).
     case pageRun = "page-run"
 }
 

@@ -26,7 +26,7 @@ extension RelayEngine {
         }
         q.insaneIndexSeen = false
         guard let log else { return 0 }
-        var marker = WrittenBytesMarker(batch: DirtyLog.Batch(log: log), skipMarking: skipBufferMarking,
+        var marker = WrittenBytesMarker(batch: DirtyLog.Batch(log: log), granularity: c.log, skipMarking: skipBufferMarking,
                                         journal: journal.map { JournalContext(journal: $0, view: view, ring: c.ring.index, publishIndex: deviceIndex) })
         var i = old
         while i != deviceIndex {
@@ -98,9 +98,11 @@ extension RelayEngine {
 }
 
 /// The relay's chain visitor: marks the first `used.len` bytes of a completed chain's writable
-/// buffers in the step's dirty-log batch.
+/// buffers in the step's dirty-log batch (`log=exact`), its writable buffers whole (`buffer`), or
+/// the 64-page runs around the written bytes (`page-run`).
 struct WrittenBytesMarker: ChainVisitor, ~Copyable {
     var batch: DirtyLog.Batch
+    let granularity: LogGranularity
     /// Bytes of the current chain still to mark.
     var remaining: UInt64 = 0
     /// Pages marked by this step (for the ring's counters).
@@ -110,8 +112,9 @@ struct WrittenBytesMarker: ChainVisitor, ~Copyable {
     /// Test-only: journal each range (VDPAD_TEST_JOURNAL).
     let journal: JournalContext?
 
-    init(batch: consuming DirtyLog.Batch, skipMarking: Bool = false, journal: JournalContext? = nil) {
+    init(batch: consuming DirtyLog.Batch, granularity: LogGranularity = .exact, skipMarking: Bool = false, journal: JournalContext? = nil) {
         self.batch = batch
+        self.granularity = granularity
         self.skipMarking = skipMarking
         self.journal = journal
     }
@@ -138,15 +141,20 @@ struct WrittenBytesMarker: ChainVisitor, ~Copyable {
     @inline(__always)
     mutating func visit(_ d: VirtqDescriptor, position: Int, index: UInt16) -> Bool {
         if d.flags.contains(.write) && d.len > 0 {
-            let m = min(UInt64(d.len), remaining)
+            // `buffer` marks every writable buffer whole, so it walks the whole chain.
+            let m = granularity == .buffer ? UInt64(d.len) : min(UInt64(d.len), remaining)
             if !skipMarking {
-                batch.mark(gpa: d.addr, length: m)
-                pages &+= ((d.addr &+ m &- 1) >> 12) &- (d.addr >> 12) &+ 1
+                if granularity == .pageRun {
+                    pages &+= batch.markRuns(gpa: d.addr, length: m)
+                } else {
+                    batch.mark(gpa: d.addr, length: m)
+                    pages &+= ((d.addr &+ m &- 1) >> 12) &- (d.addr >> 12) &+ 1
+                }
             }
             journal?.record(gpa: d.addr, length: m, marked: !skipMarking)
-            remaining &-= m
+            remaining &-= min(m, remaining)
         }
-        return remaining > 0
+        return granularity == .buffer || remaining > 0
     }
 }
 

@@ -270,6 +270,7 @@ final class MigrationSwitch {
             var config = RelayRingConfig(ring: ring, deviceWritesBuffers: true,
                                          eventIdx: s.features & VirtioFeature.ringEventIdx != 0)
             config.deviceMayNotInterrupt = !device.interruptsEveryBatch
+            config.log = options.log
             try relay.attach(config,
                              mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
             setMode(i, .relay(mediated))

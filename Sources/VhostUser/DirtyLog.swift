@@ -150,6 +150,33 @@ public final class DirtyLog: @unchecked Sendable {
             }
         }
 
+        /// Marks the whole 64-page words (aligned 256 KiB runs) that [gpa, gpa+length) touches and
+        /// returns how many pages that newly covers in this batch: 0, with no bit arithmetic, when
+        /// the range lies inside the word set last (the common case for buffers carved one after
+        /// another from the same pages).
+        @inlinable
+        public mutating func markRuns(gpa: UInt64, length: UInt64) -> UInt64 {
+            guard length > 0 else { return 0 }
+            let first = gpa >> (DirtyLog.pageShift + 6)
+            let (endAddr, overflow) = gpa.addingReportingOverflow(length - 1)
+            let last = overflow ? (UInt64.max >> (DirtyLog.pageShift + 6)) : endAddr >> (DirtyLog.pageShift + 6)
+            if first == word && last == word && mask == .max { return 0 }
+            var added: UInt64 = 0
+            var w = first
+            while true {
+                if w != word {
+                    log.orWord(word, mask)
+                    word = w
+                    mask = 0
+                }
+                added &+= UInt64(64 - mask.nonzeroBitCount)
+                mask = .max
+                if w == last { break }
+                w &+= 1
+            }
+            return added
+        }
+
         /// ORs whatever is pending. Call before publishing what the marks cover.
         @inlinable
         public mutating func flush() {

@@ -18,8 +18,10 @@ class MigrationTests: SoftNICTestCase {
     /// A real vhost-vdpa character device to run on instead (the vDPA guest's tests).
     var kernelDevice: String? { nil }
 
-    func start(link: String = "source:size=128", loop: RelayLoopMode = .hybrid) throws -> (SoftNICTestDaemon, TestGuest) {
-        let d = try makeDaemon([.init(id: "vm", link: link, mac: TestFrames.dst, kernelModel: kernelModel, kernelDevice: kernelDevice)], options: PortOptions(relayLoop: loop))
+    func start(link: String = "source:size=128", loop: RelayLoopMode = .hybrid,
+               migration: MigrationOptions = MigrationOptions()) throws -> (SoftNICTestDaemon, TestGuest) {
+        let d = try makeDaemon([.init(id: "vm", link: link, mac: TestFrames.dst, kernelModel: kernelModel, kernelDevice: kernelDevice,
+                                      migration: migration)], options: PortOptions(relayLoop: loop))
         let g = try d.connectAndStart("vm")
         return (d, g)
     }
@@ -93,6 +95,28 @@ class MigrationTests: SoftNICTestCase {
         try g.frontend.disableLogging()
         XCTAssertEqual(d.queue("vm", 0).mode, "direct")
         XCTAssertEqual(d.queue("vm", 0).switchovers, 2)
+    }
+
+    /// `log=buffer` and `log=page-run` mark at least every page the device wrote (the check above),
+    /// and more than `exact` does: `buffer` the unwritten rest of each buffer, `page-run` whole
+    /// 64-page runs.
+    func testCoarserLogOptionsCoverEveryWrittenPage() throws {
+        var marked: [LogGranularity: UInt64] = [:]
+        for granularity in LogGranularity.allCases {
+            let (d, g) = try start(link: "source:size=128", migration: MigrationOptions(log: granularity))
+            let r = try loggedRun(d, g)
+            XCTAssertTrue(r.unmarked.isEmpty, "log=\(granularity.rawValue): pages the device wrote but the log misses: \(r.unmarked.sorted())")
+            XCTAssertGreaterThan(r.written, 10)
+            XCTAssertEqual(d.queue("vm", 0).relayed, 100)
+            marked[granularity] = d.queue("vm", 0).pagesMarked
+            if granularity == .pageRun {
+                XCTAssertGreaterThan(r.extra.count, r.written, "page-run marks whole 64-page runs around the written pages")
+            }
+            try g.frontend.disableLogging()
+            XCTAssertEqual(d.queue("vm", 0).mode, "direct")
+        }
+        XCTAssertGreaterThanOrEqual(marked[.buffer]!, marked[.exact]!)
+        XCTAssertGreaterThan(marked[.pageRun]!, 0)
     }
 
     /// The check above can fail: with the test-only switch that skips buffer marking, it finds the

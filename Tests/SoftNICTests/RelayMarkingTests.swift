@@ -43,8 +43,8 @@ final class RelayMarkingTests: XCTestCase {
 
     /// Marks the chain at `head` for `length` written bytes; returns the pages counted and the
     /// error the walk ended with, if any. The batch is flushed either way.
-    func mark(head: UInt16 = 0, length: UInt32) -> (pages: UInt64, error: ChainError?) {
-        var marker = WrittenBytesMarker(batch: DirtyLog.Batch(log: log))
+    func mark(head: UInt16 = 0, length: UInt32, granularity: LogGranularity = .exact) -> (pages: UInt64, error: ChainError?) {
+        var marker = WrittenBytesMarker(batch: DirtyLog.Batch(log: log), granularity: granularity)
         var failure: ChainError?
         do throws(ChainError) {
             try marker.mark(head: head, length: length, table: table, queueSize: Self.queueSize, tables: tables)
@@ -119,5 +119,49 @@ final class RelayMarkingTests: XCTestCase {
         let r = mark(length: 9 * 0x1000)
         XCTAssertEqual(r.error, .chainTooLong(limit: Self.queueSize))
         XCTAssertEqual(r.pages, 8, "the first queue-size buffers are marked")
+    }
+
+    /// `log=buffer`: every writable buffer of the completed chain whole, whatever `used.len` says
+    /// (readable buffers still not); the walk goes to the chain's end.
+    func testBufferGranularityMarksWritableBuffersWhole() {
+        let b = Self.bufferGPA
+        let p = Self.page(b)
+        set(0, D(addr: b, len: 100, flags: .next, next: 3))                            // readable: not marked
+        set(3, D(addr: b + 0x1_0000, len: 0x2000, flags: [.write, .next], next: 5))     // 2 pages
+        set(5, D(addr: b + 0x2_0000, len: 0x3000, flags: .write))                       // 3 pages, none written
+        let r = mark(length: 10, granularity: .buffer)
+        XCTAssertNil(r.error)
+        XCTAssertEqual(r.pages, 5)
+        XCTAssertEqual(marked(p...(p + 0x40)), [p + 0x10, p + 0x11, p + 0x20, p + 0x21, p + 0x22])
+        // A used.len of 0: the device wrote nothing, nothing is marked.
+        logBits.initializeMemory(as: UInt8.self, repeating: 0, count: 1 << 16)
+        XCTAssertEqual(mark(length: 0, granularity: .buffer).pages, 0)
+        XCTAssertEqual(marked(p...(p + 0x40)), [])
+    }
+
+    /// `log=page-run`: the aligned 64-page runs around the written bytes (a superset of `exact`),
+    /// each counted once per batch however many buffers fall in it.
+    func testPageRunGranularityMarksAlignedRunsAroundTheWrittenBytes() {
+        let b = Self.bufferGPA + 0x4_1000      // page 1 of a run... and into the next run below
+        set(0, D(addr: b, len: 0x100, flags: [.write, .next], next: 1))
+        set(1, D(addr: b + 0x3_e000, len: 0x3000, flags: .write))    // crosses into the next run
+        let r = mark(length: 0x2100, granularity: .pageRun)
+        XCTAssertNil(r.error)
+        let run = (b >> 12) & ~63
+        XCTAssertEqual(r.pages, 128, "two runs")
+        XCTAssertEqual(marked((run - 1)...(run + 128)), Array(run..<(run + 128)))
+        // Exact marks are a subset of page-run's for the same chain.
+        logBits.initializeMemory(as: UInt8.self, repeating: 0, count: 1 << 16)
+        _ = mark(length: 0x2100)
+        XCTAssertTrue(marked((run - 1)...(run + 128)).allSatisfy { $0 >= run && $0 < run + 128 })
+        XCTAssertEqual(marked((run - 1)...(run + 128)).count, 3)
+        // Many buffers in one run: one run counted, the rest cost nothing.
+        var marker = WrittenBytesMarker(batch: DirtyLog.Batch(log: log), granularity: .pageRun)
+        for k in 0..<UInt64(16) {
+            set(2, D(addr: Self.bufferGPA + k * 0x800, len: 0x800, flags: .write))
+            XCTAssertNoThrow(try marker.mark(head: 2, length: 0x800, table: table, queueSize: Self.queueSize, tables: tables))
+        }
+        marker.batch.flush()
+        XCTAssertEqual(marker.pages, 64)
     }
 }
