@@ -103,7 +103,7 @@ public final class Daemon: Sendable {
                 RelayStats(loop: r.mode.rawValue, cpuMillis: r.cpuNanos.load(ordering: .relaxed) / 1_000_000,
                            busyNanos: busy, busyElements: moved,
                            busyNanosPerElement: moved > 0 ? Double(busy) / Double(moved) : 0)
-            })
+            }, logAllReplies: p.migration.logAllReplies.withLock { $0 })
         })
     }
 

@@ -25,9 +25,41 @@ public struct RingMigrationStats: Sendable, Equatable {
     }
 }
 
+/// How long the port took to answer the SET_FEATURES messages that turned dirty logging on
+/// (switchover) or off (switch-back): from the whole message read to the reply sent (QEMU waits
+/// for that reply holding its main loop). Stats JSON `logAllReplies`.
+public struct LogAllReplyStats: Codable, Sendable, Equatable {
+    public struct Times: Codable, Sendable, Equatable {
+        public var count: UInt64 = 0
+        public var lastMicros: UInt64 = 0
+        public var maxMicros: UInt64 = 0
+        /// Replies that took longer than 1 ms.
+        public var overOneMillisecond: UInt64 = 0
+        /// The last 32 replies' times, oldest first.
+        public var recentMicros: [UInt64] = []
+        public init() {}
+
+        mutating func record(_ micros: UInt64) {
+            count += 1
+            lastMicros = micros
+            maxMicros = max(maxMicros, micros)
+            if micros > 1000 { overOneMillisecond += 1 }
+            if recentMicros.count == 32 { recentMicros.removeFirst() }
+            recentMicros.append(micros)
+        }
+    }
+    /// LOG_ALL turned on: the rings go to the relay (or are held until the log arrives).
+    public var on = Times()
+    /// LOG_ALL turned off: the rings go back to the direct path.
+    public var off = Times()
+    public init() {}
+}
+
 /// The per-ring migration figures, shared between the port thread and the control thread.
 public final class MigrationStatsTable: Sendable {
     let table = Mutex<[Int: RingMigrationStats]>([:])
+    /// Reply times of the SET_FEATURES messages that toggled LOG_ALL.
+    public let logAllReplies = Mutex(LogAllReplyStats())
     /// The port's relay thread, once one exists (for its CPU figures).
     public let relay = Mutex<RelayEngine?>(nil)
     public init() {}

@@ -212,6 +212,8 @@ public final class Port: Sendable {
                 return
             }
             logger.trace("\(message.request.name) \(message.payload)")
+            let received = MonotonicClock.nanoseconds
+            let loggingBefore = s.ackedFeatures & VirtioFeature.vhostLogAll
             do {
                 let reply = try s.handle(message, fds: &fds)
                 if fds.count > 0 {
@@ -226,6 +228,13 @@ public final class Port: Sendable {
                 if let reply {
                     let deadline = Deadline(secondsFromNow: Self.replyTimeoutSeconds)
                     try c.withFD { fd throws(SocketError) in try UnixSocket.send(fd, reply, deadline: deadline, cancel: wake.raw) }
+                }
+                let loggingAfter = s.ackedFeatures & VirtioFeature.vhostLogAll
+                if message.request == .setFeatures && loggingAfter != loggingBefore {
+                    // Answered (or handled, for a frontend that asked no reply): what QEMU waited for.
+                    let micros = (MonotonicClock.nanoseconds - received) / 1000
+                    migration.logAllReplies.withLock { loggingAfter != 0 ? $0.on.record(micros) : $0.off.record(micros) }
+                    logger.debug("LOG_ALL \(loggingAfter != 0 ? "on" : "off"): answered in \(micros) µs")
                 }
             } catch let e as VhostUserError {
                 detach(reason: e.description, isError: true)

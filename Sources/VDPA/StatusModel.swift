@@ -156,6 +156,8 @@ public struct PortStats: Codable, Sendable, Equatable {
     public var queues: [QueueStats]
     /// The port's relay thread, once a migration has started one.
     public var relay: RelayStats?
+    /// How long the SET_FEATURES messages that toggled LOG_ALL took to answer; absent in older replies.
+    public var logAllReplies: LogAllReplyStats?
 }
 
 public struct RelayStats: Codable, Sendable, Equatable {

@@ -16,6 +16,7 @@ struct Vdpad: ParsableCommand {
         discussion: """
         Each --port binds one vhost-user socket to one vDPA NIC (the software NIC by default):
           socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off]
+                      [,log=exact|buffer|page-run]
           socket=PATH  the vhost-user socket (paths containing ',' are not supported)
           id=NAME      port name (default vdpa0, vdpa1, ... in order)
           link=LINK    loopback (default) | sink | source[:size=BYTES][:rate=PPS] | tap[:ifname=IF][:zerocopy=off] | wire:ID
@@ -31,6 +32,9 @@ struct Vdpad: ParsableCommand {
           offloads=off withhold the checksum and segmentation offloads (CSUM, GUEST_CSUM, HOST_TSO4/6,
                        HOST_ECN, HOST_UFO, GUEST_TSO4/6, GUEST_ECN, GUEST_UFO); on (default) offers
                        what the device and features= allow
+          log=G        what the migration relay marks per completion: exact (default: the bytes
+                       the device wrote), buffer (the writable buffers whole), page-run (the
+                       aligned 64-page runs around the written bytes)
         With no --port and no --vduse: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
         Each --vduse exports a software vDPA NIC to this kernel as a VDUSE device on the vDPA bus:
           name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none][,indirect=on|off]

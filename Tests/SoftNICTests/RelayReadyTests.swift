@@ -28,6 +28,13 @@ final class RelayReadyTests: SoftNICTestCase {
         // these against QEMU.
         print("LOG_ALL on, ms per reply:", on.map { String(format: "%.2f", $0) }.joined(separator: " "))
         print("LOG_ALL off, ms per reply:", off.map { String(format: "%.2f", $0) }.joined(separator: " "))
+        // The port's own measure of the same replies (stats `logAllReplies`), one per toggle.
+        let replies = try XCTUnwrap(env.daemon.stats().ports.first { $0.id == port }?.logAllReplies)
+        XCTAssertEqual(replies.on.count, 20)
+        XCTAssertEqual(replies.off.count, 20)
+        XCTAssertEqual(replies.on.recentMicros.count, 20)
+        print("LOG_ALL on, µs as the port measured:", replies.on.recentMicros.map(String.init).joined(separator: " "))
+        print("LOG_ALL off, µs as the port measured:", replies.off.recentMicros.map(String.init).joined(separator: " "))
         XCTAssertEqual(env.queue(port, 0).mode, "direct", "back to direct after the last switch-back")
         XCTAssertEqual(env.queue(port, 0).faults, 0)
     }
