@@ -1,5 +1,6 @@
 import Logging
 import Platform
+import Synchronization
 import DeviceFramework
 import Virtio
 
@@ -16,6 +17,15 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     public let mac: UInt64
     public let guestMAC: UInt64?
     private let engine: DMAEngine
+    /// What the control side last applied to the engine: a call that would change nothing costs
+    /// no round trip to the engine thread. QEMU turns dirty logging on and off with SET_FEATURES
+    /// and waits for the reply holding its main loop; the engine thread may be busy, or waiting
+    /// for a CPU, for milliseconds (issue 11, item 4). Only the port's thread calls the device.
+    private let applied = Mutex<AppliedState>(AppliedState())
+    private struct AppliedState {
+        var features: UInt64?
+        var enabled: [Int: Bool] = [:]
+    }
     private let stats: [QueueCounterSet]
 
     /// The virtio-net features the device implements: exactly the set the relay can migrate.
@@ -60,7 +70,12 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     }
 
     public func setFeatures(_ features: UInt64) throws(DeviceError) {
-        try apply("set features") { e in e.applyFeatures(features) }
+        // LOG_ALL is vhost-user's, not the device's: the engine has nothing to do for it.
+        let deviceBits = features & ~VirtioFeature.vhostLogAll
+        if applied.withLock({ $0.features == deviceBits }) { return }
+        applied.withLock { $0.features = nil }
+        try apply("set features") { e in e.applyFeatures(deviceBits) }
+        applied.withLock { $0.features = deviceBits }
     }
 
     public func setMemory(_ memory: DeviceMemory) throws(DeviceError) {
@@ -68,6 +83,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     }
 
     public func startRing(_ config: VDPARingConfig) throws(DeviceError) {
+        applied.withLock { $0.enabled[config.index] = nil }
         try apply("start ring \(config.index)") { e in
             e.rings[config.index].guestUsedGPA = config.usedGPA
             let r = e.rings[config.index]
@@ -82,11 +98,14 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     }
 
     public func setRingEnabled(_ index: Int, _ enabled: Bool) throws(DeviceError) {
+        if applied.withLock({ $0.enabled[index] == enabled }) { return }
+        applied.withLock { $0.enabled[index] = nil }
         try apply("enable ring \(index)") { e in
             if !enabled { e.flush(e.rings[index]) }
             e.rings[index].enabled = enabled
             e.rebuildActive()
         }
+        applied.withLock { $0.enabled[index] = enabled }
     }
 
     public func setRingCall(_ index: Int, _ call: SharedFD?) throws(DeviceError) {
@@ -165,6 +184,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     }
 
     public func reset() {
+        applied.withLock { $0 = AppliedState() }
         // The protocol's reset cannot fail: an engine that has stopped serves nothing and holds
         // no ring, so there is nothing left to reset; `perform` has logged why it refused.
         do {

@@ -26,7 +26,7 @@ public struct RingMigrationStats: Sendable, Equatable {
 }
 
 /// How long the port took to answer the SET_FEATURES messages that turned dirty logging on
-/// (switchover) or off (switch-back): from the whole message read to the reply sent (QEMU waits
+/// (switchover) or off (switch-back): from the whole message read to the reply handed to the socket (QEMU waits
 /// for that reply holding its main loop). Stats JSON `logAllReplies`.
 public struct LogAllReplyStats: Codable, Sendable, Equatable {
     public struct Times: Codable, Sendable, Equatable {

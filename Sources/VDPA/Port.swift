@@ -225,16 +225,17 @@ public final class Port: Sendable {
                     $0.update(from: s)
                     if let binding { for i in $0.queues.indices where $0.queues[i].started { $0.queues[i].mode = binding.mode(ofRing: i).rawValue } }
                 }
-                if let reply {
-                    let deadline = Deadline(secondsFromNow: Self.replyTimeoutSeconds)
-                    try c.withFD { fd throws(SocketError) in try UnixSocket.send(fd, reply, deadline: deadline, cancel: wake.raw) }
-                }
                 let loggingAfter = s.ackedFeatures & VirtioFeature.vhostLogAll
                 if message.request == .setFeatures && loggingAfter != loggingBefore {
-                    // Answered (or handled, for a frontend that asked no reply): what QEMU waited for.
+                    // Handled, the reply about to go (what QEMU waits for); recorded before it goes,
+                    // so that a frontend that reads stats after its reply finds it counted.
                     let micros = (MonotonicClock.nanoseconds - received) / 1000
                     migration.logAllReplies.withLock { loggingAfter != 0 ? $0.on.record(micros) : $0.off.record(micros) }
                     logger.debug("LOG_ALL \(loggingAfter != 0 ? "on" : "off"): answered in \(micros) µs")
+                }
+                if let reply {
+                    let deadline = Deadline(secondsFromNow: Self.replyTimeoutSeconds)
+                    try c.withFD { fd throws(SocketError) in try UnixSocket.send(fd, reply, deadline: deadline, cancel: wake.raw) }
                 }
             } catch let e as VhostUserError {
                 detach(reason: e.description, isError: true)
