@@ -121,6 +121,7 @@ struct VdpaBench: ParsableCommand {
         report["switchGapsMicros"] = gaps.map { Double($0) / 1000 }
         if let s = stats, let q = s.ports.first?.queues.first {
             report["relayed"] = q.relayed
+            report["pagesMarked"] = q.pagesMarked
             report["switchovers"] = q.switchovers
             report["lastSwitchoverGapMicros"] = q.lastSwitchoverGapMicros
             if let r = s.ports.first?.relay {
