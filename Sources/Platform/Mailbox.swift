@@ -51,6 +51,11 @@ public final class Mailbox<Target: AnyObject>: Sendable {
     /// (`body` may still run later; the caller must treat the operation as failed).
     @discardableResult
     public func perform(timeoutSeconds: Double = 1, _ body: @escaping @Sendable (Target) -> Void) -> Bool {
+        // Priority inheritance: a real-time caller (the port thread answering a LOG_ALL toggle,
+        // see CurrentThread.withRealTimePriority) lends its priority to the owner until the post
+        // has run, so that an owner waiting for a CPU behind other threads runs it at once.
+        let boost = inheritPriority()
+        defer { if let boost { _ = boost.saved.apply(to: boost.thread) } }
         let drainsBefore = drains.load(ordering: .acquiring)
         if gaveUpAt.load(ordering: .acquiring) == drainsBefore {
             // Still stuck since the last give-up: fail at once, but interrupt the owner again (it
@@ -75,6 +80,17 @@ public final class Mailbox<Target: AnyObject>: Sendable {
         // that happens right now is seen as progress, not mistaken for none).
         gaveUpAt.store(drainsBefore, ordering: .releasing)
         return false
+    }
+
+    /// Raises the owner to the caller's real-time priority if the caller has one and the owner's
+    /// is lower; returns what to restore (nil: nothing changed).
+    private func inheritPriority() -> (thread: pthread_t, saved: ThreadScheduling)? {
+        let ownerThread = owner.load(ordering: .acquiring)
+        guard ownerThread != 0, let mine = CurrentThread.realTimePriority else { return nil }
+        let thread = pthread_t(ownerThread)
+        guard let saved = ThreadScheduling.of(thread), (saved.realTimePriority ?? 0) < mine,
+              ThreadScheduling(policy: SCHED_FIFO, priority: mine).apply(to: thread) else { return nil }
+        return (thread, saved)
     }
 
     /// Interrupts the owner thread out of a blocking system call (it then takes `takeInterrupted`

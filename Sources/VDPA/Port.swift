@@ -35,6 +35,8 @@ public final class Port: Sendable {
     /// How long a reply may wait for the frontend to make room for it; a frontend that does
     /// not read its replies is disconnected after this, not allowed to hold the port thread.
     static let replyTimeoutSeconds = 5.0
+    /// SCHED_FIFO priority for answering a LOG_ALL toggle (above the event relay loop's 1).
+    static let logToggleRealTimePriority: Int32 = 2
 
     public init(spec: PortSpec, device: (any VDPADevice)?, options: PortOptions = PortOptions(), logger: Logger) throws(SystemError) {
         self.spec = spec
@@ -215,7 +217,19 @@ public final class Port: Sendable {
             let received = MonotonicClock.nanoseconds
             let loggingBefore = s.ackedFeatures & VirtioFeature.vhostLogAll
             do {
-                let reply = try s.handle(message, fds: &fds)
+                // A LOG_ALL toggle is answered at real-time priority (when permitted), lent to the
+                // device and relay threads it waits on: QEMU waits for this reply holding its main
+                // loop, and on a busy machine each handoff to a thread waiting for a CPU would
+                // otherwise cost milliseconds (issue 11, item 4).
+                let togglesLogging: Bool
+                if message.request == .setFeatures, case .u64(let f) = message.payload {
+                    togglesLogging = f & VirtioFeature.vhostLogAll != loggingBefore
+                } else {
+                    togglesLogging = false
+                }
+                let reply = togglesLogging
+                    ? try CurrentThread.withRealTimePriority(Self.logToggleRealTimePriority) { () throws in try s.handle(message, fds: &fds) }
+                    : try s.handle(message, fds: &fds)
                 if fds.count > 0 {
                     logger.warning("\(message.request.name): closing \(fds.count) fd(s) the request did not use")
                     fds.closeAll()

@@ -66,6 +66,25 @@ final class ConfinedWorkerTests: XCTestCase {
         XCTAssertNil(optional, "an optional result comes back as it was returned")
     }
 
+    /// A real-time caller lends its priority to the owner thread for the operation (so that an
+    /// owner waiting for a CPU runs it at once), and the owner's own policy comes back after.
+    func testRealTimeCallerLendsItsPriorityForTheOperation() throws {
+        let worker = try ConfinedWorker<Counter>(name: "worker-prio")
+        let target = Counter()
+        try worker.start(target)
+        defer { worker.stop() }
+        XCTAssertNil(try worker.perform { _ in CurrentThread.realTimePriority }, "an ordinary caller lends nothing")
+        var permitted = false
+        let during: Int32?? = try CurrentThread.withRealTimePriority(3) { () throws -> Int32?? in
+            permitted = CurrentThread.realTimePriority == 3
+            return try worker.perform { _ in CurrentThread.realTimePriority }
+        }
+        try XCTSkipUnless(permitted, "SCHED_FIFO not permitted here (no CAP_SYS_NICE)")
+        XCTAssertEqual(during, .some(3), "the owner ran the operation at the caller's priority")
+        XCTAssertNil(CurrentThread.realTimePriority, "the caller's own policy is back")
+        XCTAssertNil(try worker.perform { _ in CurrentThread.realTimePriority }, "the owner's own policy is back")
+    }
+
     /// Once stopped, the thread has ended (the loop returned and was joined) and every operation
     /// fails at once with `.stopped`, without running.
     func testPerformFailsAtOnceAfterStop() throws {
