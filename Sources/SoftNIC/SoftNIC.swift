@@ -15,7 +15,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     public let link: LinkSpec
     public let mac: UInt64
     public let guestMAC: UInt64?
-    private let engine: DMAEngine
+    let engine: DMAEngine
     private let stats: [QueueCounterSet]
 
     /// The virtio-net features the device implements: exactly the set the relay can migrate.
@@ -53,7 +53,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
 
     /// Runs a control operation on the engine and returns its value; throws if the engine has
     /// stopped or does not answer.
-    private func apply<R: Sendable>(_ what: String, _ body: @escaping @Sendable (DMAEngine) -> R) throws(DeviceError) -> R {
+    func apply<R: Sendable>(_ what: String, _ body: @escaping @Sendable (DMAEngine) -> R) throws(DeviceError) -> R {
         do { return try engine.perform(body) } catch {
             throw DeviceError("\(what): the DMA engine of port \(portID): \(error)")
         }
