@@ -30,6 +30,8 @@ public final class MigrationStatsTable: Sendable {
     let table = Mutex<[Int: RingMigrationStats]>([:])
     /// The port's relay thread, once one exists (for its CPU figures).
     public let relay = Mutex<RelayEngine?>(nil)
+    /// `migration=iommu-dirty` ports: the folder's figures (nil for the relay).
+    public let dirtyTracking = Mutex<DirtyTrackingStats?>(nil)
     public init() {}
     public func withLock<R>(_ body: (inout [Int: RingMigrationStats]) -> R) -> R { table.withLock { body(&$0) } }
     public var snapshot: [Int: RingMigrationStats] { table.withLock { $0 } }
@@ -39,8 +41,12 @@ public final class MigrationStatsTable: Sendable {
 public struct TestSwitches: Sendable {
     public var skipBufferMarking = false
     public var journal: (any RelayJournal)?
-    public init(skipBufferMarking: Bool = false, journal: (any RelayJournal)? = nil) {
+    /// VDPAD_TEST_SKIP_DIRTY_FOLD=1: `migration=iommu-dirty` folds read the device's bits and
+    /// drop them instead of logging them (the negative control of the marking checks).
+    public var skipDirtyFold = false
+    public init(skipBufferMarking: Bool = false, journal: (any RelayJournal)? = nil, skipDirtyFold: Bool = false) {
         self.skipBufferMarking = skipBufferMarking
         self.journal = journal
+        self.skipDirtyFold = skipDirtyFold
     }
 }

@@ -156,6 +156,8 @@ public struct PortStats: Codable, Sendable, Equatable {
     public var queues: [QueueStats]
     /// The port's relay thread, once a migration has started one.
     public var relay: RelayStats?
+    /// `migration=iommu-dirty` ports only: the device's dirty tracking and its folds.
+    public var dirtyTracking: DirtyTrackingStats? = nil
 }
 
 public struct RelayStats: Codable, Sendable, Equatable {
