@@ -16,7 +16,7 @@ public struct DirtyTrackingStats: Codable, Sendable, Equatable {
     /// Cost of the last and the longest fold (read-and-clear of every guest region + OR into the log).
     public var lastFoldMicros: UInt64 = 0
     public var maxFoldMicros: UInt64 = 0
-    /// The period of the background folds while tracking is on.
+    /// The period of the background folds while tracking is on (0: none).
     public var periodMillis: Int = 0
     /// Pages read from the device and dropped by the test switch VDPAD_TEST_SKIP_DIRTY_FOLD.
     public var pagesDropped: UInt64 = 0
@@ -221,7 +221,7 @@ final class DirtyFolder: @unchecked Sendable {
     /// The background folds: every `periodMillis` while tracking is on, asleep otherwise.
     private func run() {
         while !stopping.load(ordering: .acquiring) {
-            let on = state.withLock { $0.enabled }
+            let on = state.withLock { $0.enabled } && periodMillis > 0
             do {
                 _ = try Poll.waitReadable(wake.raw, until: on ? Deadline(secondsFromNow: Double(periodMillis) / 1000) : nil)
             } catch {

@@ -44,9 +44,15 @@ public struct TestSwitches: Sendable {
     /// VDPAD_TEST_SKIP_DIRTY_FOLD=1: `migration=iommu-dirty` folds read the device's bits and
     /// drop them instead of logging them (the negative control of the marking checks).
     public var skipDirtyFold = false
-    public init(skipBufferMarking: Bool = false, journal: (any RelayJournal)? = nil, skipDirtyFold: Bool = false) {
+    /// VDPAD_TEST_DIRTY_FOLD_PERIOD_MS: the background fold period of `migration=iommu-dirty`
+    /// ports instead of the default (0: no background folds, only those replies need), so a
+    /// test can tell which fold carried a page.
+    public var dirtyFoldPeriodMillis: Int?
+    public init(skipBufferMarking: Bool = false, journal: (any RelayJournal)? = nil, skipDirtyFold: Bool = false,
+                dirtyFoldPeriodMillis: Int? = nil) {
         self.skipBufferMarking = skipBufferMarking
         self.journal = journal
         self.skipDirtyFold = skipDirtyFold
+        self.dirtyFoldPeriodMillis = dirtyFoldPeriodMillis
     }
 }

@@ -19,7 +19,9 @@ extension MigrationSwitch {
             return nil
         }
         do {
-            return try DirtyFolder(device: tracker, portID: portID, skipFold: testSwitches.skipDirtyFold,
+            return try DirtyFolder(device: tracker, portID: portID,
+                                   periodMillis: testSwitches.dirtyFoldPeriodMillis ?? DirtyFolder.defaultPeriodMillis,
+                                   skipFold: testSwitches.skipDirtyFold,
                                    stats: stats, logger: logger)
         } catch {
             logger.error("migration=iommu-dirty: cannot make the dirty folder: \(error); LOG_ALL will be refused")

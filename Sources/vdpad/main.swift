@@ -156,6 +156,11 @@ struct Vdpad: ParsableCommand {
             switches.skipDirtyFold = true
             logger.critical("TEST SWITCH VDPAD_TEST_SKIP_DIRTY_FOLD=1: migration=iommu-dirty ports drop the device's dirty bits instead of logging them; migrations WILL lose data. For tests only.")
         }
+        if let ms = env["VDPAD_TEST_DIRTY_FOLD_PERIOD_MS"], !ms.isEmpty {
+            guard let v = Int(ms), v >= 0 else { throw ValidationError("VDPAD_TEST_DIRTY_FOLD_PERIOD_MS=\(ms): expected a number of milliseconds (0: no background folds)") }
+            switches.dirtyFoldPeriodMillis = v
+            logger.warning("TEST SWITCH VDPAD_TEST_DIRTY_FOLD_PERIOD_MS=\(v): background dirty folds every \(v) ms (0: none). For tests only.")
+        }
         if let path = env["VDPAD_TEST_JOURNAL"], !path.isEmpty {
             do { switches.journal = try JournalFile(path: path) } catch { throw ValidationError("\(error)") }
             logger.warning("TEST SWITCH VDPAD_TEST_JOURNAL=\(path): every device write the relay exposes is journaled (slow). For tests only.")
