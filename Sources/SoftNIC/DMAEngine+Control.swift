@@ -90,6 +90,7 @@ extension DMAEngine {
         translate(r)
         r.queue?.disableNotifications(eventIdx: eventIdx)
         r.notificationsEnabled = false
+        markUsedArea(r)
         rebuildActive()
     }
 
@@ -124,6 +125,7 @@ extension DMAEngine {
     func stopRingLocal(_ r: EngineRing) {
         translationGeneration &+= 1
         flush(r)
+        markUsedArea(r)  // entries written past the published index (a frame that did not fit) included
         if let c = r.config { r.stoppedAt = (c.descGPA, c.availGPA, r.lastAvail) }
         if let k = r.kick { epoll.remove(k.raw) }
         r.kick = nil

@@ -76,6 +76,7 @@ extension DMAEngine {
             if r.isRX && rateLimited { continue }
             if q.enableNotifications(eventIdx: eventIdx, lastAvailIndex: r.lastAvail) { raced = true }
             r.notificationsEnabled = true
+            markUsedArea(r)
             // While a relay consumes this ring's interrupts, the notification state it just wrote
             // reaches the guest only through the relay: tell it.
             if r.interruptEveryBatch && r.callFD >= 0 && !EventFD.signal(r.callFD) { quarantineBlockingFDs() }
@@ -110,6 +111,7 @@ extension DMAEngine {
             if r.notificationsEnabled {
                 r.queue?.disableNotifications(eventIdx: eventIdx)
                 r.notificationsEnabled = false
+                markUsedArea(r)
             }
         }
     }
@@ -142,6 +144,7 @@ extension DMAEngine {
         let old = r.publishedUsed
         q.publishUsedIndex(r.usedIdx)
         r.publishedUsed = r.usedIdx
+        markUsedArea(r)
         if (r.callFD >= 0 || r.raises) && (r.interruptEveryBatch || q.needsInterrupt(oldUsed: old, newUsed: r.usedIdx, eventIdx: eventIdx)) {
             if r.raises {
                 raise(r)

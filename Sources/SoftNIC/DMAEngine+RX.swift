@@ -17,7 +17,7 @@ extension DMAEngine {
         waitingForBuffers = false
         while true {
             guard let q = r.queue else { r.stats.drop(.noBuffer); return false }
-            let writer = RXWriter(queue: q, memory: view, headerLength: headerLength, mergeable: mergeable)
+            let writer = RXWriter(queue: q, memory: view, headerLength: headerLength, mergeable: mergeable, dirty: dirty)
             position = RXPosition(lastAvail: r.lastAvail, usedIdx: r.usedIdx, availCache: r.availCache)
             do throws(RXFault) {
                 outcome = try writer.write(frame, length: length, header: header, walker: &r.walker, at: &position)

@@ -12,6 +12,8 @@ final class RXWindow {
     static let maxChains = 256
     /// The writable buffers of the window's chains, in order.
     let iov: UnsafeMutablePointer<iovec>
+    /// The guest-physical address (IOVA) of each `iov` entry, for dirty tracking.
+    let gpas: UnsafeMutablePointer<UInt64>
     /// Per chain: its head, the end of its buffers in `iov`, its writable bytes.
     let heads: UnsafeMutablePointer<UInt16>
     let iovEnd: UnsafeMutablePointer<Int>
@@ -27,6 +29,7 @@ final class RXWindow {
 
     init() {
         iov = .allocate(capacity: Self.maxIOV)
+        gpas = .allocate(capacity: Self.maxIOV)
         heads = .allocate(capacity: Self.maxChains)
         iovEnd = .allocate(capacity: Self.maxChains)
         room = .allocate(capacity: Self.maxChains)
@@ -34,6 +37,7 @@ final class RXWindow {
 
     deinit {
         iov.deallocate()
+        gpas.deallocate()
         heads.deallocate()
         iovEnd.deallocate()
         room.deallocate()
@@ -62,6 +66,7 @@ final class RXWindow {
         for i in 0..<k { dropped += room[i] }
         // Safety: the moved ranges lie inside the arrays' initialised prefixes (chains, iovCount entries).
         iov.update(from: iov + firstIOV, count: iovCount - firstIOV)
+        gpas.update(from: gpas + firstIOV, count: iovCount - firstIOV)
         heads.update(from: heads + k, count: chains - k)
         room.update(from: room + k, count: chains - k)
         for i in 0..<(chains - k) { iovEnd[i] = iovEnd[i + k] - firstIOV }
@@ -178,6 +183,7 @@ extension DMAEngine {
                 if count == RXWindow.maxIOV { return false }
                 // Safety: count < maxIOV entries of the window's list; the buffer is translated guest memory.
                 w.iov[count] = iovec(iov_base: seg.host, iov_len: Int(seg.length))
+                w.gpas[count] = seg.gpa
                 count &+= 1
             }
             w.heads[w.chains] = head
@@ -198,6 +204,8 @@ extension DMAEngine {
         guard let w = rx.rxWindow else { return }
         let hdr = headerLength
         guard let q = rx.queue else { return }  // (a stopped ring bumped the generation: the window is rebuilt)
+        // The tap wrote these bytes into the guest's buffers, whatever becomes of the frame.
+        if dirty != nil { markWindow(w, bytes: min(got, w.bytes)) }
         if got > hdr + tapMaxFrame || got < hdr + 14 {
             // Longer than the largest frame (the tap's MTU set above it; the kernel cut it to the
             // window), or a runt: dropped, nothing used. The bytes the kernel wrote stay in the
@@ -244,6 +252,8 @@ extension DMAEngine {
         if hdr == VirtioNetHeader.fullSize {
             first.storeBytes(of: UInt16(k).littleEndian, toByteOffset: 10, as: UInt16.self)
         }
+        // The header fix-ups above, after the bytes they changed.
+        dirty?.mark(iova: w.gpas[0], length: UInt64(hdr))
         rx.lastAvail &+= UInt16(truncatingIfNeeded: k)
         rx.usedIdx = used
         rx.pendingPackets &+= 1

@@ -1,6 +1,7 @@
 import Glibc
 import Logging
 import Platform
+import Synchronization
 import DeviceFramework
 import Virtio
 
@@ -60,6 +61,11 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     /// The tap setting last asked for (nil: none yet, the tap has what it was opened with).
     var tapSetting: (headerLength: Int, offloads: UInt32)?
     var active: [EngineRing] = []
+    /// The IOMMU's dirty bits while dirty tracking is on (nil: off, and every write skips
+    /// marking with one branch). See DMAEngine+Dirty.swift.
+    var dirty: IOMMUDirtyBitmap?
+    /// The dirty bitmap, made at the first enable and kept (readers on other threads use it).
+    let dirtyBitmap = Mutex<IOMMUDirtyBitmap?>(nil)
     var activeRX: [EngineRing] = []
     /// Round-robin over the RX rings for frames from a tap or a wire.
     var rxRoundRobin = 0

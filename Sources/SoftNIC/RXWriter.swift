@@ -40,6 +40,9 @@ struct RXWriter<Memory: GuestMemoryAccess> {
     /// 12 with VERSION_1 or MRG_RXBUF, 10 otherwise.
     let headerLength: Int
     let mergeable: Bool
+    /// The IOMMU's dirty bits while tracking is on: every byte written is marked after it is
+    /// written (DMAEngine+Dirty.swift).
+    var dirty: IOMMUDirtyBitmap? = nil
 
     /// Writes one frame at `position`. On `.written` the position has moved past the chains and
     /// used entries it took; otherwise (or when it throws) only `availCache` may have changed. Inlined into the
@@ -97,6 +100,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
         var written = 0
         var buffers: UInt16 = 0
         var numBuffersAt: UnsafeMutableRawPointer?
+        var numBuffersGPA: UInt64 = 0
         if faultText == nil && problem == nil {
             while buffers < UInt16(chainsNeeded) && written < needed {
                 let head = q.availHead(at: idx)
@@ -117,6 +121,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
                             // Safety: hdr <= room = seg.length bytes mapped at seg.host (the walker translated them).
                             header.write(to: dst, size: hdr)
                             numBuffersAt = dst + 10
+                            numBuffersGPA = seg.gpa &+ 10
                             dst += hdr
                             room -= hdr
                             chainWritten = hdr
@@ -131,6 +136,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
                         }
                         if written == needed { break }
                     }
+                    if let d = dirty { markWritten(chain, bytes: chainWritten, in: d) }
                 } catch {
                     faultText = "RX chain at avail index \(idx) (head \(head)): \(error)"
                     unmapped = error.unmappedRange
@@ -151,7 +157,10 @@ struct RXWriter<Memory: GuestMemoryAccess> {
         if let problem { return .dropped(problem) }  // used entries written past usedIdx stay unpublished
         // num_buffers exists in the 12-byte header (VERSION_1 or MRG_RXBUF); it is 1 without MRG_RXBUF.
         // Safety: numBuffersAt + 2 <= the header's 12 bytes, written above into a translated segment.
-        if hdr == 12, let p = numBuffersAt { p.storeBytes(of: buffers.littleEndian, as: UInt16.self) }
+        if hdr == 12, let p = numBuffersAt {
+            p.storeBytes(of: buffers.littleEndian, as: UInt16.self)
+            dirty?.mark(iova: numBuffersGPA, length: 2)
+        }
         position.lastAvail = idx
         position.usedIdx = used
         return .written(chains: buffers)
@@ -211,6 +220,7 @@ struct RXWriter<Memory: GuestMemoryAccess> {
             dst = seg.host
             room = Int(seg.length)
         }
+        if let d = dirty { markWritten(chain, bytes: hdr + written, in: d) }
         queue.writeUsedElement(at: usedIdx, id: UInt32(head), length: UInt32(hdr + written))
         return true
     }

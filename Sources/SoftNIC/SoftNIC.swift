@@ -16,7 +16,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     public let link: LinkSpec
     public let mac: UInt64
     public let guestMAC: UInt64?
-    private let engine: DMAEngine
+    let engine: DMAEngine
     /// What the control side last applied to the engine: a call that would change nothing costs
     /// no round trip to the engine thread. QEMU turns dirty logging on and off with SET_FEATURES
     /// and waits for the reply holding its main loop; the engine thread may be busy, or waiting
@@ -63,7 +63,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
 
     /// Runs a control operation on the engine and returns its value; throws if the engine has
     /// stopped or does not answer.
-    private func apply<R: Sendable>(_ what: String, _ body: @escaping @Sendable (DMAEngine) -> R) throws(DeviceError) -> R {
+    func apply<R: Sendable>(_ what: String, _ body: @escaping @Sendable (DMAEngine) -> R) throws(DeviceError) -> R {
         do { return try engine.perform(body) } catch {
             throw DeviceError("\(what): the DMA engine of port \(portID): \(error)")
         }

@@ -28,7 +28,11 @@ public final class Daemon: Sendable {
         }
         var made: [Port] = []
         do {
-            for s in specs { made.append(try Port(spec: s, device: try makeDevice(s), options: options, logger: logger)) }
+            for s in specs {
+                let device = try makeDevice(s)
+                if let device { try Self.checkMigrationSupport(s, device) }
+                made.append(try Port(spec: s, device: device, options: options, logger: logger))
+            }
         } catch {
             for p in made { p.device?.close() }
             throw error
@@ -42,6 +46,15 @@ public final class Daemon: Sendable {
     /// Binds every socket and starts every port; on failure nothing is left running.
     /// `ownership` is the ports' (`--socket-group`, `--socket-mode`); the control socket has its
     /// own, in `controlOptions`.
+    /// A port's `migration=` must be one its device can do: refused when the port is made, not
+    /// when a migration starts.
+    static func checkMigrationSupport(_ spec: PortSpec, _ device: any VDPADevice) throws {
+        if spec.migration.method == .iommuDirty && device.dirtyTracking == nil {
+            device.close()
+            throw PortSpec.ParseError(message: "port '\(spec.id)': migration=iommu-dirty needs a device whose IOMMU tracks dirty pages, and \(device.summary) has none; use migration=relay (the default)")
+        }
+    }
+
     public func start(ownership: SocketOwnership = SocketOwnership()) throws {
         var started: [Port] = []
         do {
@@ -103,7 +116,8 @@ public final class Daemon: Sendable {
                 RelayStats(loop: r.mode.rawValue, cpuMillis: r.cpuNanos.load(ordering: .relaxed) / 1_000_000,
                            busyNanos: busy, busyElements: moved,
                            busyNanosPerElement: moved > 0 ? Double(busy) / Double(moved) : 0)
-            }, logAllReplies: p.migration.logAllReplies.withLock { $0 })
+            }, logAllReplies: p.migration.logAllReplies.withLock { $0 },
+               dirtyTracking: p.migration.dirtyTracking.withLock { $0 })
         })
     }
 

@@ -62,6 +62,8 @@ public final class MigrationStatsTable: Sendable {
     public let logAllReplies = Mutex(LogAllReplyStats())
     /// The port's relay thread, once one exists (for its CPU figures).
     public let relay = Mutex<RelayEngine?>(nil)
+    /// `migration=iommu-dirty` ports: the folder's figures (nil for the relay).
+    public let dirtyTracking = Mutex<DirtyTrackingStats?>(nil)
     public init() {}
     public func withLock<R>(_ body: (inout [Int: RingMigrationStats]) -> R) -> R { table.withLock { body(&$0) } }
     public var snapshot: [Int: RingMigrationStats] { table.withLock { $0 } }
@@ -71,8 +73,18 @@ public final class MigrationStatsTable: Sendable {
 public struct TestSwitches: Sendable {
     public var skipBufferMarking = false
     public var journal: (any RelayJournal)?
-    public init(skipBufferMarking: Bool = false, journal: (any RelayJournal)? = nil) {
+    /// VDPAD_TEST_SKIP_DIRTY_FOLD=1: `migration=iommu-dirty` folds read the device's bits and
+    /// drop them instead of logging them (the negative control of the marking checks).
+    public var skipDirtyFold = false
+    /// VDPAD_TEST_DIRTY_FOLD_PERIOD_MS: the background fold period of `migration=iommu-dirty`
+    /// ports instead of the default (0: no background folds, only those replies need), so a
+    /// test can tell which fold carried a page.
+    public var dirtyFoldPeriodMillis: Int?
+    public init(skipBufferMarking: Bool = false, journal: (any RelayJournal)? = nil, skipDirtyFold: Bool = false,
+                dirtyFoldPeriodMillis: Int? = nil) {
         self.skipBufferMarking = skipBufferMarking
         self.journal = journal
+        self.skipDirtyFold = skipDirtyFold
+        self.dirtyFoldPeriodMillis = dirtyFoldPeriodMillis
     }
 }

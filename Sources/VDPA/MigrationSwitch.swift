@@ -50,7 +50,10 @@ final class MigrationSwitch {
     /// then the old one must not be marked (the marks would be lost). Rings that start while
     /// LOG_ALL is on wait for a new log; a frontend that enables them without sending one keeps
     /// its old log, which is then used.
-    private var staleLog: DirtyLog?
+    var staleLog: DirtyLog?
+    /// `migration=iommu-dirty`: folds the device's dirty bits into the log; the rings stay direct
+    /// (MigrationSwitch+IOMMUDirty.swift). nil with `migration=relay`.
+    let dirtyFolder: DirtyFolder?
 
     init(device: any VDPADevice, portID: String, relayMode: RelayLoopMode, options: MigrationOptions = MigrationOptions(),
          stats: MigrationStatsTable, testSwitches: TestSwitches, logger: Logger) {
@@ -61,6 +64,10 @@ final class MigrationSwitch {
         self.stats = stats
         self.testSwitches = testSwitches
         self.logger = logger
+        dirtyFolder = Self.makeDirtyFolder(device: device, portID: portID, options: options, stats: stats,
+                                           testSwitches: testSwitches, logger: logger)
+        // No relay thread for a port that never relays.
+        if options.method == .iommuDirty { return }
         // The relay thread starts with the port and sleeps until a ring is attached, so the
         // first LOG_ALL (which QEMU waits for, holding its main loop) does not wait for a thread
         // to start (issue 11, item 4). Should it fail to start here, the first switch tries again.
@@ -69,7 +76,10 @@ final class MigrationSwitch {
         }
     }
 
-    deinit { relay?.stop() }
+    deinit {
+        relay?.stop()
+        dirtyFolder?.close()
+    }
 
     func mode(ofRing index: Int) -> RingMode {
         switch modes[index] {
@@ -93,7 +103,7 @@ final class MigrationSwitch {
 
     /// Whether ring `index` must start mediated: logging is on and it is an RX ring (TX rings stay
     /// direct: the device writes only their used ring, marked whole when they stop).
-    func startsMediated(_ index: Int, _ s: FrontendState) -> Bool { s.logAll && index % 2 == 0 }
+    func startsMediated(_ index: Int, _ s: FrontendState) -> Bool { s.logAll && index % 2 == 0 && dirtyFolder == nil }
 
     /// A ring the binding started disabled because `startsMediated`: it goes to the relay and then
     /// takes its enable state, or is held until the log arrives.
@@ -111,6 +121,8 @@ final class MigrationSwitch {
     /// relayed and its used ring marked; a direct ring's used ring is marked whole while logging.
     func ringStopped(_ index: Int, _ s: FrontendState) throws(VhostUserError) {
         let request = "GET_VRING_BASE"
+        // iommu-dirty: the device stopped the ring; its bits are folded before the answer.
+        if dirtyFolder != nil { try dirtyRingStopped(index, s) }
         let was = modes[index]
         setMode(index, nil)
         if case .relay = was {
@@ -125,11 +137,13 @@ final class MigrationSwitch {
             log.mark(gpa: ring.usedLogGPA, length: UInt64(SplitRingLayout.usedRingBytes(queueSize: ring.size)))
         }
         if s.rings.keys.allSatisfy({ $0 == index }), let log = s.log { staleLog = log }
+        if dirtyFolder != nil { try syncDirtyFolderLog(s, request) }
     }
 
     /// SET_VRING_ENABLE: returns true when the switch took care of it (the binding then does not
     /// pass it to the device).
     func enableChanged(_ index: Int, enabled: Bool, _ s: FrontendState) throws(VhostUserError) -> Bool {
+        if dirtyFolder != nil { try dirtyEnableChanged(enabled: enabled, s); return false }
         guard case .held = modes[index] else { return false }
         if enabled && s.logAll && s.log != nil && s.log === staleLog {
             // Enabled without a new SET_LOG_BASE since the device stopped: this frontend keeps its
@@ -153,6 +167,7 @@ final class MigrationSwitch {
     /// ring to the relay (or holds it until the log arrives), logging off switches them back.
     func featuresChanged(_ s: FrontendState) throws(VhostUserError) {
         let request = "SET_FEATURES"
+        if dirtyFolder != nil { try dirtyFeaturesChanged(s); return }
         if s.logAll {
             guard hasUsableLog(s) else {
                 // Logging on before the log exists: hold every running RX ring (what it completed
@@ -192,6 +207,7 @@ final class MigrationSwitch {
             }
         }
         if s.log !== staleLog { staleLog = nil }
+        if dirtyFolder != nil { try syncDirtyFolderLog(s, request) }
         if s.logAll && hasUsableLog(s) { try relayRingsAwaitingLog(s) }
     }
 
@@ -202,6 +218,7 @@ final class MigrationSwitch {
     }
 
     func memoryChanged(_ table: GuestMemoryTable) throws(VhostUserError) {
+        if let dirtyFolder { try dirtyCall("SET_MEM_TABLE") { () throws(DeviceError) in try dirtyFolder.setRegions(table.viewRegions, "SET_MEM_TABLE") } }
         guard !relayedRings.isEmpty, let relay else { return }
         try rel(logger, "SET_MEM_TABLE") { () throws(SystemError) in try relay.setMemory(table) }
     }
@@ -232,6 +249,7 @@ final class MigrationSwitch {
             do throws(SystemError) { try relay?.detach(i) } catch { logger.error("reset: \(error)") }
         }
         for i in Array(modes.keys) { setMode(i, nil) }
+        dirtyFolder?.reset()
         staleLog = nil
         do throws(VhostUserError) { try releaseRelayStateIfIdle("reset") } catch { logger.error("reset: \(error)") }
     }

@@ -158,6 +158,8 @@ public struct PortStats: Codable, Sendable, Equatable {
     public var relay: RelayStats?
     /// How long the SET_FEATURES messages that toggled LOG_ALL took to answer; absent in older replies.
     public var logAllReplies: LogAllReplyStats?
+    /// `migration=iommu-dirty` ports only: the device's dirty tracking and its folds.
+    public var dirtyTracking: DirtyTrackingStats? = nil
 }
 
 public struct RelayStats: Codable, Sendable, Equatable {

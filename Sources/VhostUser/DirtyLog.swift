@@ -117,6 +117,31 @@ public final class DirtyLog: @unchecked Sendable {
         if lost > 0 { outOfRange.wrappingAdd(lost, ordering: .relaxed) }
     }
 
+    /// ORs a bitmap of `wordCount` little-endian 64-bit words into the log, bit 0 of word 0 for
+    /// page `firstPage` (any page, aligned or not): how a device's dirty bitmap is folded in.
+    /// Atomic per log word, like every mark; words that are zero cost a load. A release fence
+    /// first: the bytes behind the bits (which the caller acquired from the device) are visible
+    /// to a frontend that sees the bits. Returns the number of bits set in the bitmap.
+    @discardableResult
+    public func or(bitmap: UnsafeRawPointer, wordCount: Int, firstPage: UInt64) -> UInt64 {
+        Synchronization.atomicMemoryFence(ordering: Synchronization.AtomicUpdateOrdering.releasing)
+        var bits: UInt64 = 0
+        let shift = firstPage & 63
+        let base = firstPage >> 6
+        var i = 0
+        while i < wordCount {
+            let v = UInt64(littleEndian: bitmap.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))
+            if v != 0 {
+                bits &+= UInt64(v.nonzeroBitCount)
+                let w = base &+ UInt64(i)
+                orWord(w, v << shift)
+                if shift != 0 { orWord(w &+ 1, v >> (64 - shift)) }
+            }
+            i += 1
+        }
+        return bits
+    }
+
     /// Accumulates marks for the current 64-page word and ORs it once when marking moves on:
     /// one atomic operation per word, however many ranges fall in it. Allocates nothing.
     public struct Batch: ~Copyable {

@@ -16,7 +16,7 @@ struct Vdpad: ParsableCommand {
         discussion: """
         Each --port binds one vhost-user socket to one vDPA NIC (the software NIC by default):
           socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off]
-                      [,log=exact|buffer|page-run]
+                      [,migration=relay|iommu-dirty][,relay=used|avail+used][,log=exact|buffer|page-run]
           socket=PATH  the vhost-user socket (paths containing ',' are not supported)
           id=NAME      port name (default vdpa0, vdpa1, ... in order)
           link=LINK    loopback (default) | sink | source[:size=BYTES][:rate=PPS] | tap[:ifname=IF][:zerocopy=off] | wire:ID
@@ -32,9 +32,15 @@ struct Vdpad: ParsableCommand {
           offloads=off withhold the checksum and segmentation offloads (CSUM, GUEST_CSUM, HOST_TSO4/6,
                        HOST_ECN, HOST_UFO, GUEST_TSO4/6, GUEST_ECN, GUEST_UFO); on (default) offers
                        what the device and features= allow
-          log=G        what the migration relay marks per completion: exact (default: the bytes
-                       the device wrote), buffer (the writable buffers whole), page-run (the
-                       aligned 64-page runs around the written bytes)
+          migration=M  how a live migration logs the device's writes: relay (default: each RX ring
+                       runs through the software relay while LOG_ALL is on) | iommu-dirty (the
+                       rings stay direct; the device's IOMMU records the pages it writes and the
+                       daemon folds them into the log every 20 ms and before GET_VRING_BASE and
+                       LOG_ALL off answer; the SoftNIC has it, vhost-vdpa devices do not: refused)
+          relay=used   the relay's halves (migration=relay only; avail+used not implemented)
+          log=G        what the relay marks per completion (migration=relay only): exact (default:
+                       the bytes the device wrote), buffer (the writable buffers whole), page-run
+                       (the aligned 64-page runs around the written bytes)
         With no --port and no --vduse: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
         Each --vduse exports a software vDPA NIC to this kernel as a VDUSE device on the vDPA bus:
           name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none][,indirect=on|off]
@@ -49,7 +55,8 @@ struct Vdpad: ParsableCommand {
         It needs the vduse and vdpa modules (and the driver's) and CAP_NET_ADMIN; it is removed
         from the bus and destroyed when vdpad exits.
         While the frontend logs dirty pages (VHOST_F_LOG_ALL, live migration) each RX ring runs
-        through a relay that marks every page the device writes (--relay-loop picks its loop).
+        through a relay that marks every page the device writes (--relay-loop picks its loop), or,
+        with migration=iommu-dirty, stays direct while the device's IOMMU records its writes.
         Not implemented: relay=avail+used (the optional avail relay).
         """)
 
@@ -147,6 +154,15 @@ struct Vdpad: ParsableCommand {
         if env["VDPAD_TEST_SKIP_BUFFER_MARKING"] == "1" {
             switches.skipBufferMarking = true
             logger.critical("TEST SWITCH VDPAD_TEST_SKIP_BUFFER_MARKING=1: the relay does NOT mark the buffers the device writes; migrations WILL lose data. For tests only.")
+        }
+        if env["VDPAD_TEST_SKIP_DIRTY_FOLD"] == "1" {
+            switches.skipDirtyFold = true
+            logger.critical("TEST SWITCH VDPAD_TEST_SKIP_DIRTY_FOLD=1: migration=iommu-dirty ports drop the device's dirty bits instead of logging them; migrations WILL lose data. For tests only.")
+        }
+        if let ms = env["VDPAD_TEST_DIRTY_FOLD_PERIOD_MS"], !ms.isEmpty {
+            guard let v = Int(ms), v >= 0 else { throw ValidationError("VDPAD_TEST_DIRTY_FOLD_PERIOD_MS=\(ms): expected a number of milliseconds (0: no background folds)") }
+            switches.dirtyFoldPeriodMillis = v
+            logger.warning("TEST SWITCH VDPAD_TEST_DIRTY_FOLD_PERIOD_MS=\(v): background dirty folds every \(v) ms (0: none). For tests only.")
         }
         if let path = env["VDPAD_TEST_JOURNAL"], !path.isEmpty {
             do { switches.journal = try JournalFile(path: path) } catch { throw ValidationError("\(error)") }

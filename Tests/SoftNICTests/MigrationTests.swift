@@ -34,23 +34,6 @@ class MigrationTests: SoftNICTestCase {
         }
     }
 
-    /// Pages whose bytes differ between two snapshots of one RAM region.
-    func changedPages(_ a: [UInt8], _ b: [UInt8], base: UInt64) -> Set<UInt64> {
-        var out = Set<UInt64>()
-        a.withUnsafeBytes { pa in
-            b.withUnsafeBytes { pb in
-                var off = 0
-                while off < a.count {
-                    if memcmp(pa.baseAddress! + off, pb.baseAddress! + off, 4096) != 0 { out.insert((base + UInt64(off)) >> 12) }
-                    off += 4096
-                }
-            }
-        }
-        return out
-    }
-
-    func pages(_ gpa: UInt64, _ length: UInt64) -> Set<UInt64> { Set((gpa >> 12)...((gpa + length - 1) >> 12)) }
-
     /// Runs 100 RX frames with logging on and compares the pages that changed in guest RAM with
     /// the pages marked in the log. Returns (changed but unmarked, marked but unchanged except
     /// the used ring, device-written pages).
@@ -241,4 +224,24 @@ class MigrationTests: SoftNICTestCase {
         XCTAssertEqual(Array(f[6..<12]), mac)
         XCTAssertEqual(Array(f[12..<14]), [0x80, 0x35])
     }
+}
+
+/// The marking checks' page arithmetic (MigrationTests, DirtyTrackingTests).
+extension SoftNICTestCase {
+    /// Pages whose bytes differ between two snapshots of one RAM region.
+    func changedPages(_ a: [UInt8], _ b: [UInt8], base: UInt64) -> Set<UInt64> {
+        var out = Set<UInt64>()
+        a.withUnsafeBytes { pa in
+            b.withUnsafeBytes { pb in
+                var off = 0
+                while off < a.count {
+                    if memcmp(pa.baseAddress! + off, pb.baseAddress! + off, 4096) != 0 { out.insert((base + UInt64(off)) >> 12) }
+                    off += 4096
+                }
+            }
+        }
+        return out
+    }
+
+    func pages(_ gpa: UInt64, _ length: UInt64) -> Set<UInt64> { Set((gpa >> 12)...((gpa + length - 1) >> 12)) }
 }

@@ -64,7 +64,7 @@ final class SoftNICTestDaemon {
         /// was acked (VhostVDPAModel.dropsMapOnReset).
         var dropsMapOnReset = false
         var offersPersist = true
-        /// `relay=`, `migration=`, `log=`.
+        /// The port's `relay=`, `migration=`, `log=`.
         var migration = MigrationOptions()
     }
 

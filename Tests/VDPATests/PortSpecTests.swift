@@ -55,6 +55,8 @@ final class PortSpecTests: XCTestCase {
                 XCTAssertTrue("\($0)".contains(says), "\(bad): \($0)")
             }
         }
+        XCTAssertEqual(try PortSpec.parse("socket=/x,migration=iommu-dirty", defaultID: "vdpa0").migration,
+                       MigrationOptions(relay: .used, method: .iommuDirty, log: .exact), "migration=iommu-dirty is implemented")
         // Not implemented yet: refused loudly, never ignored.
         for unimplemented in PortSpec.unimplementedMigrationOptions {
             XCTAssertThrowsError(try PortSpec.parse("socket=/x," + unimplemented, defaultID: "vdpa0"), unimplemented) {
