@@ -1,3 +1,4 @@
+import CVDPAShims
 import DeviceFramework
 import Logging
 import Platform
@@ -16,6 +17,8 @@ public struct DirtyTrackingStats: Codable, Sendable, Equatable {
     /// Cost of the last and the longest fold (read-and-clear of every guest region + OR into the log).
     public var lastFoldMicros: UInt64 = 0
     public var maxFoldMicros: UInt64 = 0
+    /// CPU time all folds took, on whichever thread ran them (the benchmark's CPU per packet).
+    public var foldCPUNanos: UInt64 = 0
     /// The period of the background folds while tracking is on (0: none).
     public var periodMillis: Int = 0
     /// Pages read from the device and dropped by the test switch VDPAD_TEST_SKIP_DIRTY_FOLD.
@@ -186,6 +189,7 @@ final class DirtyFolder: @unchecked Sendable {
     private func foldLocked(_ s: inout State, _ request: String, dropWithoutLog: Bool) throws(DeviceError) {
         guard s.log != nil || dropWithoutLog else { return }
         let t0 = MonotonicClock.nanoseconds
+        let cpu0 = cvdpa_thread_cpu_ns()
         var pages: UInt64 = 0
         var dropped: UInt64 = 0
         let pageSize = DirtyLog.pageSize
@@ -212,7 +216,9 @@ final class DirtyFolder: @unchecked Sendable {
             }
         }
         let micros = (MonotonicClock.nanoseconds - t0) / 1000
+        let cpu = cvdpa_thread_cpu_ns() &- cpu0
         table.dirtyTracking.withLock {
+            $0?.foldCPUNanos &+= cpu
             $0?.folds &+= 1
             $0?.pagesFolded &+= pages
             $0?.pagesDropped &+= dropped
