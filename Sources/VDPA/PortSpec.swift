@@ -228,13 +228,10 @@ public struct PortSpec: Equatable, Sendable {
     }
 
     /// The migration options `refuseUnimplemented` refuses (for its test).
-    static let unimplementedMigrationOptions = ["relay=avail+used", "migration=iommu-dirty", "log=buffer", "log=page-run"]
+    static let unimplementedMigrationOptions = ["migration=iommu-dirty", "log=buffer", "log=page-run"]
 
     /// Options parsed but not implemented yet: refused, loudly, rather than ignored.
     static func refuseUnimplemented(_ o: MigrationOptions, _ text: String) throws(ParseError) {
-        if o.relay == .availUsed {
-            throw ParseError(message: "--port \(text): relay=avail+used (the avail relay that checks chains before the device sees them) is not implemented yet; use relay=used (the default)")
-        }
         if o.method == .iommuDirty {
             throw ParseError(message: "--port \(text): migration=iommu-dirty (dirty tracking in the device's IOMMU) is not implemented yet; use migration=relay (the default)")
         }
