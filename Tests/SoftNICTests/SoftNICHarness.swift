@@ -64,6 +64,8 @@ final class SoftNICTestDaemon {
         /// was acked (VhostVDPAModel.dropsMapOnReset).
         var dropsMapOnReset = false
         var offersPersist = true
+        /// The port's `relay=`, `migration=`, `log=` options.
+        var migration = MigrationOptions()
     }
 
     /// The models behind ports served through the vhost-vdpa driver.
@@ -83,7 +85,8 @@ final class SoftNICTestDaemon {
         let level = ProcessInfo.processInfo.environment["SOFTNIC_TEST_LOG"].flatMap { Logger.Level(rawValue: $0) }
         logger.logLevel = level ?? .critical
         let specs = defs.map {
-            PortSpec(id: $0.id, socketPath: "\(dir)/\($0.id).sock", queuePairs: $0.queuePairs, link: $0.link, mac: $0.mac)
+            PortSpec(id: $0.id, socketPath: "\(dir)/\($0.id).sock", queuePairs: $0.queuePairs, link: $0.link, mac: $0.mac,
+                     migration: $0.migration)
         }
         let log = logger
         let models = self.models

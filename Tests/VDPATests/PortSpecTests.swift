@@ -55,6 +55,8 @@ final class PortSpecTests: XCTestCase {
                 XCTAssertTrue("\($0)".contains(says), "\(bad): \($0)")
             }
         }
+        XCTAssertEqual(try PortSpec.parse("socket=/x,relay=avail+used", defaultID: "vdpa0").migration,
+                       MigrationOptions(relay: .availUsed, method: .relay, log: .exact), "the avail relay is implemented")
         // Not implemented yet: refused loudly, never ignored.
         for unimplemented in PortSpec.unimplementedMigrationOptions {
             XCTAssertThrowsError(try PortSpec.parse("socket=/x," + unimplemented, defaultID: "vdpa0"), unimplemented) {
