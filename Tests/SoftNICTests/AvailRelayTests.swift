@@ -222,6 +222,39 @@ final class AvailRelayTests: SoftNICTestCase {
         XCTAssertTrue(json.contains("\"rejectedChains\":6"), json)
     }
 
+    /// After a rejected chain the mediated ring's slots lag the guest's positions by one: the
+    /// switch back to direct must give the device the guest-side position (the relay's base and
+    /// used index), or the device reads the rejected chain again, or skips a good one.
+    func testSwitchBackAfterRejectedChainsContinuesAtTheGuestPosition() throws {
+        for loop in RelayLoopMode.allCases {
+            let (d, g) = try start(link: "source:size=64", loop: loop)
+            var seqs: [UInt64] = []
+            g.postRX(count: 4)
+            seqs += sequences(g.receive(4))
+            _ = try g.frontend.enableLogging(requireU64Reply: true)
+            for (_, head) in badChains(g, ring: 0).prefix(2) {
+                let used = g.usedIndex(0)
+                g.offerHead(head, ring: 0)
+                XCTAssertTrue(waitUntil { g.usedIndex(0) == used &+ 1 }, "\(loop)")
+                _ = g.ring(0).takeRawUsed()
+            }
+            g.postRX(count: 4)
+            seqs += sequences(g.receive(4))
+            g.postRX(count: 8)
+            try g.frontend.disableLogging()
+            XCTAssertEqual(d.queue("vm", 0).mode, "direct")
+            seqs += sequences(g.receive(8))
+            g.postRX(count: 4)
+            seqs += sequences(g.receive(4))
+            XCTAssertEqual(seqs.count, 20, "\(loop)")
+            assertConsecutive(seqs, "\(loop)")
+            XCTAssertEqual(d.queue("vm", 0).faults, 0, "\(loop): \(d.queue("vm", 0).error ?? "")")
+            XCTAssertEqual(g.usedIndex(0), g.ring(0).availIndex, "\(loop): every posted chain completed once")
+            d.stop()
+            daemon = nil
+        }
+    }
+
     // MARK: GET_VRING_BASE
 
     /// Loopback: RX chains are consumed only as TX frames arrive, so accepted chains can wait in
