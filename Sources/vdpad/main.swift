@@ -16,6 +16,7 @@ struct Vdpad: ParsableCommand {
         discussion: """
         Each --port binds one vhost-user socket to one vDPA NIC (the software NIC by default):
           socket=PATH[,id=NAME][,link=LINK][,queues=N][,mac=MAC][,client][,device=DEVICE][,features=LIST][,offloads=on|off]
+            [,relay=used|avail+used]
           socket=PATH  the vhost-user socket (paths containing ',' are not supported)
           id=NAME      port name (default vdpa0, vdpa1, ... in order)
           link=LINK    loopback (default) | sink | source[:size=BYTES][:rate=PPS] | tap[:ifname=IF][:zerocopy=off] | wire:ID
@@ -31,6 +32,11 @@ struct Vdpad: ParsableCommand {
           offloads=off withhold the checksum and segmentation offloads (CSUM, GUEST_CSUM, HOST_TSO4/6,
                        HOST_ECN, HOST_UFO, GUEST_TSO4/6, GUEST_ECN, GUEST_UFO); on (default) offers
                        what the device and features= allow
+          relay=HALVES used (default): while migrating, RX rings complete into a mediated used ring;
+                       avail+used: every ring is fully mediated, and the relay checks each chain the
+                       guest posts before the device sees it (a bad one is completed with length 0
+                       and counted as rejectedChains); the software NIC only (a kernel vhost-vdpa
+                       device refuses it at the switchover)
         With no --port and no --vduse: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
         Each --vduse exports a software vDPA NIC to this kernel as a VDUSE device on the vDPA bus:
           name=NAME[,link=LINK][,mac=MAC][,queues=N][,bind=vhost-vdpa|virtio-vdpa|none][,indirect=on|off]
@@ -45,8 +51,8 @@ struct Vdpad: ParsableCommand {
         It needs the vduse and vdpa modules (and the driver's) and CAP_NET_ADMIN; it is removed
         from the bus and destroyed when vdpad exits.
         While the frontend logs dirty pages (VHOST_F_LOG_ALL, live migration) each RX ring runs
-        through a relay that marks every page the device writes (--relay-loop picks its loop).
-        Not implemented: relay=avail+used (the optional avail relay).
+        through a relay that marks every page the device writes (--relay-loop picks its loop);
+        with relay=avail+used every ring does, and the relay checks the chains the guest posts.
         """)
 
     @Option(name: .customLong("port"), help: "A vhost-user port (repeatable).")
