@@ -13,8 +13,14 @@ extension RelayEngine {
     @inline(__always)
     func stepAvail(_ q: RelayQueue, _ g: SplitQueue, _ a: AvailRelayState) -> Int {
         guard log != nil else { return 0 }
-        let taken = checkPosted(q, g, a)
-        return taken &+ relayCompletions(q, g, a)
+        // Completions first: the room they free in the mediated ring is used by this step's
+        // check (the event loop sleeps after a step that moved work, and neither the guest, which
+        // has kicked already, nor an idle device would wake it). Then again for rejected chains
+        // that the check found completable at once (an idle device); that call returns at once
+        // when there is nothing.
+        var moved = relayCompletions(q, g, a)
+        moved &+= checkPosted(q, g, a)
+        return moved &+ relayCompletions(q, g, a)
     }
 
     /// Checks the chains the guest posted since the last step, with the device walker's rules
