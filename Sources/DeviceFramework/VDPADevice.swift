@@ -36,6 +36,49 @@ public struct IOVAMapping: @unchecked Sendable {
     }
 }
 
+/// Where `redirectRing` points a ring's avail side (`relay=avail+used`): the avail ring the
+/// device reads, its doorbell, and where it continues from.
+public struct AvailRedirect: Sendable {
+    /// The avail ring the device reads from now on: an IOVA of the daemon's (a mediated avail
+    /// ring, mapped by the same call), or nil for the ring's own avail ring in guest memory.
+    public var availIOVA: UInt64?
+    /// The device's doorbell from now on (the relay's eventfd, or the guest's kick going back).
+    public var kick: SharedFD?
+    /// Where the device continues: its next avail index and its used index. nil = both stay
+    /// where they are; then, when `availIOVA` is the daemon's, the device writes its next avail
+    /// index into that ring's idx before it runs again (as `redirectUsedRing` seeds a mediated
+    /// used ring's idx), so the ring it reads starts exactly where it was.
+    public var position: RingPosition?
+    public init(availIOVA: UInt64?, kick: SharedFD?, position: RingPosition? = nil) {
+        self.availIOVA = availIOVA; self.kick = kick; self.position = position
+    }
+}
+
+/// A ring's position: the next avail index the device reads, and its used index.
+public struct RingPosition: Sendable, Equatable {
+    public var nextAvail: UInt16
+    public var usedIndex: UInt16
+    public init(nextAvail: UInt16, usedIndex: UInt16) { self.nextAvail = nextAvail; self.usedIndex = usedIndex }
+}
+
+/// Everything `redirectRing` moves: the used ring, optionally the avail ring and doorbell, the
+/// interrupt, and the daemon memory the device must reach for them.
+public struct RingRedirect: Sendable {
+    /// The used ring (an IOVA of the daemon's), or nil for the ring's own in guest memory.
+    public var usedIOVA: UInt64?
+    /// nil: the avail ring and the doorbell stay as they are (the used relay).
+    public var avail: AvailRedirect?
+    public var call: SharedFD?
+    /// Daemon memory mapped in the device's IOMMU before the ring moves (the mediated rings).
+    public var mappings: [IOVAMapping]
+    /// Raise the interrupt for every completed batch (a relay consumes it).
+    public var interruptEveryBatch: Bool
+    public init(usedIOVA: UInt64?, avail: AvailRedirect? = nil, call: SharedFD?, mappings: [IOVAMapping] = [], interruptEveryBatch: Bool) {
+        self.usedIOVA = usedIOVA; self.avail = avail; self.call = call; self.mappings = mappings
+        self.interruptEveryBatch = interruptEveryBatch
+    }
+}
+
 /// Per-queue counters a device reports (the stats JSON's per-queue fields come from these).
 public struct QueueCounters: Codable, Sendable, Equatable {
     public var index: Int
@@ -125,6 +168,13 @@ public protocol VDPADevice: AnyObject, Sendable {
     /// without a reset; a kernel device without SUSPEND does it by resetting the device and
     /// programming every ring again from its used index (VhostVDPASwitchover.reset).
     func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?, interruptEveryBatch: Bool) throws(DeviceError) -> UInt16
+    /// As `redirectUsedRing`, and, when `redirect.avail` is given, the avail ring and the doorbell
+    /// too (the avail relay, `relay=avail+used`), between two batches, without a reset. Returns
+    /// the position at the switch (before any `redirect.avail.position` takes effect); its
+    /// `nextAvail` is the used index when the device cannot tell (the default below). Implement
+    /// this or `redirectUsedRing` (each defaults to the other); a device that cannot move its
+    /// avail ring keeps the default, which refuses `avail` with an error saying so.
+    func redirectRing(_ index: Int, _ redirect: RingRedirect) throws(DeviceError) -> RingPosition
     /// Suspends ring `index` (completed work published) and returns its used index.
     func suspendRing(_ index: Int) throws(DeviceError) -> UInt16
     /// Removes an IOMMU mapping made by `redirectUsedRing`.
@@ -151,5 +201,23 @@ public protocol VDPADevice: AnyObject, Sendable {
 
 extension VDPADevice {
     public var details: DeviceDetails? { nil }
+
+    public func redirectRing(_ index: Int, _ redirect: RingRedirect) throws(DeviceError) -> RingPosition {
+        if redirect.avail != nil {
+            throw DeviceError("\(summary): this device cannot move ring \(index)'s avail ring or doorbell while it runs, which relay=avail+used needs; use relay=used")
+        }
+        guard redirect.mappings.count <= 1 else {
+            throw DeviceError("\(summary): this device maps one IOVA range per ring redirect, not \(redirect.mappings.count)")
+        }
+        let at = try redirectUsedRing(index, usedIOVA: redirect.usedIOVA, mapping: redirect.mappings.first, call: redirect.call,
+                                      interruptEveryBatch: redirect.interruptEveryBatch)
+        return RingPosition(nextAvail: at, usedIndex: at)
+    }
+
+    public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?,
+                                 interruptEveryBatch: Bool) throws(DeviceError) -> UInt16 {
+        try redirectRing(index, RingRedirect(usedIOVA: usedIOVA, call: call, mappings: mapping.map { [$0] } ?? [],
+                                             interruptEveryBatch: interruptEveryBatch)).usedIndex
+    }
     public var interruptsEveryBatch: Bool { true }
 }

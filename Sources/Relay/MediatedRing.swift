@@ -35,3 +35,28 @@ public final class MediatedUsedRing: @unchecked Sendable {
         mapping = try MemoryMapping(fd: fd, offset: 0, length: byteCount)
     }
 }
+
+/// An avail ring the daemon owns, that the device reads while the avail relay runs
+/// (`relay=avail+used`): the relay copies into it the heads of the chains it has checked. Like
+/// `MediatedUsedRing`, shared memory from a memfd in the reserved IOVA range, at a second stride
+/// range 512 MiB above the used rings' (512 rings of each before they could meet; a kernel device
+/// needs the daemon's range to reach 1 GiB, see VhostVDPADevice).
+public final class MediatedAvailRing: @unchecked Sendable {
+    // @unchecked Sendable: as MediatedUsedRing (immutable mapping, words written by the relay only).
+    public let size: UInt16
+    public let byteCount: Int
+    private let mapping: MemoryMapping
+    public var base: UnsafeMutableRawPointer { mapping.base }
+
+    public static let iovaBase: UInt64 = reservedIOVABase + (1 << 29)
+
+    public static func iova(forRing index: Int) -> UInt64 { iovaBase + UInt64(index) * MediatedUsedRing.iovaStride }
+
+    public init(size: UInt16) throws(SystemError) {
+        self.size = size
+        let bytes = SplitRingLayout(queueSize: size).map { $0.availRingBytes } ?? 4096
+        byteCount = (bytes + 4095) & ~4095
+        let fd = try makeMemfd(name: "vdpa-mediated-avail", size: byteCount)
+        mapping = try MemoryMapping(fd: fd, offset: 0, length: byteCount)
+    }
+}

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CVDPAShims
+import DeviceFramework
 import Logging
 import Platform
 import Synchronization
@@ -140,16 +141,59 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
         if let failure { throw failure }
     }
 
+    /// As `attach`, for the avail relay (`relay=avail+used`): the device reads `mediatedAvail`,
+    /// whose idx it was given at `position.nextAvail`, completes into `mediated` from
+    /// `position.usedIndex`, and is kicked on `deviceKick` (its doorbell now); the relay checks
+    /// what the guest posts, woken by the guest's kick (`config.ring.kick`).
+    public func attach(_ config: RelayRingConfig, mediated: MediatedUsedRing, mediatedAvail: MediatedAvailRing, position: RingPosition,
+                       deviceCall: SharedFD, deviceKick: SharedFD, counters: RelayCounters) throws(SystemError) {
+        let failure = try apply("attach ring \(config.ring.index)") { e -> SystemError? in
+            let guestKick = config.ring.kick
+            do throws(SystemError) {
+                try e.epoll.add(deviceCall.raw, token: UInt64(config.ring.index))
+                if let k = guestKick { try e.epoll.add(k.raw, token: Self.guestKickToken | UInt64(config.ring.index)) }
+            } catch {
+                e.epoll.remove(deviceCall.raw)
+                return error
+            }
+            let q = RelayQueue(config: config, mediated: mediated, deviceCall: deviceCall, startIndex: position.usedIndex, counters: counters)
+            q.avail = AvailRelayState(ring: mediatedAvail, guestKick: guestKick, deviceKick: deviceKick, position: position,
+                                      indirect: config.indirect)
+            // Ask the device for an interrupt at its next completion (a kernel device follows this;
+            // the SoftNIC interrupts every batch anyway).
+            q.avail!.writer.storeFlags(0)
+            q.avail!.writer.storeUsedEvent(position.usedIndex)
+            e.translate(q)
+            e.queues[config.ring.index] = q
+            e.active = Array(e.queues.values)
+            e.updateSleep()
+            return nil
+        }
+        if let failure { throw failure }
+    }
+
     /// Relays whatever the device completed up to now (the device is suspended or stopped by the
-    /// caller), marks the whole guest used ring, and stops relaying the ring.
-    public func detach(_ index: Int) throws(SystemError) {
-        try apply("detach ring \(index)") { e in
-            guard let q = e.queues.removeValue(forKey: index) else { return }
-            _ = e.step(q)
+    /// caller), marks the whole guest used ring, and stops relaying the ring. For the avail relay
+    /// it returns the guest-side position (see `AvailRelayState`): the next guest avail index
+    /// (GET_VRING_BASE's answer, or where the device reads on from on the direct path) and the
+    /// guest's used index; nil for the used relay (the device's own indices hold).
+    @discardableResult
+    public func detach(_ index: Int) throws(SystemError) -> RingPosition? {
+        try apply("detach ring \(index)") { e -> RingPosition? in
+            guard let q = e.queues.removeValue(forKey: index) else { return nil }
+            var position: RingPosition?
+            if let a = q.avail {
+                if let g = q.guest { _ = e.relayCompletions(q, g, a) }
+                position = e.guestPosition(q, a)
+                if let k = a.guestKick { e.epoll.remove(k.raw) }
+            } else {
+                _ = e.step(q)
+            }
             e.markWholeUsedRing(q.config)
             e.epoll.remove(q.deviceCall.raw)
             e.active = Array(e.queues.values)
             e.updateSleep()
+            return position
         }
     }
 
@@ -157,7 +201,8 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
     /// may not interrupt, 100 ms otherwise.
     var sleepMillis: Int32 = 100
     func updateSleep() {
-        sleepMillis = queues.values.contains { $0.config.deviceMayNotInterrupt } ? 1 : 100
+        // An avail-relayed ring without a guest kick (the frontend asked for polling) is polled too.
+        sleepMillis = queues.values.contains { $0.config.deviceMayNotInterrupt || ($0.avail != nil && $0.avail?.guestKick == nil) } ? 1 : 100
     }
 
     public func setGuestCall(_ index: Int, _ call: SharedFD?) throws(SystemError) {

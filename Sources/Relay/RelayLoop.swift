@@ -6,6 +6,8 @@ import Platform
 extension RelayEngine {
     static let hybridIdleNanos: UInt64 = 50_000
     static let wakeToken = UInt64.max
+    /// Tokens of guests' kick eventfds (the avail relay): this bit plus the ring index.
+    static let guestKickToken: UInt64 = 1 << 32
 
     /// The relay thread's loop (`ConfinedTarget`; started by init, not to be called otherwise).
     public func run(on worker: ConfinedWorker<RelayEngine>) {
@@ -63,6 +65,8 @@ extension RelayEngine {
             _ = try epoll.wait(timeoutMillis: sleepMillis) { ev in
                 if ev.token == Self.wakeToken {
                     EventFD.drain(wake.raw)
+                } else if ev.token & Self.guestKickToken != 0 {
+                    if let k = queues[Int(ev.token & 0xFFFF_FFFF)]?.avail?.guestKick { EventFD.drain(k.raw) }
                 } else if let q = queues[Int(ev.token)] {
                     EventFD.drain(q.deviceCall.raw)
                 }

@@ -10,6 +10,7 @@ extension RelayEngine {
     @inline(__always)
     func step(_ q: RelayQueue) -> Int {
         guard let g = q.guest else { return 0 }
+        if let a = q.avail { return stepAvail(q, g, a) }
         let deviceIndex = q.reader.loadIndex()
         let flags = q.reader.loadFlags()
         let availEvent = q.reader.loadAvailEvent()

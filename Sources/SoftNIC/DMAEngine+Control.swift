@@ -104,12 +104,39 @@ extension DMAEngine {
     }
 
     /// Points a suspended ring's used ring at `usedGPA` (an IOVA) and its interrupt at `call`.
-    func redirect(_ r: EngineRing, usedGPA: UInt64, call: SharedFD?, interruptEveryBatch: Bool) {
+    /// With `avail` (the avail relay), also points its avail ring at `avail.availIOVA` (nil: the
+    /// guest's) and its doorbell at `avail.kick`, and takes `avail.position` as its next avail and
+    /// used index; without a position, a mediated avail ring's idx is seeded with the ring's next
+    /// avail index, so the device reads on from where it was (positions carry over).
+    func redirect(_ r: EngineRing, usedGPA: UInt64, call: SharedFD?, interruptEveryBatch: Bool, avail: AvailRedirect? = nil) {
         guard r.config != nil else { return }
         r.config!.usedGPA = usedGPA
         setCall(r, call)
         r.interruptEveryBatch = interruptEveryBatch
+        if let a = avail {
+            r.config!.availGPA = a.availIOVA ?? r.guestAvailGPA
+            if let k = r.kick { epoll.remove(k.raw) }
+            r.kick = a.kick
+            r.config!.kick = a.kick
+            if let k = a.kick {
+                do throws(SystemError) { try epoll.add(k.raw, token: Self.kickTokenBase + UInt64(r.index)) } catch {
+                    r.kick = nil
+                    fault(r, "cannot watch the ring's new doorbell eventfd: \(error)")
+                    return
+                }
+            }
+            if let p = a.position {
+                r.lastAvail = p.nextAvail
+                r.usedIdx = p.usedIndex
+                r.publishedUsed = p.usedIndex
+            }
+            r.availCache = r.lastAvail
+        }
         translate(r)
+        if let a = avail, a.availIOVA != nil, a.position == nil, let q = r.queue {
+            // Seed the mediated avail ring's idx with the next avail index before the ring runs.
+            AvailRingWriter(size: q.size, avail: q.avail).publishIndex(r.lastAvail)
+        }
         // The new used ring carries the device's index from now on: seed it before resuming.
         r.queue?.publishUsedIndex(r.usedIdx)
         // The device's notification state lives in the used ring: write it into the new one.

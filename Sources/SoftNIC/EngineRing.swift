@@ -10,6 +10,8 @@ final class EngineRing {
     var config: VDPARingConfig?
     /// The ring's used ring in guest memory (where `redirect` returns it).
     var guestUsedGPA: UInt64 = 0
+    /// The ring's avail ring in guest memory (where `redirect` returns it after the avail relay).
+    var guestAvailGPA: UInt64 = 0
     var enabled = false
     /// Suspended by the framework (for a used-ring switch): not served, position kept.
     var suspended = false

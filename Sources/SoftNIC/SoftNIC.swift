@@ -86,6 +86,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         applied.withLock { $0.enabled[config.index] = nil }
         try apply("start ring \(config.index)") { e in
             e.rings[config.index].guestUsedGPA = config.usedGPA
+            e.rings[config.index].guestAvailGPA = config.availGPA
             let r = e.rings[config.index]
             let continues = r.stoppedAt.map { $0.desc == config.descGPA && $0.avail == config.availGPA && $0.next == config.base } ?? false
             if config.index % 2 == 0 && e.link.kind == .source && !continues {
@@ -170,6 +171,24 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
             e.redirect(r, usedGPA: target, call: call, interruptEveryBatch: interruptEveryBatch)
             e.resume(r)
             return at
+        }
+    }
+
+    /// The avail relay's seam: the used ring, and with `redirect.avail` the avail ring and the
+    /// doorbell, moved between two batches of the ring (see `DMAEngine.redirect`).
+    public func redirectRing(_ index: Int, _ redirect: RingRedirect) throws(DeviceError) -> RingPosition {
+        try apply("redirect ring \(index)") { e in
+            let r = e.rings[index]
+            let used = e.suspend(r)
+            let position = RingPosition(nextAvail: r.lastAvail, usedIndex: used)
+            if !redirect.mappings.isEmpty {
+                for m in redirect.mappings { e.extraMappings[m.iova] = m }
+                e.setMemory(e.memory)
+            }
+            e.redirect(r, usedGPA: redirect.usedIOVA ?? r.guestUsedGPA, call: redirect.call,
+                       interruptEveryBatch: redirect.interruptEveryBatch, avail: redirect.avail)
+            e.resume(r)
+            return position
         }
     }
 

@@ -111,7 +111,8 @@ public final class Daemon: Sendable {
                            pagesMarked: m?.counters?.pagesMarked.load(ordering: .relaxed) ?? 0,
                            switchovers: m?.switchovers ?? 0, lastSwitchoverGapMicros: m?.lastSwitchoverGapMicros ?? 0,
                            deviceCounters: counted != nil,
-                           relayErrors: m?.counters?.errors.load(ordering: .relaxed) ?? 0)
+                           relayErrors: m?.counters?.errors.load(ordering: .relaxed) ?? 0,
+                           rejectedChains: m?.counters?.rejectedChains.load(ordering: .relaxed) ?? 0)
             }, relay: relay.map { r in
                 RelayStats(loop: r.mode.rawValue, cpuMillis: r.cpuNanos.load(ordering: .relaxed) / 1_000_000,
                            busyNanos: busy, busyElements: moved,

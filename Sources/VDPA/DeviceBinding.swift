@@ -83,8 +83,10 @@ final class DeviceBinding: VhostUserDeviceHooks {
         guard state.rings[index] != nil else { return nil }
         defer { state.rings[index] = nil }
         let base = try dev(logger, "GET_VRING_BASE") { () throws(DeviceError) in try device.stopRing(index) }
-        try migration.ringStopped(index, state)
-        return UInt32(base)
+        // A ring under the avail relay: the device's index counts the mediated ring's slots; the
+        // guest-side base is the relay's (MigrationSwitch.ringStopped).
+        let relayBase = try migration.ringStopped(index, state)
+        return UInt32(relayBase ?? base)
     }
 
     func vringEnableChanged(_ index: Int, enabled: Bool) throws(VhostUserError) {

@@ -13,8 +13,9 @@ func dev<T>(_ logger: Logger, _ request: String, _ body: () throws(DeviceError) 
 }
 
 /// A relay operation for the frontend's message `request`: its failure fails the message.
-func rel(_ logger: Logger, _ request: String, _ body: () throws(SystemError) -> Void) throws(VhostUserError) {
-    do { try body() } catch {
+@discardableResult
+func rel<T>(_ logger: Logger, _ request: String, _ body: () throws(SystemError) -> T) throws(VhostUserError) -> T {
+    do { return try body() } catch {
         logger.error("\(request): \(error)")
         throw VhostUserError(.device, request, field: "relay", error.description)
     }

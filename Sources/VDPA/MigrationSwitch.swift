@@ -44,6 +44,8 @@ final class MigrationSwitch {
     private(set) var relay: RelayEngine?
     /// Each ring's mode; absent = direct. The mediated ring of a relayed ring lives here.
     private var modes: [Int: Mode] = [:]
+    /// Rings whose avail ring is mediated too (`relay=avail+used`), with their mediated avail ring.
+    private var mediatedAvail: [Int: MediatedAvailRing] = [:]
     private enum Mode { case held, relay(MediatedUsedRing) }
     /// The log in force when the last running ring stopped. QEMU frees its log when it stops the
     /// device (vhost_dev_stop) and sends a new one when it starts it again, after the rings; until
@@ -102,8 +104,12 @@ final class MigrationSwitch {
     func hasUsableLog(_ s: FrontendState) -> Bool { s.log != nil && s.log !== staleLog }
 
     /// Whether ring `index` must start mediated: logging is on and it is an RX ring (TX rings stay
-    /// direct: the device writes only their used ring, marked whole when they stop).
-    func startsMediated(_ index: Int, _ s: FrontendState) -> Bool { s.logAll && index % 2 == 0 && dirtyFolder == nil }
+    /// direct: the device writes only their used ring, marked whole when they stop), or any ring
+    /// with `relay=avail+used` (fully mediated: every chain the guest posts is checked).
+    func startsMediated(_ index: Int, _ s: FrontendState) -> Bool { s.logAll && mediates(index) && dirtyFolder == nil }
+
+    /// Whether logging moves ring `index` to the relay.
+    private func mediates(_ index: Int) -> Bool { index % 2 == 0 || options.relay == .availUsed }
 
     /// A ring the binding started disabled because `startsMediated`: it goes to the relay and then
     /// takes its enable state, or is held until the log arrives.
@@ -119,17 +125,23 @@ final class MigrationSwitch {
 
     /// The device has stopped ring `index` (GET_VRING_BASE): a relayed ring's last completions are
     /// relayed and its used ring marked; a direct ring's used ring is marked whole while logging.
-    func ringStopped(_ index: Int, _ s: FrontendState) throws(VhostUserError) {
+    /// Returns the base to answer when it is not the device's: a ring under the avail relay
+    /// answers the relay's guest-side position (see `AvailRelayState`).
+    func ringStopped(_ index: Int, _ s: FrontendState) throws(VhostUserError) -> UInt16? {
         let request = "GET_VRING_BASE"
         // iommu-dirty: the device stopped the ring; its bits are folded before the answer.
         if dirtyFolder != nil { try dirtyRingStopped(index, s) }
         let was = modes[index]
         setMode(index, nil)
+        var base: UInt16?
         if case .relay = was {
             // The device completed what it took into the mediated ring: relay the rest, mark the
             // whole used ring, and stop touching this ring.
-            if let relay { try rel(logger, request) { () throws(SystemError) in try relay.detach(index) } }
+            if let relay { base = try rel(logger, request) { () throws(SystemError) in try relay.detach(index) }?.nextAvail }
             try dev(logger, request) { () throws(DeviceError) in try device.unmapIOVA(MediatedUsedRing.iova(forRing: index)) }
+            if mediatedAvail.removeValue(forKey: index) != nil {
+                try dev(logger, request) { () throws(DeviceError) in try device.unmapIOVA(MediatedAvailRing.iova(forRing: index)) }
+            }
             try releaseRelayStateIfIdle(request)
         } else if s.logAll, hasUsableLog(s), let log = s.log, let ring = s.rings[index] {
             // A ring kept direct while logging (TX: the device only writes its used ring there):
@@ -138,6 +150,7 @@ final class MigrationSwitch {
         }
         if s.rings.keys.allSatisfy({ $0 == index }), let log = s.log { staleLog = log }
         if dirtyFolder != nil { try syncDirtyFolderLog(s, request) }
+        return base
     }
 
     /// SET_VRING_ENABLE: returns true when the switch took care of it (the binding then does not
@@ -172,7 +185,7 @@ final class MigrationSwitch {
             guard hasUsableLog(s) else {
                 // Logging on before the log exists: hold every running RX ring (what it completed
                 // so far is published) until SET_LOG_BASE, then relay it.
-                for i in s.started where i % 2 == 0 && modes[i] == nil {
+                for i in s.started where mediates(i) && modes[i] == nil {
                     try dev(logger, request) { () throws(DeviceError) in try device.setRingEnabled(i, false) }
                     setMode(i, .held)
                 }
@@ -181,7 +194,7 @@ final class MigrationSwitch {
                 return
             }
             try relayRingsAwaitingLog(s)
-            for i in s.started where i % 2 == 0 && modes[i] == nil { try switchToRelay(i, s) }
+            for i in s.started where mediates(i) && modes[i] == nil { try switchToRelay(i, s) }
         } else {
             for i in relayedRings { try switchToDirect(i, s) }
             // Logging was turned off before the log came: the held rings go back to work, direct.
@@ -250,6 +263,7 @@ final class MigrationSwitch {
         }
         for i in Array(modes.keys) { setMode(i, nil) }
         dirtyFolder?.reset()
+        mediatedAvail.removeAll()
         staleLog = nil
         do throws(VhostUserError) { try releaseRelayStateIfIdle("reset") } catch { logger.error("reset: \(error)") }
     }
@@ -281,16 +295,35 @@ final class MigrationSwitch {
             let counters = RelayCounters()
             // The gap: from suspending the ring until the relay has taken it over.
             let held = MonotonicClock.nanoseconds
-            let at = try device.redirectUsedRing(i, usedIOVA: iova,
-                                                 mapping: IOVAMapping(iova: iova, size: UInt64(mediated.byteCount), host: mediated.base, owner: mediated),
-                                                 call: deviceCall, interruptEveryBatch: true)
-            redirected = true
-            var config = RelayRingConfig(ring: ring, deviceWritesBuffers: true,
+            let usedMapping = IOVAMapping(iova: iova, size: UInt64(mediated.byteCount), host: mediated.base, owner: mediated)
+            var config = RelayRingConfig(ring: ring, deviceWritesBuffers: i % 2 == 0,
                                          eventIdx: s.features & VirtioFeature.ringEventIdx != 0)
             config.deviceMayNotInterrupt = !device.interruptsEveryBatch
             config.log = options.log
-            try relay.attach(config,
-                             mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
+            let at: UInt16
+            if options.relay == .availUsed {
+                // The avail relay: the device reads a mediated avail ring (its idx seeded by the
+                // device with its next avail index, so positions carry over) and is kicked by the
+                // relay, which now sleeps on the guest's kick.
+                let availRing = try MediatedAvailRing(size: ring.size)
+                let availIOVA = MediatedAvailRing.iova(forRing: i)
+                let deviceKick = SharedFD(try EventFD.make())
+                let position = try device.redirectRing(i, RingRedirect(
+                    usedIOVA: iova, avail: AvailRedirect(availIOVA: availIOVA, kick: deviceKick), call: deviceCall,
+                    mappings: [usedMapping, IOVAMapping(iova: availIOVA, size: UInt64(availRing.byteCount), host: availRing.base, owner: availRing)],
+                    interruptEveryBatch: true))
+                redirected = true
+                mediatedAvail[i] = availRing
+                config.indirect = s.features & VirtioFeature.ringIndirectDesc != 0
+                try relay.attach(config, mediated: mediated, mediatedAvail: availRing, position: position, deviceCall: deviceCall,
+                                 deviceKick: deviceKick, counters: counters)
+                at = position.usedIndex
+            } else {
+                at = try device.redirectUsedRing(i, usedIOVA: iova, mapping: usedMapping, call: deviceCall, interruptEveryBatch: true)
+                redirected = true
+                try relay.attach(config,
+                                 mediated: mediated, startIndex: at, deviceCall: deviceCall, counters: counters)
+            }
             setMode(i, .relay(mediated))
             let gap = (MonotonicClock.nanoseconds - held) / 1000
             let setup = (held - t0) / 1000
@@ -302,6 +335,7 @@ final class MigrationSwitch {
             do throws(DeviceError) {
                 try device.setRingEnabled(i, false)
                 if redirected { try device.unmapIOVA(iova) }
+                if mediatedAvail.removeValue(forKey: i) != nil { try device.unmapIOVA(MediatedAvailRing.iova(forRing: i)) }
             } catch { logger.error("ring \(i): \(error)") }
             logger.error("ring \(i): cannot switch to the relay: \(error); the ring is held disabled")
             throw VhostUserError(.device, "switch to the relay", field: "ring \(i)", "\(error)")
@@ -315,10 +349,33 @@ final class MigrationSwitch {
         let request = "switch to the direct path"
         let t0 = MonotonicClock.nanoseconds
         _ = try dev(logger, request) { () throws(DeviceError) in try device.suspendRing(i) }
-        if let relay { try rel(logger, request) { () throws(SystemError) in try relay.detach(i) } }
+        var guestPosition: RingPosition?
+        if let relay { guestPosition = try rel(logger, request) { () throws(SystemError) in try relay.detach(i) } }
         let call = s.rings[i]?.call
-        let at = try dev(logger, request) { () throws(DeviceError) in
-            try device.redirectUsedRing(i, usedIOVA: nil, mapping: nil, call: call, interruptEveryBatch: false)
+        let at: UInt16
+        if mediatedAvail.removeValue(forKey: i) != nil {
+            // Back from the avail relay. Invariant: every chain the guest posted before the relay's
+            // guest base B has been completed to the guest exactly once (accepted ones by the
+            // device, relayed; rejected ones by the relay) and none at or after B has, so the
+            // guest's used index is B too (AvailRelayState). The device, suspended having completed
+            // every slot it took, goes back to the guest's avail ring and kick at next avail = B
+            // with used index = B: chains the relay had accepted but the device had not taken are
+            // read again from the guest's ring (nothing lost or repeated), and rejected chains
+            // after B meet the device's own walker there, as any chain posted on the direct path.
+            guard let p = guestPosition else {
+                throw VhostUserError(.device, request, field: "relay", "ring \(i): the relay gave no guest position")
+            }
+            let kick = s.rings[i]?.kick
+            _ = try dev(logger, request) { () throws(DeviceError) in
+                try device.redirectRing(i, RingRedirect(usedIOVA: nil, avail: AvailRedirect(availIOVA: nil, kick: kick, position: p),
+                                                        call: call, interruptEveryBatch: false))
+            }
+            at = p.usedIndex
+            try dev(logger, request) { () throws(DeviceError) in try device.unmapIOVA(MediatedAvailRing.iova(forRing: i)) }
+        } else {
+            at = try dev(logger, request) { () throws(DeviceError) in
+                try device.redirectUsedRing(i, usedIOVA: nil, mapping: nil, call: call, interruptEveryBatch: false)
+            }
         }
         try dev(logger, request) { () throws(DeviceError) in try device.unmapIOVA(MediatedUsedRing.iova(forRing: i)) }
         let gap = (MonotonicClock.nanoseconds - t0) / 1000

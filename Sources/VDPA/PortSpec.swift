@@ -221,20 +221,9 @@ public struct PortSpec: Equatable, Sendable {
         if options.method == .iommuDirty && (relay != nil || log != nil) {
             throw ParseError(message: "--port \(text): migration=iommu-dirty keeps the rings direct (the device's IOMMU records what it writes): relay= and log= apply to migration=relay only")
         }
-        try refuseUnimplemented(options, text)
         return PortSpec(id: id ?? defaultID, socketPath: socket, client: client, queuePairs: queues, link: link, mac: mac,
                         device: device, queuesGiven: queuesGiven, featureLimit: featureLimit, offloads: offloads ?? true,
                         migration: options)
-    }
-
-    /// The migration options `refuseUnimplemented` refuses (for its test).
-    static let unimplementedMigrationOptions = ["relay=avail+used"]
-
-    /// Options parsed but not implemented yet: refused, loudly, rather than ignored.
-    static func refuseUnimplemented(_ o: MigrationOptions, _ text: String) throws(ParseError) {
-        if o.relay == .availUsed {
-            throw ParseError(message: "--port \(text): relay=avail+used (the avail relay that checks chains before the device sees them) is not implemented yet; use relay=used (the default)")
-        }
     }
 
     /// `features=`'s list: feature names as `describeFeatures` prints them (any case) or hex bits

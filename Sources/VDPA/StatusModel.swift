@@ -201,4 +201,7 @@ public struct QueueStats: Codable, Sendable, Equatable {
     /// mark, a device index more than a ring ahead, ring areas that do not translate, a blocking
     /// guest call eventfd). Absent in older replies.
     public var relayErrors: UInt64? = 0
+    /// Chains the avail relay (`relay=avail+used`) refused: they broke a descriptor rule, were
+    /// completed to the guest with length 0 and never reached the device. Absent in older replies.
+    public var rejectedChains: UInt64? = 0
 }

@@ -258,6 +258,17 @@ public final class DriverSplitRing {
         descriptor.store(to: descriptorTable + Int(index) * SplitRingLayout.descriptorSize)
     }
 
+    /// Takes the next used element as it is, without touching the free list (the completion of a
+    /// head made with `pushAvailHead`), or nil if there is none.
+    public func takeRawUsed() -> UsedElement? {
+        guard loadUsedIndex() != lastUsedIndex else { return nil }
+        let slot = used + SplitRingLayout.usedRingOffset + SplitRingLayout.usedElementSize * Int(lastUsedIndex & mask)
+        // Safety: slot < size lies inside the used ring; read only after the acquire load above.
+        let raw = UInt64(littleEndian: slot.loadUnaligned(as: UInt64.self))
+        lastUsedIndex &+= 1
+        return UsedElement(id: UInt32(truncatingIfNeeded: raw), length: UInt32(truncatingIfNeeded: raw >> 32))
+    }
+
     /// Puts any value in avail.ring[availIndex mod size] and advances `availIndex` (not yet
     /// published), bypassing the free list: used ids for such heads make `popUsed` throw.
     public func pushAvailHead(_ head: UInt16) {

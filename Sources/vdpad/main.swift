@@ -37,7 +37,11 @@ struct Vdpad: ParsableCommand {
                        rings stay direct; the device's IOMMU records the pages it writes and the
                        daemon folds them into the log every 20 ms and before GET_VRING_BASE and
                        LOG_ALL off answer; the SoftNIC has it, vhost-vdpa devices do not: refused)
-          relay=used   the relay's halves (migration=relay only; avail+used not implemented)
+          relay=HALVES used (default): while migrating, RX rings complete into a mediated used ring;
+                       avail+used: every ring is fully mediated, and the relay checks each chain the
+                       guest posts before the device sees it (a bad one is completed with length 0
+                       and counted as rejectedChains); the software NIC only (a kernel vhost-vdpa
+                       device refuses it at the switchover)
           log=G        what the relay marks per completion (migration=relay only): exact (default:
                        the bytes the device wrote), buffer (the writable buffers whole), page-run
                        (the aligned 64-page runs around the written bytes)
@@ -55,9 +59,9 @@ struct Vdpad: ParsableCommand {
         It needs the vduse and vdpa modules (and the driver's) and CAP_NET_ADMIN; it is removed
         from the bus and destroyed when vdpad exits.
         While the frontend logs dirty pages (VHOST_F_LOG_ALL, live migration) each RX ring runs
-        through a relay that marks every page the device writes (--relay-loop picks its loop), or,
-        with migration=iommu-dirty, stays direct while the device's IOMMU records its writes.
-        Not implemented: relay=avail+used (the optional avail relay).
+        through a relay that marks every page the device writes (--relay-loop picks its loop);
+        with relay=avail+used every ring does, and the relay checks the chains the guest posts;
+        with migration=iommu-dirty the rings stay direct while the device's IOMMU records its writes.
         """)
 
     @Option(name: .customLong("port"), help: "A vhost-user port (repeatable).")

@@ -64,7 +64,7 @@ final class SoftNICTestDaemon {
         /// was acked (VhostVDPAModel.dropsMapOnReset).
         var dropsMapOnReset = false
         var offersPersist = true
-        /// The port's `relay=`, `migration=`, `log=`.
+        /// The port's `relay=`, `migration=`, `log=` options.
         var migration = MigrationOptions()
     }
 

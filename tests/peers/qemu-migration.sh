@@ -49,6 +49,7 @@
 # MIGRATION_NEGATIVE=0 / MIGRATION_CANCEL=0 (skip those runs), MIGRATION_NEGATIVE_DATA=0 (the
 # negative run needs only marked=0 lines), MIGRATION_DOWNTIME_MS (migrate_set_parameter
 # downtime-limit; default QEMU's), MIGRATION_RELAY_LOOP (vdpad --relay-loop),
+# MIGRATION_PORT_OPTIONS (appended to both vdpads' --port, e.g. relay=avail+used),
 # MIGRATION_STRICT_DEST=1 (fail when every run lost pages to QEMU, so that the destination
 # check was judged on none), MIGRATION_KEEP_RAM=1 with VDPA_KEEP_TMP=1 (keep the RAM files in
 # the temp dir). The vdpads log at trace level (SET_VRING_ADDR locates the rings for the
@@ -66,6 +67,7 @@ FSIZE=${MIGRATION_FRAME_SIZE:-1400}
 NEGATIVE=${MIGRATION_NEGATIVE:-1}
 CANCEL=${MIGRATION_CANCEL:-1}
 RELAY_LOOP=${MIGRATION_RELAY_LOOP:-}
+PORT_OPTIONS=${MIGRATION_PORT_OPTIONS:+,$MIGRATION_PORT_OPTIONS}
 DOWNTIME_MS=${MIGRATION_DOWNTIME_MS-}
 MAC=52:54:00:12:34:56
 GUEST_IP=10.0.2.15/24
@@ -84,7 +86,7 @@ vd_start() {
     local extra=()
     [[ -n $RELAY_LOOP ]] && extra=(--relay-loop "$RELAY_LOOP")
     spawn "$name" env "$@" "$VDPAD" --control "$ctl" --log-level trace "${extra[@]}" \
-        --port "socket=$sock,id=vdpa0,link=source:size=$FSIZE:rate=$rate,mac=$MAC"
+        --port "socket=$sock,id=vdpa0,link=source:size=$FSIZE:rate=$rate,mac=$MAC$PORT_OPTIONS"
     wait_for_socket "$ctl" 20 "$name"
     wait_for_socket "$sock" 20 "$name"
 }
