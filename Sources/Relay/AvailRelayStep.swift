@@ -121,7 +121,7 @@ extension RelayEngine {
         q.insaneIndexSeen = false
         guard let log else { return 0 }
         let oldUsed = a.guestUsed
-        var marker = WrittenBytesMarker(batch: DirtyLog.Batch(log: log), skipMarking: skipBufferMarking,
+        var marker = WrittenBytesMarker(batch: DirtyLog.Batch(log: log), granularity: c.log, skipMarking: skipBufferMarking,
                                         journal: journal.map { JournalContext(journal: $0, view: view, ring: c.ring.index, publishIndex: oldUsed &+ n) })
         var gu = oldUsed
         var i = old

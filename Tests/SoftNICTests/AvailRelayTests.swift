@@ -18,8 +18,8 @@ final class AvailRelayTests: SoftNICTestCase {
     static let availUsed = MigrationOptions(relay: .availUsed)
 
     func start(link: String = "source:size=128", loop: RelayLoopMode = .hybrid,
-               testSwitches: TestSwitches = TestSwitches()) throws -> (SoftNICTestDaemon, TestGuest) {
-        let d = try makeDaemon([.init(id: "vm", link: link, mac: TestFrames.dst, migration: Self.availUsed)],
+               testSwitches: TestSwitches = TestSwitches(), log: LogGranularity = .exact) throws -> (SoftNICTestDaemon, TestGuest) {
+        let d = try makeDaemon([.init(id: "vm", link: link, mac: TestFrames.dst, migration: MigrationOptions(relay: .availUsed, log: log))],
                                options: PortOptions(relayLoop: loop, testSwitches: testSwitches))
         return (d, try d.connectAndStart("vm"))
     }
@@ -91,6 +91,15 @@ final class AvailRelayTests: SoftNICTestCase {
         // Direct again: traffic goes on.
         g.postRX(count: 8)
         XCTAssertEqual(g.receive(8).count, 8)
+    }
+
+    /// `log=` applies to the avail relay's completions too: `page-run` covers every written page
+    /// with whole 64-page runs.
+    func testAvailRelayWithPageRunLogCoversEveryWrittenPage() throws {
+        let (d, g) = try start(log: .pageRun)
+        let r = try loggedRun(d, g)
+        XCTAssertTrue(r.unmarked.isEmpty, "pages the device wrote but the log misses: \(r.unmarked.sorted())")
+        XCTAssertGreaterThan(r.extra.count, 10, "page-run marks whole runs around the written pages")
     }
 
     /// The check above can fail: with buffer marking skipped it finds the device's pages unmarked.
