@@ -73,9 +73,14 @@ public struct RingRedirect: Sendable {
     public var mappings: [IOVAMapping]
     /// Raise the interrupt for every completed batch (a relay consumes it).
     public var interruptEveryBatch: Bool
-    public init(usedIOVA: UInt64?, avail: AvailRedirect? = nil, call: SharedFD?, mappings: [IOVAMapping] = [], interruptEveryBatch: Bool) {
+    /// IOVAs of daemon mappings to remove once the ring has moved (the mediated rings it leaves):
+    /// in the same operation, so that a switch-back waits for the device once, not once per ring.
+    public var unmaps: [UInt64]
+    public init(usedIOVA: UInt64?, avail: AvailRedirect? = nil, call: SharedFD?, mappings: [IOVAMapping] = [], interruptEveryBatch: Bool,
+                unmaps: [UInt64] = []) {
         self.usedIOVA = usedIOVA; self.avail = avail; self.call = call; self.mappings = mappings
         self.interruptEveryBatch = interruptEveryBatch
+        self.unmaps = unmaps
     }
 }
 
@@ -211,11 +216,13 @@ extension VDPADevice {
         }
         let at = try redirectUsedRing(index, usedIOVA: redirect.usedIOVA, mapping: redirect.mappings.first, call: redirect.call,
                                       interruptEveryBatch: redirect.interruptEveryBatch)
+        for iova in redirect.unmaps { try unmapIOVA(iova) }
         return RingPosition(nextAvail: at, usedIndex: at)
     }
 
     public func redirectUsedRing(_ index: Int, usedIOVA: UInt64?, mapping: IOVAMapping?, call: SharedFD?,
                                  interruptEveryBatch: Bool) throws(DeviceError) -> UInt16 {
+        // A device that implements only redirectRing (which must then handle `unmaps` itself).
         try redirectRing(index, RingRedirect(usedIOVA: usedIOVA, call: call, mappings: mapping.map { [$0] } ?? [],
                                              interruptEveryBatch: interruptEveryBatch)).usedIndex
     }

@@ -110,6 +110,17 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
         try apply("set log") { $0.log = newLog }
     }
 
+    /// Both at once: one handoff to the relay thread instead of two (a switchover's reply waits
+    /// for each).
+    public func setLogAndMemory(_ newLog: DirtyLog?, _ table: GuestMemoryTable) throws(SystemError) {
+        try apply("set log and memory table") { e in
+            e.log = newLog
+            e.memory = table
+            e.view = table.view
+            for q in e.queues.values { e.translate(q) }
+        }
+    }
+
     public func setMemory(_ table: GuestMemoryTable) throws(SystemError) {
         try apply("set memory table") { e in
             e.memory = table

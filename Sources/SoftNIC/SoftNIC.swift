@@ -187,6 +187,12 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
             }
             e.redirect(r, usedGPA: redirect.usedIOVA ?? r.guestUsedGPA, call: redirect.call,
                        interruptEveryBatch: redirect.interruptEveryBatch, avail: redirect.avail)
+            if !redirect.unmaps.isEmpty {
+                // The ring no longer points into them (redirect translated it again above).
+                var removed = false
+                for iova in redirect.unmaps where e.extraMappings.removeValue(forKey: iova) != nil { removed = true }
+                if removed { e.setMemory(e.memory) }
+            }
             e.resume(r)
             return position
         }

@@ -250,8 +250,7 @@ final class MigrationSwitch {
     private func releaseRelayStateIfIdle(_ request: String) throws(VhostUserError) {
         guard relayedRings.isEmpty, let relay else { return }
         try rel(logger, request) { () throws(SystemError) in
-            try relay.setLog(nil)
-            try relay.setMemory(.empty)
+            try relay.setLogAndMemory(nil, .empty)
         }
     }
 
@@ -281,8 +280,7 @@ final class MigrationSwitch {
         var redirected = false
         do {
             let relay = try relayEngine()
-            try relay.setLog(s.log)
-            try relay.setMemory(s.memory)
+            try relay.setLogAndMemory(s.log, s.memory)
             let mediated = try MediatedUsedRing(size: ring.size)
             let usedBytes = SplitRingLayout.usedRingBytes(queueSize: ring.size)
             if let table = s.memory.hostPointer(gpa: ring.usedGPA, length: UInt64(usedBytes)) {
@@ -368,16 +366,16 @@ final class MigrationSwitch {
             let kick = s.rings[i]?.kick
             _ = try dev(logger, request) { () throws(DeviceError) in
                 try device.redirectRing(i, RingRedirect(usedIOVA: nil, avail: AvailRedirect(availIOVA: nil, kick: kick, position: p),
-                                                        call: call, interruptEveryBatch: false))
+                                                        call: call, interruptEveryBatch: false,
+                                                        unmaps: [MediatedUsedRing.iova(forRing: i), MediatedAvailRing.iova(forRing: i)]))
             }
             at = p.usedIndex
-            try dev(logger, request) { () throws(DeviceError) in try device.unmapIOVA(MediatedAvailRing.iova(forRing: i)) }
         } else {
             at = try dev(logger, request) { () throws(DeviceError) in
-                try device.redirectUsedRing(i, usedIOVA: nil, mapping: nil, call: call, interruptEveryBatch: false)
+                try device.redirectRing(i, RingRedirect(usedIOVA: nil, call: call, interruptEveryBatch: false,
+                                                        unmaps: [MediatedUsedRing.iova(forRing: i)])).usedIndex
             }
         }
-        try dev(logger, request) { () throws(DeviceError) in try device.unmapIOVA(MediatedUsedRing.iova(forRing: i)) }
         let gap = (MonotonicClock.nanoseconds - t0) / 1000
         recordSwitch(i, gapMicros: gap, counters: nil)
         logger.info("ring \(i): back on the direct path at used index \(at) in \(gap) µs")
