@@ -49,12 +49,12 @@
 # MIGRATION_NEGATIVE=0 / MIGRATION_CANCEL=0 (skip those runs), MIGRATION_NEGATIVE_DATA=0 (the
 # negative run needs only marked=0 lines), MIGRATION_DOWNTIME_MS (migrate_set_parameter
 # downtime-limit; default QEMU's), MIGRATION_RELAY_LOOP (vdpad --relay-loop),
+# MIGRATION_PORT_OPTIONS (appended to both vdpads' --port, e.g. relay=avail+used),
 # MIGRATION_STRICT_DEST=1 (fail when every run lost pages to QEMU, so that the destination
 # check was judged on none), MIGRATION_KEEP_RAM=1 with VDPA_KEEP_TMP=1 (keep the RAM files in
-# the temp dir), MIGRATION_PORT_OPTIONS (extra `--port` options of both vdpads, appended as
-# `,OPTIONS`: e.g. `migration=iommu-dirty`, see below), MIGRATION_TEST_NAME (the name PASS/FAIL
-# lines carry, default qemu-migration; set by wrappers). The vdpads log at trace level (SET_VRING_ADDR locates the rings for the
+# the temp dir). The vdpads log at trace level (SET_VRING_ADDR locates the rings for the
 # attribution; "ring N stopped at B" gives the bases checked against the used indexes).
+# MIGRATION_TEST_NAME: the name PASS/FAIL lines carry (default qemu-migration; set by wrappers).
 #
 # With MIGRATION_PORT_OPTIONS=migration=iommu-dirty (tests/peers/qemu-migration-iommu-dirty.sh)
 # no relay runs: the rings stay direct and the SoftNIC's IOMMU dirty bits are folded into QEMU's
@@ -85,13 +85,13 @@ FSIZE=${MIGRATION_FRAME_SIZE:-1400}
 NEGATIVE=${MIGRATION_NEGATIVE:-1}
 CANCEL=${MIGRATION_CANCEL:-1}
 RELAY_LOOP=${MIGRATION_RELAY_LOOP:-}
+PORT_OPTIONS=${MIGRATION_PORT_OPTIONS:+,$MIGRATION_PORT_OPTIONS}
 DOWNTIME_MS=${MIGRATION_DOWNTIME_MS-}
 MAC=52:54:00:12:34:56
 GUEST_IP=10.0.2.15/24
 ORACLE=$PEERS_DIR/lib/migration-oracle.py
-PORT_OPTIONS=${MIGRATION_PORT_OPTIONS:-}
 IOMMU_DIRTY=0
-[[ ,$PORT_OPTIONS, == *,migration=iommu-dirty,* ]] && IOMMU_DIRTY=1
+[[ $PORT_OPTIONS, == *,migration=iommu-dirty,* ]] && IOMMU_DIRTY=1
 
 peer_init "${MIGRATION_TEST_NAME:-qemu-migration}" $((30 + 40 * (RUNS + NEGATIVE + 2 * CANCEL)))
 require_guest
@@ -106,7 +106,7 @@ vd_start() {
     local extra=()
     [[ -n $RELAY_LOOP ]] && extra=(--relay-loop "$RELAY_LOOP")
     spawn "$name" env "$@" "$VDPAD" --control "$ctl" --log-level trace "${extra[@]}" \
-        --port "socket=$sock,id=vdpa0,link=source:size=$FSIZE:rate=$rate,mac=$MAC${PORT_OPTIONS:+,$PORT_OPTIONS}"
+        --port "socket=$sock,id=vdpa0,link=source:size=$FSIZE:rate=$rate,mac=$MAC$PORT_OPTIONS"
     wait_for_socket "$ctl" 20 "$name"
     wait_for_socket "$sock" 20 "$name"
 }
@@ -337,7 +337,7 @@ migration_run() {
     local skip=VDPAD_TEST_SKIP_BUFFER_MARKING=1
     ((IOMMU_DIRTY)) && skip=VDPAD_TEST_SKIP_DIRTY_FOLD=1
     ((negative)) && envs+=("$skip")
-    echo "--- $TEST_NAME: $tag ($([[ $negative == 1 ]] && echo "negative: $skip" || echo positive); $machine, source link $rate frames/s of $FSIZE B${PORT_OPTIONS:+, --port ...,$PORT_OPTIONS})"
+    echo "--- $TEST_NAME: $tag ($([[ $negative == 1 ]] && echo "negative: $skip" || echo positive); $machine, source link $rate frames/s of $FSIZE B${PORT_OPTIONS:+, --port ...$PORT_OPTIONS})"
     boot_source "$tag" "$rate" "$machine" "${envs[@]}"
     SRC_SHMS[$tag]=$SRC_SHM
     migrate_and_judge "$tag" "$tag" "$negative" "$rate" "$machine"
