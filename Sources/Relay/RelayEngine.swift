@@ -19,11 +19,10 @@ public enum RelayLoopMode: String, Sendable, CaseIterable {
     case hybrid
 }
 
-/// Test-only: a journal of what the relay exposed to the guest (VDPAD_TEST_JOURNAL).
-public protocol RelayJournal: AnyObject, Sendable {
-    /// A device write of `length` bytes at `gpa`, its bytes' checksum, and whether it was marked.
-    func record(ring: Int, gpa: UInt64, length: UInt32, checksum: UInt64, marked: Bool, publishIndex: UInt16)
-}
+/// Test-only: a journal of what the relay exposed to the guest (VDPAD_TEST_JOURNAL): a device
+/// write of `length` bytes at `gpa`, its bytes' checksum, and whether it was marked (see
+/// DeviceFramework's `DeviceWriteJournal`, which the SoftNIC writes in `migration=iommu-dirty`).
+public protocol RelayJournal: DeviceWriteJournal {}
 
 /// The relay: copies completions from mediated used rings to the guest's used rings, marking in
 /// the dirty log every byte the device wrote and every used-ring word it exposes, before it

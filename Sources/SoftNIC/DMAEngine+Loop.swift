@@ -142,6 +142,8 @@ extension DMAEngine {
         }
         guard let q = r.queue, r.usedIdx != r.publishedUsed else { return }
         let old = r.publishedUsed
+        // Test-only: one nil check (and only while dirty tracking is on).
+        if journal != nil, dirty != nil, r.isRX { journalRX(r, q, from: old) }
         q.publishUsedIndex(r.usedIdx)
         r.publishedUsed = r.usedIdx
         markUsedArea(r)

@@ -66,6 +66,10 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     var dirty: IOMMUDirtyBitmap?
     /// The dirty bitmap, made at the first enable and kept (readers on other threads use it).
     let dirtyBitmap = Mutex<IOMMUDirtyBitmap?>(nil)
+    /// Test-only (VDPAD_TEST_JOURNAL): while dirty tracking is on, every RX range the device
+    /// wrote is journaled before the used index that exposes it is published (`journalRX`).
+    /// Nil otherwise: the publish path then costs nothing more than with tracking on.
+    let journal: (any DeviceWriteJournal)?
     var activeRX: [EngineRing] = []
     /// Round-robin over the RX rings for frames from a tap or a wire.
     var rxRoundRobin = 0
@@ -88,8 +92,10 @@ final class DMAEngine: ConfinedTarget, @unchecked Sendable {
     static let kickTokenBase: UInt64 = 16
 
     init(portID: String, link spec: LinkSpec, ringCount: Int, macOwn: UInt64, macGuest: UInt64, stats: [QueueCounterSet],
-         raiser: (any InterruptRaiser)?, missResolver: (any IOMMUMissResolver)?, logger: Logger) throws {
+         raiser: (any InterruptRaiser)?, missResolver: (any IOMMUMissResolver)?, journal: (any DeviceWriteJournal)? = nil,
+         logger: Logger) throws {
         self.portID = portID
+        self.journal = journal
         self.raiser = raiser
         self.missResolver = missResolver
         self.logger = logger

@@ -43,8 +43,11 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
     /// `raiser` and `missResolver` are for a device the kernel drives (VDUSE): interrupts of rings
     /// without a call eventfd go to `raiser`, and IOMMU misses are offered to `missResolver`
     /// before a ring faults (see DeviceHooks.swift). A vhost-user port gives neither.
+    /// `journal` (tests only, VDPAD_TEST_JOURNAL): while dirty tracking is on, the device journals
+    /// every RX range it writes (DMAEngine+Dirty.swift, `journalRX`).
     public init(portID: String, queuePairs: Int, link: LinkSpec, guestMAC: [UInt8]?,
-                raiser: (any InterruptRaiser)? = nil, missResolver: (any IOMMUMissResolver)? = nil, logger: Logger) throws {
+                raiser: (any InterruptRaiser)? = nil, missResolver: (any IOMMUMissResolver)? = nil,
+                journal: (any DeviceWriteJournal)? = nil, logger: Logger) throws {
         self.queuePairs = queuePairs
         self.portID = portID
         self.link = link
@@ -56,7 +59,7 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
         stats = (0..<(queuePairs * 2)).map { QueueCounterSet(index: $0) }
         engine = try DMAEngine(portID: portID, link: link, ringCount: queuePairs * 2, macOwn: mac,
                                macGuest: self.guestMAC ?? Frames.broadcast, stats: stats, raiser: raiser,
-                               missResolver: missResolver, logger: logger)
+                               missResolver: missResolver, journal: journal, logger: logger)
         engine.link.generator.epoch = UInt64(UInt16.random(in: 0...UInt16.max))
         try engine.start()
     }

@@ -170,7 +170,7 @@ struct Vdpad: ParsableCommand {
         }
         if let path = env["VDPAD_TEST_JOURNAL"], !path.isEmpty {
             do { switches.journal = try JournalFile(path: path) } catch { throw ValidationError("\(error)") }
-            logger.warning("TEST SWITCH VDPAD_TEST_JOURNAL=\(path): every device write the relay exposes is journaled (slow). For tests only.")
+            logger.warning("TEST SWITCH VDPAD_TEST_JOURNAL=\(path): every device write the relay exposes (migration=relay) or the SoftNIC writes while dirty tracking (migration=iommu-dirty) is journaled (slow). For tests only.")
         }
         let options = PortOptions(relayLoop: RelayLoopMode(rawValue: relayLoop) ?? .hybrid, testSwitches: switches)
         let signalFD = try SignalNotifier.installTermination()
@@ -196,7 +196,7 @@ struct Vdpad: ParsableCommand {
                 switch spec.device {
                 case .softnic:
                     return try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac,
-                                       logger: logger)
+                                       journal: options.testSwitches.journal, logger: logger)
                 case .vhostVDPA(let path):
                     var l = logger
                     l[metadataKey: "port"] = "\(spec.id)"

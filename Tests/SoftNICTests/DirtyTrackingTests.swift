@@ -3,6 +3,7 @@ import Glibc
 #endif
 import DeviceFramework
 import Foundation
+import Relay
 import SoftNIC
 import VDPA
 import VhostUser
@@ -17,10 +18,12 @@ final class DirtyTrackingTests: SoftNICTestCase {
 
     /// A port with migration=iommu-dirty. `period` 0: no background folds, so the log fills only
     /// at the folds that replies need.
-    func startDirty(period: Int? = 0, skipFold: Bool = false, regions: [(base: UInt64, size: UInt64)] = [(0, 32 << 20)]) throws
+    func startDirty(period: Int? = 0, skipFold: Bool = false, regions: [(base: UInt64, size: UInt64)] = [(0, 32 << 20)],
+                    journal: (any RelayJournal)? = nil) throws
         -> (SoftNICTestDaemon, TestGuest) {
         let d = try makeDaemon([.init(id: "vm", link: "source:size=128", mac: TestFrames.dst, migration: Self.iommuDirty)],
-                               options: PortOptions(testSwitches: TestSwitches(skipDirtyFold: skipFold, dirtyFoldPeriodMillis: period)))
+                               options: PortOptions(testSwitches: TestSwitches(journal: journal, skipDirtyFold: skipFold,
+                                                                               dirtyFoldPeriodMillis: period)))
         let g = try d.connect("vm", regions: regions)
         try g.startRing(0)
         try g.startRing(1)
@@ -85,6 +88,37 @@ final class DirtyTrackingTests: SoftNICTestCase {
         XCTAssertEqual(d.queue("vm", 0).mode, "direct")
         XCTAssertEqual(d.queue("vm", 0).relayed, 0)
         XCTAssertEqual(d.queue("vm", 0).switchovers, 0)
+    }
+
+    /// VDPAD_TEST_JOURNAL on an iommu-dirty port: no relay runs, so the SoftNIC journals its own RX
+    /// writes, only while tracking is on: one line per buffer written (header + frame), marked,
+    /// its checksum that of the guest's bytes, its publish index one that exposes it.
+    func testDeviceJournalsItsRXWritesOnlyWhileTracking() throws {
+        let journal = MemoryJournal()
+        let (d, g) = try startDirty(journal: journal)
+        _ = d
+        g.postRX(count: 8)
+        XCTAssertEqual(g.receive(8).count, 8)
+        XCTAssertTrue(journal.lines.isEmpty, "nothing journaled with tracking off")
+        let log = try g.frontend.enableLogging(requireU64Reply: true)
+        g.postRX(count: 20)
+        XCTAssertEqual(g.receive(20).count, 20)
+        try g.frontend.disableLogging()
+        withExtendedLifetime(log) {}
+        let lines = journal.lines
+        XCTAssertEqual(lines.count, 20)
+        for l in lines {
+            XCTAssertEqual(l.ring, 0)
+            XCTAssertTrue(l.marked)
+            XCTAssertEqual(l.length, 12 + 128)
+            XCTAssertTrue((9...28).contains(Int(l.publishIndex)), "publish index \(l.publishIndex)")
+            var sum: UInt64 = 0xcbf2_9ce4_8422_2325
+            for b in g.read(l.gpa, Int(l.length)) { sum = (sum ^ UInt64(b)) &* 0x100_0000_01b3 }
+            XCTAssertEqual(sum, l.checksum, "checksum of the guest's bytes at 0x\(String(l.gpa, radix: 16))")
+        }
+        g.postRX(count: 5)
+        XCTAssertEqual(g.receive(5).count, 5)
+        XCTAssertEqual(journal.lines.count, 20, "nothing journaled once tracking is off again")
     }
 
     /// The negative control: with VDPAD_TEST_SKIP_DIRTY_FOLD the folds drop the device's bits, and
@@ -200,5 +234,16 @@ final class DirtyTrackingTests: SoftNICTestCase {
             let text = "\($0)"
             XCTAssertTrue(text.contains("'kd'") && text.contains("migration=iommu-dirty"), text)
         }
+    }
+}
+
+/// A test journal in memory.
+final class MemoryJournal: RelayJournal, @unchecked Sendable {
+    struct Line { let ring: Int; let gpa: UInt64; let length: UInt32; let checksum: UInt64; let marked: Bool; let publishIndex: UInt16 }
+    private let lock = NSLock()
+    private var recorded: [Line] = []
+    var lines: [Line] { lock.withLock { recorded } }
+    func record(ring: Int, gpa: UInt64, length: UInt32, checksum: UInt64, marked: Bool, publishIndex: UInt16) {
+        lock.withLock { recorded.append(Line(ring: ring, gpa: gpa, length: length, checksum: checksum, marked: marked, publishIndex: publishIndex)) }
     }
 }

@@ -90,11 +90,13 @@ final class SoftNICTestDaemon {
         }
         let log = logger
         let models = self.models
+        let journal = options.testSwitches.journal
         daemon = try Daemon(specs: specs, controlPath: dir + "/control.sock", logger: logger, options: options) { spec in
             if let path = defs.first(where: { $0.id == spec.id })?.kernelDevice {
                 return try VhostVDPADevice(kernel: try VhostVDPAFile(path: path), path: path, logger: log)
             }
-            let nic = try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac, logger: log)
+            let nic = try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac,
+                                   journal: journal, logger: log)
             guard let suspend = defs.first(where: { $0.id == spec.id })?.kernelModel else { return nic }
             let def = defs.first { $0.id == spec.id }
             let model = VhostVDPAModel(nic: nic, offersSuspend: suspend, dropsMapOnReset: def?.dropsMapOnReset ?? false,

@@ -54,6 +54,24 @@
 # check was judged on none), MIGRATION_KEEP_RAM=1 with VDPA_KEEP_TMP=1 (keep the RAM files in
 # the temp dir). The vdpads log at trace level (SET_VRING_ADDR locates the rings for the
 # attribution; "ring N stopped at B" gives the bases checked against the used indexes).
+# MIGRATION_TEST_NAME: the name PASS/FAIL lines carry (default qemu-migration; set by wrappers).
+#
+# With MIGRATION_PORT_OPTIONS=migration=iommu-dirty (tests/peers/qemu-migration-iommu-dirty.sh)
+# no relay runs: the rings stay direct and the SoftNIC's IOMMU dirty bits are folded into QEMU's
+# log. The SoftNIC then writes the journal itself (each RX range it wrote while tracking, with
+# marked=1: the dirty bit was set; the same format), and the relay's checks become the mode's:
+#   3. the source RX ring stays "direct" until GET_VRING_BASE stops it (switchovers 0, relayed 0,
+#      no "relay" or "held" seen while migrating), stats dirtyTracking.enabled seen true while migrating, folds > 0 and
+#      pagesFolded > 0 after it, no faults;
+#   negative run: VDPAD_TEST_SKIP_DIRTY_FOLD=1 on the source (the folds drop the bits instead of
+#      logging them; the device still sets them, so every journal line honestly says marked=1):
+#      the journal check must FAIL with journaled device ranges that differ on the destination
+#      (always required in this mode: there is no marked=0 to show the loss otherwise), and
+#      dirtyTracking.pagesDropped > 0;
+#   cancel run: the slow migration is cancelled once tracking is on and folds ran; tracking must
+#      be off again (dirtyTracking.enabled false), the ring direct with switchovers 0, frames keep
+#      flowing, the journal stops growing (the device journals only while tracking), the folder
+#      thread idles; then the same source migrates for real.
 set -uo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -72,8 +90,10 @@ DOWNTIME_MS=${MIGRATION_DOWNTIME_MS-}
 MAC=52:54:00:12:34:56
 GUEST_IP=10.0.2.15/24
 ORACLE=$PEERS_DIR/lib/migration-oracle.py
+IOMMU_DIRTY=0
+[[ $PORT_OPTIONS, == *,migration=iommu-dirty,* ]] && IOMMU_DIRTY=1
 
-peer_init qemu-migration $((30 + 40 * (RUNS + NEGATIVE + 2 * CANCEL)))
+peer_init "${MIGRATION_TEST_NAME:-qemu-migration}" $((30 + 40 * (RUNS + NEGATIVE + 2 * CANCEL)))
 require_guest
 resolve_bins
 command -v jq >/dev/null || fail "jq missing: run scripts/install-deps"
@@ -89,6 +109,12 @@ vd_start() {
         --port "socket=$sock,id=vdpa0,link=source:size=$FSIZE:rate=$rate,mac=$MAC$PORT_OPTIONS"
     wait_for_socket "$ctl" 20 "$name"
     wait_for_socket "$sock" 20 "$name"
+}
+
+# vd_dt CONTROL [FIELD]: the port's stats `dirtyTracking` object (compact JSON), or one field of it
+# (migration=iommu-dirty ports; "null" elsewhere).
+vd_dt() {
+    vd_json "$1" stats 2>/dev/null | jq -r -c ".ports[0].dirtyTracking${2:+.$2}" 2>/dev/null
 }
 
 # thread_ticks PID COMM: user+system clock ticks of PID's thread named COMM (empty if none).
@@ -131,15 +157,22 @@ boot_source() {
 }
 
 # mig_poll TAG SRC-QEMU SRC-CONTROL LIMIT: poll `info migrate` until completed/failed/cancelled,
-# watching the source RX ring's mode. Sets MIG_INFO (last output), MIG_STATUS, SAW_RELAY.
+# watching the source RX ring's mode. Sets MIG_INFO (last output), MIG_STATUS, SAW_RELAY (and,
+# migration=iommu-dirty: SAW_TRACKING when dirtyTracking.enabled was true, SAW_MODES the ring
+# modes seen other than direct and stopped).
 mig_poll() {
     local tag=$1 vm=$2 ctl=$3 deadline=$((SECONDS + $4)) q
-    SAW_RELAY=0 MIG_STATUS=
+    SAW_RELAY=0 MIG_STATUS= SAW_TRACKING=0 SAW_MODES=
     while :; do
         MIG_INFO=$(monitor "$vm" "info migrate" 2>&1)
         MIG_STATUS=$(info_field "$MIG_INFO" "Migration status")
         q=$(vd_q "$ctl" 0)
         [[ $q == relay* ]] && SAW_RELAY=1
+        if ((IOMMU_DIRTY)); then
+            # "stopped" is the end of every migration (GET_VRING_BASE), not a mode of the path.
+            [[ -n $q && $q != direct* && $q != stopped* && " $SAW_MODES " != *" ${q%% *} "* ]] && SAW_MODES+=" ${q%% *}"
+            [[ $(vd_dt "$ctl" enabled) == true ]] && SAW_TRACKING=1
+        fi
         case $MIG_STATUS in completed|failed|cancelled) break ;; esac
         ((SECONDS < deadline)) || { MIG_STATUS="timeout ($MIG_STATUS)"; break; }
         sleep 0.2
@@ -196,8 +229,13 @@ migrate_and_judge() {
     local after; after=$(vd_q "$sctl" 0)
     local -a A; read -r -a A <<<"$after"
     say "$tag: migration completed: total ${total} ms, downtime ${downtime} ms, setup ${setup} ms, transferred ${transferred} kB, dirty syncs ${syncs}"
-    say "$tag: source RX ring before: [$before]  after: [$after]  (mode packets relayed pagesMarked switchovers gapMicros faults); relay mode seen while migrating: $SAW_RELAY"
-    say "$tag: source relay: $(vd_json "$sctl" stats 2>/dev/null | jq -c '.ports[0].relay' 2>/dev/null)"
+    if ((IOMMU_DIRTY)); then
+        say "$tag: source RX ring before: [$before]  after: [$after]  (mode packets relayed pagesMarked switchovers gapMicros faults); dirty tracking seen on while migrating: $SAW_TRACKING; modes other than direct seen:${SAW_MODES:- none}"
+        say "$tag: source dirtyTracking: $(vd_dt "$sctl")"
+    else
+        say "$tag: source RX ring before: [$before]  after: [$after]  (mode packets relayed pagesMarked switchovers gapMicros faults); relay mode seen while migrating: $SAW_RELAY"
+        say "$tag: source relay: $(vd_json "$sctl" stats 2>/dev/null | jq -c '.ports[0].relay' 2>/dev/null)"
+    fi
 
     # The source is stopped, the destination has not run: compare.
     local orc=0
@@ -213,6 +251,21 @@ migrate_and_judge() {
     # shellcheck disable=SC1090
     source "$TMP/$tag.vars"
 
+    if ((negative && IOMMU_DIRTY)); then
+        # The device set its bits (marked=1 is honest); the folds dropped them. The loss must show
+        # in the data: journaled device ranges the destination lacks.
+        local dropped; dropped=$(vd_dt "$sctl" pagesDropped)
+        ((orc == 1 && o_journal_ok == 0)) ||
+            fail "$tag: the journal check PASSED although the source dropped its dirty bits (lines $o_jlines, verified $o_verified, pages dropped ${dropped:-?})"
+        ((o_jbad_lines > 0)) ||
+            fail "$tag: no journaled device range differs on the destination although the source dropped its dirty bits: the RAM oracle was not sensitive in this run"
+        [[ $dropped =~ ^[0-9]+$ ]] && ((dropped > 0)) || fail "$tag: dirtyTracking.pagesDropped is '${dropped:-?}' (the skip switch did not act?)"
+        say "$tag: journal check failed as it must: $o_jbad_lines of $o_jlines lines ($o_verified verified) differ on the destination, $o_pages_device differing pages in device ranges, $o_pages_used in used rings; marked=0 $o_unmarked; pages dropped by the folds $dropped"
+        SUMMARY+=("$tag: negative ok (device ranges lost $o_jbad_lines of $o_jlines lines, device pages $o_pages_device, used-ring pages $o_pages_used, pagesDropped $dropped)")
+        stop_qemu "dst-$tag"; stop_qemu "src-$stag"; stop "vdst-$tag"; stop "vsrc-$stag"
+        drop_ram "$tag" "$src_shm" "$dst_shm"
+        return
+    fi
     if ((negative)); then
         ((orc == 1 && o_journal_ok == 0)) ||
             fail "$tag: the journal check PASSED although the source skipped marking buffers (lines $o_jlines, marked=0 $o_unmarked)"
@@ -235,9 +288,19 @@ migrate_and_judge() {
         fail "$tag: JOURNAL CHECK FAILED: $o_unmarked of $o_jlines lines marked=0, $o_jbad_lines verified device ranges differ on the destination, $o_idx_bad used indexes off (see the report above)"
     ((o_pages_used == 0)) || fail "$tag: $o_pages_used differing pages in used rings (only the device side writes there)"
     ((o_pages_device == 0)) || fail "$tag: $o_pages_device differing pages hold device writes the destination lacks"
-    [[ ${A[4]:-0} -ge 1 && ${A[2]:-0} -gt 0 && ${A[3]:-0} -gt 0 ]] ||
-        fail "$tag: source RX ring did not go through the relay: [$after] (want switchovers >= 1, relayed > 0, pagesMarked > 0)"
-    ((SAW_RELAY)) || say "$tag: note: mode \"relay\" was not caught by the stats poll (the figures above show the relay ran)"
+    local folds=0 folded=0
+    if ((IOMMU_DIRTY)); then
+        folds=$(vd_dt "$sctl" folds) folded=$(vd_dt "$sctl" pagesFolded)
+        [[ ${A[0]:-} =~ ^(direct|stopped)$ && ${A[4]:-x} == 0 && ${A[2]:-x} == 0 && -z $SAW_MODES ]] ||
+            fail "$tag: source RX ring left the direct path with migration=iommu-dirty: [$after], modes seen:${SAW_MODES:- none} (want direct until stopped, switchovers 0, relayed 0)"
+        ((SAW_TRACKING)) || fail "$tag: dirtyTracking.enabled was never seen true while migrating"
+        [[ $folds =~ ^[0-9]+$ && $folded =~ ^[0-9]+$ ]] && ((folds > 0 && folded > 0)) ||
+            fail "$tag: the source folded nothing into QEMU's log: folds '${folds:-?}', pagesFolded '${folded:-?}' (want both > 0)"
+    else
+        [[ ${A[4]:-0} -ge 1 && ${A[2]:-0} -gt 0 && ${A[3]:-0} -gt 0 ]] ||
+            fail "$tag: source RX ring did not go through the relay: [$after] (want switchovers >= 1, relayed > 0, pagesMarked > 0)"
+        ((SAW_RELAY)) || say "$tag: note: mode \"relay\" was not caught by the stats poll (the figures above show the relay ran)"
+    fi
     ((${A[6]:-0} == 0)) || fail "$tag: source RX ring has device faults: [$after]"
     # Pages the guest CPU wrote (kernel data, the driver's rings, buffers it reused): QEMU 7.2
     # under TCG lost those writes.
@@ -261,7 +324,7 @@ migrate_and_judge() {
     dest_guest_check "dst-$tag" "$g1" "$g2"
     say "$tag: destination RX ring [$d1] -> [$d2]; guest rx tx [$g1] -> [$g2]"
     dest_judge "$tag" "$loss" "no QEMU losses" "QEMU lost guest-CPU writes in $qloss pages (not device writes)"
-    SUMMARY+=("$tag: ${total} ms/${downtime} ms, journal $o_jlines lines ($o_verified verified), pages differing $o_pages (device $o_pages_device, used $o_pages_used; QEMU's: superseded $o_pages_superseded, driver-ring $o_pages_driver, neither $o_pages_neither), relayed ${A[2]}, pagesMarked ${A[3]}, switchovers ${A[4]}, $( ((loss)) && echo "QEMU losses" || echo "dest ok")")
+    SUMMARY+=("$tag: ${total} ms/${downtime} ms, journal $o_jlines lines ($o_verified verified), pages differing $o_pages (device $o_pages_device, used $o_pages_used; QEMU's: superseded $o_pages_superseded, driver-ring $o_pages_driver, neither $o_pages_neither), $( ((IOMMU_DIRTY)) && echo "direct, folds $folds, pagesFolded $folded" || echo "relayed ${A[2]}, pagesMarked ${A[3]}, switchovers ${A[4]}"), $( ((loss)) && echo "QEMU losses" || echo "dest ok")")
     say "$tag: run time $((SECONDS - t0)) s"
     stop_qemu "dst-$tag"; stop_qemu "src-$stag"; stop "vdst-$tag"; stop "vsrc-$stag"
     drop_ram "$tag" "$src_shm" "$dst_shm"
@@ -271,8 +334,10 @@ migrate_and_judge() {
 declare -A SRC_SHMS=()
 migration_run() {
     local tag=$1 negative=$2 rate=$3 machine=$4 envs=("VDPAD_TEST_JOURNAL=$TMP/$1.journal")
-    ((negative)) && envs+=(VDPAD_TEST_SKIP_BUFFER_MARKING=1)
-    echo "--- $TEST_NAME: $tag ($([[ $negative == 1 ]] && echo 'negative: VDPAD_TEST_SKIP_BUFFER_MARKING=1' || echo positive); $machine, source link $rate frames/s of $FSIZE B)"
+    local skip=VDPAD_TEST_SKIP_BUFFER_MARKING=1
+    ((IOMMU_DIRTY)) && skip=VDPAD_TEST_SKIP_DIRTY_FOLD=1
+    ((negative)) && envs+=("$skip")
+    echo "--- $TEST_NAME: $tag ($([[ $negative == 1 ]] && echo "negative: $skip" || echo positive); $machine, source link $rate frames/s of $FSIZE B${PORT_OPTIONS:+, --port ...$PORT_OPTIONS})"
     boot_source "$tag" "$rate" "$machine" "${envs[@]}"
     SRC_SHMS[$tag]=$SRC_SHM
     migrate_and_judge "$tag" "$tag" "$negative" "$rate" "$machine"
@@ -292,44 +357,68 @@ cancel_run() {
     monitor "$vm" 'migrate -d "exec:cat >/dev/null"' >"$TMP/$tag-migrate-cmd.log" 2>&1
     local q deadline=$((SECONDS + 30)) info st
     local -a Q
+    local what=relayed dt
+    ((IOMMU_DIRTY)) && what="dirty-tracked (enabled, folds > 0)"
     while :; do
         q=$(vd_q "$ctl" 0); read -r -a Q <<<"$q"
-        [[ ${Q[0]:-} == relay && ${Q[2]:-0} -gt 0 ]] && break
+        if ((IOMMU_DIRTY)); then
+            dt=$(vd_dt "$ctl")
+            [[ $(jq -r '.enabled' <<<"$dt" 2>/dev/null) == true && $(jq -r '.folds' <<<"$dt" 2>/dev/null) -gt 0 ]] && break
+        else
+            [[ ${Q[0]:-} == relay && ${Q[2]:-0} -gt 0 ]] && break
+        fi
         info=$(monitor "$vm" "info migrate" 2>&1); st=$(info_field "$info" "Migration status")
         [[ -z $st || $st == active || $st == setup ]] ||
-            fail "$tag: migration ended ($st) before the RX ring was relayed: $(tr '\n' ' ' <<<"$info" | head -c 400)"
-        ((SECONDS < deadline)) || fail "$tag: RX ring not relayed 30 s after migrate: [$q]"
+            fail "$tag: migration ended ($st) before the RX ring was $what: $(tr '\n' ' ' <<<"$info" | head -c 400)"
+        ((SECONDS < deadline)) || fail "$tag: RX ring not $what 30 s after migrate: [$q]"
         sleep 0.2
     done
     sleep 2
     info=$(monitor "$vm" "info migrate" 2>&1); st=$(info_field "$info" "Migration status")
-    [[ $st == active ]] || fail "$tag: migration not active after 2 s of relaying (status '$st'): too fast to cancel; lower max-bandwidth"
+    [[ $st == active ]] || fail "$tag: migration not active after 2 s of logging (status '$st'): too fast to cancel; lower max-bandwidth"
     local during; during=$(vd_q "$ctl" 0)
-    say "$tag: relaying: [$during] (mode packets relayed pagesMarked switchovers gapMicros faults); migration $st, transferred $(info_field "$info" "transferred ram") kB"
+    if ((IOMMU_DIRTY)); then
+        [[ $during == direct* ]] || fail "$tag: RX ring not direct while dirty tracking: [$during]"
+        say "$tag: dirty tracking: [$during] (mode packets relayed pagesMarked switchovers gapMicros faults), dirtyTracking $(vd_dt "$ctl"); migration $st, transferred $(info_field "$info" "transferred ram") kB"
+    else
+        say "$tag: relaying: [$during] (mode packets relayed pagesMarked switchovers gapMicros faults); migration $st, transferred $(info_field "$info" "transferred ram") kB"
+    fi
     monitor "$vm" migrate_cancel >/dev/null 2>&1
     mig_poll "$tag" "$vm" "$ctl" 20
     [[ $MIG_STATUS == cancelled ]] || fail "$tag: after migrate_cancel the status is '$MIG_STATUS'"
     deadline=$((SECONDS + 10))
     while :; do
         q=$(vd_q "$ctl" 0); read -r -a Q <<<"$q"
-        [[ ${Q[0]:-} == direct ]] && break
-        ((SECONDS < deadline)) || fail "$tag: RX ring not back to direct 10 s after migrate_cancel: [$q]"
+        if ((IOMMU_DIRTY)); then
+            [[ ${Q[0]:-} == direct && $(vd_dt "$ctl" enabled) == false ]] && break
+            ((SECONDS < deadline)) || fail "$tag: dirty tracking not off 10 s after migrate_cancel: [$q], dirtyTracking $(vd_dt "$ctl")"
+        else
+            [[ ${Q[0]:-} == direct ]] && break
+            ((SECONDS < deadline)) || fail "$tag: RX ring not back to direct 10 s after migrate_cancel: [$q]"
+        fi
         sleep 0.2
     done
+    # The thread that idles once logging is over: the relay's, or the dirty folder's.
+    local thread=relay-vdpa0 j1 j2
+    ((IOMMU_DIRTY)) && thread=dirty-vdpa0
     local p1 p2 g1 g2 r1 r2 w1 w2 vpid=${PIDS[vsrc-$tag]}
     p1=$(vd_q "$ctl" 0); g1=$(guest_ctr "$TMP/$vm.cmd" 15)
-    r1=$(thread_ticks "$vpid" relay-vdpa0); w1=$(date +%s%N)
+    j1=$(wc -l <"$TMP/$tag.journal" 2>/dev/null || echo 0)
+    r1=$(thread_ticks "$vpid" "$thread"); w1=$(date +%s%N)
     sleep 2
-    r2=$(thread_ticks "$vpid" relay-vdpa0); w2=$(date +%s%N)
+    r2=$(thread_ticks "$vpid" "$thread"); w2=$(date +%s%N)
     p2=$(vd_q "$ctl" 0); g2=$(guest_ctr "$TMP/$vm.cmd" 15)
+    j2=$(wc -l <"$TMP/$tag.journal" 2>/dev/null || echo 0)
     local relay_cpu=unknown
     if [[ -n $r1 && -n $r2 ]]; then
         relay_cpu=$(( (r2 - r1) * 100 * 1000000000 / $(getconf CLK_TCK) / (w2 - w1) ))
     fi
     local -a P1 P2 G1 G2
     read -r -a P1 <<<"$p1"; read -r -a P2 <<<"$p2"; read -r -a G1 <<<"$g1"; read -r -a G2 <<<"$g2"
-    say "$tag: after cancel: RX ring [$p1] -> [$p2]; guest rx tx [$g1] -> [$g2]; relay thread CPU ${relay_cpu}% with nothing to relay"
-    if [[ $relay_cpu != unknown ]] && ((relay_cpu > 50)); then
+    say "$tag: after cancel: RX ring [$p1] -> [$p2]; guest rx tx [$g1] -> [$g2]; $thread thread CPU ${relay_cpu}% with nothing to $( ((IOMMU_DIRTY)) && echo fold || echo relay)$( ((IOMMU_DIRTY)) && echo "; dirtyTracking $(vd_dt "$ctl"); journal lines $j1 -> $j2")"
+    if ((IOMMU_DIRTY)); then
+        [[ $relay_cpu == unknown ]] || ((relay_cpu <= 50)) || fail "$tag: the dirty folder thread uses ${relay_cpu}% CPU after the cancel, with tracking off"
+    elif [[ $relay_cpu != unknown ]] && ((relay_cpu > 50)); then
         if [[ ${RELAY_LOOP:-hybrid} == poll ]]; then
             say "$tag: NOTE: the poll-mode relay thread keeps spinning after the migration was cancelled"
         else
@@ -337,7 +426,13 @@ cancel_run() {
         fi
     fi
     [[ ${P2[0]} == direct ]] || fail "$tag: RX ring left direct mode again: [$p2]"
-    ((${P2[4]:-0} >= 2)) || fail "$tag: switchovers ${P2[4]:-?} after cancel (want >= 2: to the relay and back)"
+    if ((IOMMU_DIRTY)); then
+        [[ $(vd_dt "$ctl" enabled) == false ]] || fail "$tag: dirty tracking on again after the cancel: $(vd_dt "$ctl")"
+        ((${P2[4]:-1} == 0)) || fail "$tag: switchovers ${P2[4]:-?} with migration=iommu-dirty (want 0: the ring never leaves the direct path)"
+        ((j2 == j1)) || fail "$tag: the device still journals writes after the cancel ($j1 -> $j2 lines): tracking not off in the device"
+    else
+        ((${P2[4]:-0} >= 2)) || fail "$tag: switchovers ${P2[4]:-?} after cancel (want >= 2: to the relay and back)"
+    fi
     ((${P2[1]:-0} > ${P1[1]:-0})) || fail "$tag: RX packets stopped after the cancel (${P1[1]} -> ${P2[1]})"
     ((${P2[2]:-0} == ${P1[2]:-0})) || fail "$tag: relayed still increasing in direct mode (${P1[2]} -> ${P2[2]})"
     [[ ${G1[0]:-x} =~ ^[0-9]+$ && ${G2[0]:-x} =~ ^[0-9]+$ && ${G2[0]} -gt ${G1[0]} ]] ||
@@ -348,12 +443,16 @@ cancel_run() {
     local lines unmarked
     lines=$(wc -l <"$TMP/$tag.journal" 2>/dev/null || echo 0)
     unmarked=$(awk '$5 != 1' "$TMP/$tag.journal" 2>/dev/null | wc -l)
-    ((lines > 0 && unmarked == 0)) || fail "$tag: journal while relaying: $lines lines, $unmarked marked=0"
+    ((lines > 0 && unmarked == 0)) || fail "$tag: journal while logging: $lines lines, $unmarked marked=0"
     say "$tag: journal $lines lines, all marked=1; run time $((SECONDS - t0)) s"
-    SUMMARY+=("cancel: back to direct (switchovers ${P2[4]}, gap ${P2[5]} us), RX ${P1[1]}->${P2[1]}, guest rx ${G1[0]}->${G2[0]}, relay thread CPU afterwards ${relay_cpu}%")
+    if ((IOMMU_DIRTY)); then
+        SUMMARY+=("cancel: tracking off again (enabled false, still direct, switchovers ${P2[4]}, journal stopped at $j2 lines), RX ${P1[1]}->${P2[1]}, guest rx ${G1[0]}->${G2[0]}, folder thread CPU afterwards ${relay_cpu}%")
+    else
+        SUMMARY+=("cancel: back to direct (switchovers ${P2[4]}, gap ${P2[5]} us), RX ${P1[1]}->${P2[1]}, guest rx ${G1[0]}->${G2[0]}, relay thread CPU afterwards ${relay_cpu}%")
+    fi
 
-    # The same source migrates for real now: the ring goes to the relay a second time.
-    echo "--- $TEST_NAME: cancel-retry (the cancelled source migrates again, max-bandwidth ${bw:-?} restored)"
+    # The same source migrates for real now: the ring goes to the relay (or tracking on) a second time.
+    echo "--- $TEST_NAME: cancel-retry (the cancelled source migrates again, max-bandwidth ${bw:-?} restored$( ((IOMMU_DIRTY)) && echo '; dirty tracking on a second time' || echo '; the ring goes to the relay a second time'))"
     [[ -n $bw ]] && monitor "$vm" "migrate_set_parameter max-bandwidth $bw" >/dev/null 2>&1
     migrate_and_judge cancel-retry "$tag" 0 "$CANCEL_RATE" "${MACHINES[0]}"
 }
@@ -370,4 +469,4 @@ say "migrations with QEMU's own page losses: $QEMU_LOSS_RUNS of $POSITIVE_RUNS; 
 if ((POSITIVE_RUNS > 0 && DEST_JUDGED == 0)) && [[ ${MIGRATION_STRICT_DEST:-0} == 1 ]]; then
     fail "every run lost pages to QEMU: the destination check was judged on none (MIGRATION_STRICT_DEST=1)"
 fi
-pass "$POSITIVE_RUNS migration(s): journal check ok, no device or used-ring byte lost; QEMU losses in $QEMU_LOSS_RUNS; destination judged on $DEST_JUDGED$( ((NEGATIVE)) && echo '; negative run caught')$( ((CANCEL)) && echo '; migrate_cancel back to direct, then migrated')"
+pass "$POSITIVE_RUNS migration(s)$( ((IOMMU_DIRTY)) && echo ' with migration=iommu-dirty (rings direct, dirty bits folded)'): journal check ok, no device or used-ring byte lost; QEMU losses in $QEMU_LOSS_RUNS; destination judged on $DEST_JUDGED$( ((NEGATIVE)) && echo '; negative run caught')$( ((CANCEL)) && { ((IOMMU_DIRTY)) && echo '; migrate_cancel turned tracking off, then migrated' || echo '; migrate_cancel back to direct, then migrated'; })"
