@@ -37,6 +37,8 @@ public final class Port: Sendable {
     static let replyTimeoutSeconds = 5.0
     /// SCHED_FIFO priority for answering a LOG_ALL toggle (above the event relay loop's 1).
     static let logToggleRealTimePriority: Int32 = 2
+    /// The shortest interval between two LOG_ALL toggles answered at real-time priority.
+    static let logToggleBoostIntervalNanos: UInt64 = 100_000_000
 
     public init(spec: PortSpec, device: (any VDPADevice)?, options: PortOptions = PortOptions(), logger: Logger) throws(SystemError) {
         self.spec = spec
@@ -150,6 +152,8 @@ public final class Port: Sendable {
         var connection: SharedFD?
         var session: BackendSession?
         var backoffMillis: Int32 = 0
+        /// When the last LOG_ALL toggle was answered at real-time priority (see serveOne).
+        var lastBoostNanos: UInt64 = 0
         var running = true
         var tryConnectPending = false
 
@@ -221,13 +225,16 @@ public final class Port: Sendable {
                 // device and relay threads it waits on: QEMU waits for this reply holding its main
                 // loop, and on a busy machine each handoff to a thread waiting for a CPU would
                 // otherwise cost milliseconds (issue 11, item 4).
-                let togglesLogging: Bool
-                if message.request == .setFeatures, case .u64(let f) = message.payload {
-                    togglesLogging = f & VirtioFeature.vhostLogAll != loggingBefore
-                } else {
-                    togglesLogging = false
+                // At most one boosted toggle per `logToggleBoostIntervalNanos`: QEMU toggles a few
+                // times per migration, and a frontend that toggles in a loop must not keep a thread
+                // real-time (it would starve the other threads of its core).
+                var boost = false
+                if message.request == .setFeatures, case .u64(let f) = message.payload, f & VirtioFeature.vhostLogAll != loggingBefore,
+                   received &- lastBoostNanos >= Self.logToggleBoostIntervalNanos {
+                    boost = true
+                    lastBoostNanos = received
                 }
-                let reply = togglesLogging
+                let reply = boost
                     ? try CurrentThread.withRealTimePriority(Self.logToggleRealTimePriority) { () throws in try s.handle(message, fds: &fds) }
                     : try s.handle(message, fds: &fds)
                 if fds.count > 0 {
