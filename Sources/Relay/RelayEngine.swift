@@ -87,6 +87,13 @@ public final class RelayEngine: ConfinedTarget, @unchecked Sendable {
                 q.counters.errors.wrappingAdd(1, ordering: .relaxed)
                 logger.error("relay: ring \(q.config.ring.index): the frontend made its call eventfd blocking again; no more interrupts on it")
             }
+            if let a = q.avail, let k = a.guestKick, !EventFD.isNonBlocking(k.raw) {
+                epoll.remove(k.raw)
+                a.guestKick = nil
+                q.counters.errors.wrappingAdd(1, ordering: .relaxed)
+                logger.error("relay: ring \(q.config.ring.index): the frontend made its kick eventfd blocking; the avail relay polls the ring every millisecond instead")
+                updateSleep()
+            }
             if let k = q.config.ring.kick, !EventFD.isNonBlocking(k.raw) {
                 q.config.ring.kick = nil
                 q.counters.errors.wrappingAdd(1, ordering: .relaxed)

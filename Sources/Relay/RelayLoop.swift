@@ -66,7 +66,14 @@ extension RelayEngine {
                 if ev.token == Self.wakeToken {
                     EventFD.drain(wake.raw)
                 } else if ev.token & Self.guestKickToken != 0 {
-                    if let k = queues[Int(ev.token & 0xFFFF_FFFF)]?.avail?.guestKick { EventFD.drain(k.raw) }
+                    if let q = queues[Int(ev.token & 0xFFFF_FFFF)], let k = q.avail?.guestKick {
+                        // The frontend can make its kick eventfd blocking at any time (the flag
+                        // lives in the file it shares with us); a drain of an empty blocking one
+                        // would wedge this thread. Checked before every drain; a frontend that
+                        // flips it in between is interrupted out of the read (ConfinedWorker) and
+                        // quarantined the same way.
+                        if EventFD.isNonBlocking(k.raw) { EventFD.drain(k.raw) } else { quarantineBlockingFDs() }
+                    }
                 } else if let q = queues[Int(ev.token)] {
                     EventFD.drain(q.deviceCall.raw)
                 }

@@ -110,7 +110,8 @@ final class AvailRelayState {
     /// The device's walker (same bounds, buffers translated through guest memory), one per ring,
     /// allocated once: a check allocates nothing.
     var walker: DescriptorChainWalker
-    let guestKick: SharedFD?
+    /// The guest's kick, which the relay sleeps on; nil once quarantined (the relay then polls).
+    var guestKick: SharedFD?
     let deviceKick: SharedFD
     var guestAvail: UInt16
     var mediatedAvail: UInt16

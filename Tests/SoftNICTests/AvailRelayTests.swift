@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import Platform
 import Relay
 import SoftNIC
 import VDPA
@@ -292,5 +293,38 @@ final class AvailRelayTests: SoftNICTestCase {
         XCTAssertEqual(r.base, UInt32(r.start) + 3)
         XCTAssertEqual(r.used.map(\.id), r.heads.prefix(3).map { UInt32($0) })
         XCTAssertEqual(r.used.last?.length, 0, "the rejected chain is completed with length 0")
+    }
+
+    /// The avail relay sleeps on the guest's kick. One eventfd given as the kick of both rings,
+    /// made blocking again by the frontend after the session made it non-blocking: a kick makes
+    /// both epoll entries readable, the first drain empties the counter, and a drain of the second
+    /// would block the relay thread. The relay checks before it drains and quarantines the fd: it
+    /// polls the rings instead, TX frames keep going, and LOG_ALL off is answered at once.
+    func testBlockingSharedKickDoesNotWedgeTheAvailRelay() throws {
+        let d = try makeDaemon([.init(id: "vm", link: "sink", migration: Self.availUsed)])
+        let g = try d.connect("vm")
+        _ = try g.startRing(0)
+        _ = try g.startRing(1)
+        let shared = try EventFD.make(nonBlocking: false)
+        for ring: UInt32 in [0, 1] {
+            _ = try g.stopRing(ring)
+            _ = try g.frontend.request(.setVringKick, payload: .vringFile(index: ring, hasFD: true), fds: [shared.raw], needReply: true)
+        }
+        _ = try g.frontend.enableLogging(requireU64Reply: true)
+        XCTAssertEqual(d.queue("vm", 1).mode, "relay")
+        // The frontend clears O_NONBLOCK on the file the relay shares with it.
+        let flags = fcntl(shared.raw, F_GETFL)
+        XCTAssertEqual(fcntl(shared.raw, F_SETFL, flags & ~O_NONBLOCK), 0)
+        for round in 0..<3 {
+            let used = g.usedIndex(1)
+            _ = g.send((0..<4).map { TestFrames.make(length: 80, seed: $0) }, ring: 1, kick: false)
+            EventFD.signal(shared.raw)
+            XCTAssertTrue(waitUntil(2) { g.usedIndex(1) == used &+ 4 }, "round \(round): TX must be served through the avail relay")
+        }
+        XCTAssertGreaterThan(d.queue("vm", 1).relayErrors ?? 0, 0, "the blocking kick is counted")
+        let t = Date()
+        try g.frontend.disableLogging()
+        XCTAssertLessThan(Date().timeIntervalSince(t), 0.5, "LOG_ALL off answered without waiting for a wedged relay")
+        XCTAssertEqual(d.queue("vm", 1).mode, "direct")
     }
 }
