@@ -37,7 +37,7 @@ public struct RelayRingConfig: Sendable {
 public enum LogGranularity: String, Sendable, CaseIterable {
     /// The first `used.len` bytes of the chain's writable buffers (the bytes the device wrote).
     case exact
-    /// Each writable buffer of a completed chain whole, whatever `used.len` says.
+    /// Each writable buffer that holds written bytes whole (up to 68 KiB past those bytes).
     case buffer
     /// Whole runs of 64 pages (256 KiB, aligned: one 64-bit word of the log) around the written
     /// bytes: one word set whole per run, and a completion whose bytes fall in the run the step

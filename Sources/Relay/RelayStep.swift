@@ -99,9 +99,12 @@ extension RelayEngine {
 }
 
 /// The relay's chain visitor: marks the first `used.len` bytes of a completed chain's writable
-/// buffers in the step's dirty-log batch (`log=exact`), its writable buffers whole (`buffer`), or
+/// buffers in the step's dirty-log batch (`log=exact`), its written buffers whole (`buffer`), or
 /// the 64-page runs around the written bytes (`page-run`).
 struct WrittenBytesMarker: ChainVisitor, ~Copyable {
+    /// The most `log=buffer` marks of one buffer beyond its written bytes (a virtio-net receive
+    /// buffer is at most 64 KiB and a header).
+    static let bufferMarkLimit: UInt64 = 65_536 + 4_096
     var batch: DirtyLog.Batch
     let granularity: LogGranularity
     /// Bytes of the current chain still to mark.
@@ -142,8 +145,11 @@ struct WrittenBytesMarker: ChainVisitor, ~Copyable {
     @inline(__always)
     mutating func visit(_ d: VirtqDescriptor, position: Int, index: UInt16) -> Bool {
         if d.flags.contains(.write) && d.len > 0 {
-            // `buffer` marks every writable buffer whole, so it walks the whole chain.
-            let m = granularity == .buffer ? UInt64(d.len) : min(UInt64(d.len), remaining)
+            // `buffer` marks each writable buffer that holds written bytes whole, up to
+            // `bufferMarkLimit`: the descriptor is the guest's, re-read at completion, and a
+            // length it rewrote must not make the relay mark gigabytes.
+            let written = min(UInt64(d.len), remaining)
+            let m = granularity == .buffer ? max(written, min(UInt64(d.len), Self.bufferMarkLimit)) : written
             if !skipMarking {
                 if granularity == .pageRun {
                     pages &+= batch.markRuns(gpa: d.addr, length: m)
@@ -153,9 +159,9 @@ struct WrittenBytesMarker: ChainVisitor, ~Copyable {
                 }
             }
             journal?.record(gpa: d.addr, length: m, marked: !skipMarking)
-            remaining &-= min(m, remaining)
+            remaining &-= written
         }
-        return granularity == .buffer || remaining > 0
+        return remaining > 0
     }
 }
 

@@ -43,7 +43,7 @@ struct Vdpad: ParsableCommand {
                        and counted as rejectedChains); the software NIC only (a kernel vhost-vdpa
                        device refuses it at the switchover)
           log=G        what the relay marks per completion (migration=relay only): exact (default:
-                       the bytes the device wrote), buffer (the writable buffers whole), page-run
+                       the bytes the device wrote), buffer (the written buffers whole), page-run
                        (the aligned 64-page runs around the written bytes)
         With no --port and no --vduse: one port vdpa0 at /run/vdpad/vdpa0.sock on a loopback link.
         Each --vduse exports a software vDPA NIC to this kernel as a VDUSE device on the vDPA bus:

@@ -121,22 +121,30 @@ final class RelayMarkingTests: XCTestCase {
         XCTAssertEqual(r.pages, 8, "the first queue-size buffers are marked")
     }
 
-    /// `log=buffer`: every writable buffer of the completed chain whole, whatever `used.len` says
-    /// (readable buffers still not); the walk goes to the chain's end.
-    func testBufferGranularityMarksWritableBuffersWhole() {
+    /// `log=buffer`: each writable buffer that holds written bytes whole (readable buffers and
+    /// the buffers after `used.len` still not), up to `bufferMarkLimit` per buffer: a length the
+    /// guest rewrote to gigabytes is not marked.
+    func testBufferGranularityMarksWrittenBuffersWhole() {
         let b = Self.bufferGPA
         let p = Self.page(b)
         set(0, D(addr: b, len: 100, flags: .next, next: 3))                            // readable: not marked
-        set(3, D(addr: b + 0x1_0000, len: 0x2000, flags: [.write, .next], next: 5))     // 2 pages
-        set(5, D(addr: b + 0x2_0000, len: 0x3000, flags: .write))                       // 3 pages, none written
-        let r = mark(length: 10, granularity: .buffer)
+        set(3, D(addr: b + 0x1_0000, len: 0x2000, flags: [.write, .next], next: 5))     // 2 pages, 10 bytes written
+        set(5, D(addr: b + 0x2_0000, len: 0x3000, flags: .write))                       // nothing written: not marked
+        var r = mark(length: 10, granularity: .buffer)
         XCTAssertNil(r.error)
-        XCTAssertEqual(r.pages, 5)
+        XCTAssertEqual(r.pages, 2)
+        XCTAssertEqual(marked(p...(p + 0x40)), [p + 0x10, p + 0x11])
+        logBits.initializeMemory(as: UInt8.self, repeating: 0, count: 1 << 16)
+        r = mark(length: 0x2001, granularity: .buffer)
         XCTAssertEqual(marked(p...(p + 0x40)), [p + 0x10, p + 0x11, p + 0x20, p + 0x21, p + 0x22])
         // A used.len of 0: the device wrote nothing, nothing is marked.
         logBits.initializeMemory(as: UInt8.self, repeating: 0, count: 1 << 16)
         XCTAssertEqual(mark(length: 0, granularity: .buffer).pages, 0)
         XCTAssertEqual(marked(p...(p + 0x40)), [])
+        // A 4 GiB buffer: marked up to the limit past its written bytes.
+        set(6, D(addr: b, len: 0xFFFF_FFFF, flags: .write))
+        r = mark(head: 6, length: 100, granularity: .buffer)
+        XCTAssertEqual(r.pages, (WrittenBytesMarker.bufferMarkLimit + 4095) / 4096)
     }
 
     /// `log=page-run`: the aligned 64-page runs around the written bytes (a superset of `exact`),
