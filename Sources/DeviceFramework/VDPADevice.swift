@@ -202,10 +202,15 @@ public protocol VDPADevice: AnyObject, Sendable {
     /// follows the guest's interrupt suppression whatever it is told, so the relay cannot count
     /// on an interrupt for every completion and wakes on its own as well.
     var interruptsEveryBatch: Bool { get }
+    /// Whether `redirectRing` can move the avail ring and the doorbell (`relay=avail+used`).
+    var canRedirectAvailRing: Bool { get }
 }
 
 extension VDPADevice {
     public var details: DeviceDetails? { nil }
+    /// Whether `redirectRing` can move the avail ring and the doorbell (`relay=avail+used`); a
+    /// port asking for it on a device that cannot is refused when it is made.
+    public var canRedirectAvailRing: Bool { false }
 
     public func redirectRing(_ index: Int, _ redirect: RingRedirect) throws(DeviceError) -> RingPosition {
         if redirect.avail != nil {

@@ -179,6 +179,8 @@ public final class SoftNIC: VDPADevice, @unchecked Sendable {
 
     /// The avail relay's seam: the used ring, and with `redirect.avail` the avail ring and the
     /// doorbell, moved between two batches of the ring (see `DMAEngine.redirect`).
+    public var canRedirectAvailRing: Bool { true }
+
     public func redirectRing(_ index: Int, _ redirect: RingRedirect) throws(DeviceError) -> RingPosition {
         try apply("redirect ring \(index)") { e in
             let r = e.rings[index]

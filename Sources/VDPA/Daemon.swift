@@ -53,6 +53,10 @@ public final class Daemon: Sendable {
             device.close()
             throw PortSpec.ParseError(message: "port '\(spec.id)': migration=iommu-dirty needs a device whose IOMMU tracks dirty pages, and \(device.summary) has none; use migration=relay (the default)")
         }
+        if spec.migration.method == .relay && spec.migration.relay == .availUsed && !device.canRedirectAvailRing {
+            device.close()
+            throw PortSpec.ParseError(message: "port '\(spec.id)': relay=avail+used needs a device that can move a running ring's avail ring and doorbell, and \(device.summary) cannot; use relay=used (the default)")
+        }
     }
 
     public func start(ownership: SocketOwnership = SocketOwnership()) throws {

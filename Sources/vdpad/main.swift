@@ -40,8 +40,8 @@ struct Vdpad: ParsableCommand {
           relay=HALVES used (default): while migrating, RX rings complete into a mediated used ring;
                        avail+used: every ring is fully mediated, and the relay checks each chain the
                        guest posts before the device sees it (a bad one is completed with length 0
-                       and counted as rejectedChains); the software NIC only (a kernel vhost-vdpa
-                       device refuses it at the switchover)
+                       and counted as rejectedChains); the software NIC only (a port asking for it
+                       on a kernel vhost-vdpa device is refused at start)
           log=G        what the relay marks per completion (migration=relay only): exact (default:
                        the bytes the device wrote), buffer (the written buffers whole), page-run
                        (the aligned 64-page runs around the written bytes)

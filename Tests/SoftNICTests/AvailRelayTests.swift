@@ -327,4 +327,14 @@ final class AvailRelayTests: SoftNICTestCase {
         XCTAssertLessThan(Date().timeIntervalSince(t), 0.5, "LOG_ALL off answered without waiting for a wedged relay")
         XCTAssertEqual(d.queue("vm", 1).mode, "direct")
     }
+
+    /// A device that cannot move a running ring's avail ring (the kernel vhost-vdpa driver) makes
+    /// a relay=avail+used port fail when it is made, with the port and the option named, rather
+    /// than at the first LOG_ALL in the middle of a migration.
+    func testDeviceThatCannotMoveItsAvailRingIsRefusedAtPortCreation() throws {
+        XCTAssertThrowsError(try makeDaemon([.init(id: "kd", link: "loopback", kernelModel: true, migration: Self.availUsed)])) {
+            let text = "\($0)"
+            XCTAssertTrue(text.contains("'kd'") && text.contains("relay=avail+used"), text)
+        }
+    }
 }

@@ -97,6 +97,8 @@ class MigrationTests: SoftNICTestCase {
             }
             try g.frontend.disableLogging()
             XCTAssertEqual(d.queue("vm", 0).mode, "direct")
+            // A real kernel device (the vDPA guest's subclass) is opened once at a time.
+            d.stop()
         }
         XCTAssertGreaterThanOrEqual(marked[.buffer]!, marked[.exact]!)
         XCTAssertGreaterThan(marked[.pageRun]!, 0)
