@@ -45,6 +45,11 @@ public final class IOMMUDirtyBitmap: @unchecked Sendable {
     @inline(__always)
     public func mark(iova: UInt64, length: UInt64) {
         guard length > 0, iova < reservedIOVABase else { return }
+        // The bytes are written before this call; the load below must not pass those stores
+        // (x86 reorders a store with a later load): a fold that clears the bit in between would
+        // otherwise leave a page whose new bytes no bit covers. One full fence per mark, only
+        // while tracking is on.
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
         let end = min(reservedIOVABase, iova &+ length < iova ? reservedIOVABase : iova &+ length)
         var page = iova >> Self.pageShift
         let last = (end &- 1) >> Self.pageShift

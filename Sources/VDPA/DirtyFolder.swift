@@ -229,17 +229,24 @@ final class DirtyFolder: @unchecked Sendable {
     }
 
     /// The background folds: every `periodMillis` while tracking is on, asleep otherwise.
+    /// The wait between two background folds is at least ten times the last one's cost, so that
+    /// they take at most a tenth of a core however much memory the guest declares (a fold reads
+    /// one bitmap word per 64 pages of every region, dirty or not).
     private func run() {
+        var lastFoldSeconds = 0.0
         while !stopping.load(ordering: .acquiring) {
             let on = state.withLock { $0.enabled } && periodMillis > 0
+            let wait = max(Double(periodMillis) / 1000, 10 * lastFoldSeconds)
             do {
-                _ = try Poll.waitReadable(wake.raw, until: on ? Deadline(secondsFromNow: Double(periodMillis) / 1000) : nil)
+                _ = try Poll.waitReadable(wake.raw, until: on ? Deadline(secondsFromNow: wait) : nil)
             } catch {
                 logger.error("dirty folder: \(error)")
-                CurrentThread.sleep(milliseconds: UInt32(periodMillis))
+                CurrentThread.sleep(milliseconds: UInt32(min(max(periodMillis, 1), 1000)))
             }
             _ = EventFD.drain(wake.raw)
             if stopping.load(ordering: .acquiring) { break }
+            let t0 = MonotonicClock.nanoseconds
+            defer { lastFoldSeconds = Double(MonotonicClock.nanoseconds - t0) / 1e9 }
             do throws(DeviceError) {
                 try state.withLock { (s: inout State) throws(DeviceError) in
                     if s.enabled { try foldLocked(&s, "periodic fold", dropWithoutLog: false) }
