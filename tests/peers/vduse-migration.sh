@@ -42,7 +42,7 @@ VDPA_TEST_VHOST_VDPA_SOURCE=$dev "$XCTEST" SoftNICTests.VhostVDPAKernelDeviceMig
 rc=$?
 summary=$(grep -E "Executed [0-9]+ tests?, with" /tmp/xctest.log | tail -n 1)
 [[ $rc == 0 ]] || fail "migration tests on $dev failed: $(grep -E 'error:' /tmp/xctest.log | head -n 6 | tr '\n' ' ')"
-echo "$summary" | grep -q "Executed 8 tests, with 0 failures" || fail "expected 8 migration tests to run and pass: $summary"
+echo "$summary" | grep -q "Executed 9 tests, with 0 failures" || fail "expected 9 migration tests (MigrationTests on the kernel device) to run and pass: $summary"
 echo "$summary" | grep -q "skipped" && fail "migration tests were skipped: $summary"
 step "migration tests: $summary ($((SECONDS - t0)) s)"
 
