@@ -14,8 +14,8 @@ extension MigrationSwitch {
         guard options.method == .iommuDirty else { return nil }
         guard let tracker = device.dirtyTracking else {
             // The daemon refuses such a port when it is made (Daemon.checkMigrationSupport); a
-            // switch made without it fails LOG_ALL instead (see dirtyFeaturesChanged).
-            logger.error("migration=iommu-dirty: \(device.summary) has no dirty tracking; LOG_ALL will be refused")
+            // switch made without a folder migrates through the relay, which logs correctly too.
+            logger.error("migration=iommu-dirty: \(device.summary) has no dirty tracking; this port migrates through the relay instead")
             return nil
         }
         do {
@@ -24,7 +24,7 @@ extension MigrationSwitch {
                                    skipFold: testSwitches.skipDirtyFold,
                                    stats: stats, logger: logger)
         } catch {
-            logger.error("migration=iommu-dirty: cannot make the dirty folder: \(error); LOG_ALL will be refused")
+            logger.error("migration=iommu-dirty: cannot make the dirty folder: \(error); this port migrates through the relay instead")
             return nil
         }
     }
