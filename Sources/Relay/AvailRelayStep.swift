@@ -152,11 +152,7 @@ extension RelayEngine {
         let count = gu &- oldUsed
         q.lastRelayed = deviceIndex
         if count > 0 {
-            let first = UInt64(oldUsed & (c.ring.size &- 1))
-            let total = UInt64(count)
-            let tail = min(total, UInt64(c.ring.size) &- first)
-            marker.batch.mark(gpa: c.ring.usedLogGPA &+ 4 &+ 8 &* first, length: 8 &* tail)
-            if total > tail { marker.batch.mark(gpa: c.ring.usedLogGPA &+ 4, length: 8 &* (total &- tail)) }
+            Self.markUsedEntries(&marker.batch, c.ring, from: oldUsed, count: count)
             marker.batch.mark(gpa: c.ring.usedLogGPA &+ 2, length: 2)
         }
         // Every mark is in the log before the index that exposes the entries is published.

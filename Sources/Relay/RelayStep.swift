@@ -38,14 +38,7 @@ extension RelayEngine {
             }
             i &+= 1
         }
-        if n > 0 {
-            // The used entries [old, deviceIndex): one or two contiguous slot ranges (the ring wraps).
-            let first = UInt64(old & (c.ring.size &- 1))
-            let count = UInt64(n)
-            let tail = min(count, UInt64(c.ring.size) &- first)
-            marker.batch.mark(gpa: c.ring.usedLogGPA &+ 4 &+ 8 &* first, length: 8 &* tail)
-            if count > tail { marker.batch.mark(gpa: c.ring.usedLogGPA &+ 4, length: 8 &* (count &- tail)) }
-        }
+        if n > 0 { Self.markUsedEntries(&marker.batch, c.ring, from: old, count: n) }
         var notificationsEnabled = false
         if notifyChanged {
             // The device's notification state lives in the used ring: carry it to the guest's.
@@ -84,6 +77,17 @@ extension RelayEngine {
         return Int(n)
     }
 
+
+    /// Marks the used entries [from, from + count) of `ring` in its used ring in guest memory (at
+    /// its log address): one or two contiguous slot ranges, as the ring wraps.
+    @inline(__always)
+    static func markUsedEntries(_ batch: inout DirtyLog.Batch, _ ring: RingSetup, from: UInt16, count: UInt16) {
+        let first = UInt64(from & (ring.size &- 1))
+        let total = UInt64(count)
+        let tail = min(total, UInt64(ring.size) &- first)
+        batch.mark(gpa: ring.usedLogGPA &+ 4 &+ 8 &* first, length: 8 &* tail)
+        if total > tail { batch.mark(gpa: ring.usedLogGPA &+ 4, length: 8 &* (total &- tail)) }
+    }
 
     /// Marks what the device wrote into the chain at `head` (see `WrittenBytesMarker.mark`). A
     /// chain the guest broke since the device completed it keeps the marks made up to the break,
