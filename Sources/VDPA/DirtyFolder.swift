@@ -245,6 +245,9 @@ final class DirtyFolder: @unchecked Sendable {
             }
             _ = EventFD.drain(wake.raw)
             if stopping.load(ordering: .acquiring) { break }
+            // Period 0: no background folds at all, not even when a wake-up (tracking turned on)
+            // ends the wait; only the folds that replies need.
+            if periodMillis == 0 { continue }
             let t0 = MonotonicClock.nanoseconds
             defer { lastFoldSeconds = Double(MonotonicClock.nanoseconds - t0) / 1e9 }
             do throws(DeviceError) {
