@@ -221,6 +221,15 @@ struct Vdpad: ParsableCommand {
             closeVDUSE()
             throw ExitCode(1)
         }
+        // systemd (Type=notify): ready once every socket listens (start returns after binding
+        // them); a failure to tell it is logged, not fatal (systemd then times the start out).
+        do {
+            if try SystemdNotify.send("READY=1\nMAINPID=\(getpid())\nSTATUS=serving \(specs.count) port(s)") {
+                logger.info("told systemd the daemon is ready (NOTIFY_SOCKET)")
+            }
+        } catch {
+            logger.error("cannot tell systemd the daemon is ready: \(error)")
+        }
         do { _ = try Poll.waitReadable(signalFD, until: nil) } catch {
             logger.critical("cannot wait for a signal (\(error)); closing ports")
             daemon.stop()
@@ -228,6 +237,7 @@ struct Vdpad: ParsableCommand {
             throw ExitCode(1)
         }
         logger.info("signal received; closing ports")
+        do { try SystemdNotify.send("STOPPING=1") } catch { logger.error("cannot tell systemd the daemon is stopping: \(error)") }
         daemon.stop()
         closeVDUSE()
     }

@@ -139,6 +139,7 @@ static const uint32_t CVDPA_EPOLLHUP = EPOLLHUP;
 static const uint32_t CVDPA_EPOLLRDHUP = EPOLLRDHUP;
 static const int CVDPA_SOCK_CLOEXEC = SOCK_CLOEXEC;
 static const int CVDPA_SOCK_STREAM = SOCK_STREAM;
+static const int CVDPA_SOCK_DGRAM = SOCK_DGRAM;
 static const int CVDPA_SOCK_NONBLOCK = SOCK_NONBLOCK;
 static const int CVDPA_MSG_DONTWAIT = MSG_DONTWAIT;
 static const unsigned int CVDPA_RENAME_NOREPLACE = 1; /* RENAME_NOREPLACE from linux/fs.h */
