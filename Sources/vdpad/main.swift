@@ -76,6 +76,9 @@ struct Vdpad: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    @Option(help: "Log lines as text (the default) or json (one object per line: time, level, label, source, message, and the line's metadata such as port).")
+    var logFormat: String = "text"
+
     @Option(help: "How the migration relay waits for completions: event, poll or hybrid.")
     var relayLoop: String = "hybrid"
 
@@ -105,6 +108,9 @@ struct Vdpad: ParsableCommand {
         guard controlIdleTimeout > 0, controlIdleTimeout <= 365 * 86400 else {
             throw ValidationError("--control-idle-timeout must be more than 0 seconds and at most a year")
         }
+        guard logFormat == "text" || logFormat == "json" else {
+            throw ValidationError("unknown --log-format '\(logFormat)'; use text or json")
+        }
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("unknown --log-level '\(logLevel)'; use trace, debug, info, notice, warning, error or critical")
         }
@@ -112,7 +118,13 @@ struct Vdpad: ParsableCommand {
 
     func run() throws {
         let level = Logger.Level(rawValue: logLevel) ?? .info
+        let json = logFormat == "json"
         LoggingSystem.bootstrap { label in
+            if json {
+                var h = JSONLogHandler(label: label)
+                h.logLevel = level
+                return h
+            }
             var h = StreamLogHandler.standardError(label: label)
             h.logLevel = level
             return h
@@ -195,8 +207,11 @@ struct Vdpad: ParsableCommand {
                                 controlOptions: controlOptions) { spec in
                 switch spec.device {
                 case .softnic:
+                    // Every line about a port carries its id (`port` metadata), the device's too.
+                    var l = logger
+                    l[metadataKey: "port"] = "\(spec.id)"
                     return try SoftNIC(portID: spec.id, queuePairs: spec.queuePairs, link: try LinkSpec.parse(spec.link), guestMAC: spec.mac,
-                                       journal: options.testSwitches.journal, logger: logger)
+                                       journal: options.testSwitches.journal, logger: l)
                 case .vhostVDPA(let path):
                     var l = logger
                     l[metadataKey: "port"] = "\(spec.id)"
