@@ -21,6 +21,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
     ],
     targets: [
         .target(name: "CVDPAShims"),
@@ -41,6 +42,7 @@ let package = Package(
         ], swiftSettings: hotPath),
         .target(name: "VDPA", dependencies: [
             "Platform", "Virtio", "VhostUser", "DeviceFramework", "Relay", .product(name: "Logging", package: "swift-log"),
+            .product(name: "TOMLKit", package: "TOMLKit"),
         ], swiftSettings: strict),
         .target(name: "SoftNIC", dependencies: [
             "Platform", "Virtio", "DeviceFramework", "CVDPAShims", .product(name: "Logging", package: "swift-log"),

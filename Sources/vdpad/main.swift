@@ -70,17 +70,23 @@ struct Vdpad: ParsableCommand {
     @Option(name: .customLong("vduse"), help: "A SoftNIC exported as a VDUSE device (repeatable).")
     var vduse: [String] = []
 
-    @Option(help: "Control socket path.")
-    var control: String = "/run/vdpad/control.sock"
+    @Option(help: "A TOML configuration file: the daemon's options as top-level keys and a [[port]] table per port (dist/vdpad.toml). Command-line options override its options; --port adds ports to its own.")
+    var config: String?
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: String = "info"
+    @Option(help: "Check a configuration file: print the ports it resolves to, or name the file, line and key that is wrong; then exit.")
+    var checkConfig: String?
+
+    @Option(help: "Control socket path (default /run/vdpad/control.sock).")
+    var control: String?
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (default info).")
+    var logLevel: String?
 
     @Option(help: "Log lines as text (the default) or json (one object per line: time, level, label, source, message, and the line's metadata such as port).")
-    var logFormat: String = "text"
+    var logFormat: String?
 
-    @Option(help: "How the migration relay waits for completions: event, poll or hybrid.")
-    var relayLoop: String = "hybrid"
+    @Option(help: "How the migration relay waits for completions: event, poll or hybrid (default hybrid).")
+    var relayLoop: String?
 
     @Option(help: "Group (name or number) to own the sockets.")
     var socketGroup: String?
@@ -89,36 +95,95 @@ struct Vdpad: ParsableCommand {
     var socketMode: String?
 
     @Option(help: "Octal mode for the control socket (default 0600; --socket-mode does not apply to it).")
-    var controlMode: String = "0600"
+    var controlMode: String?
 
     @Option(help: "Group (name or number) to own the control socket (default: the daemon's group).")
     var controlGroup: String?
 
-    @Option(help: "Control clients connected at once; one more is refused with an error line.")
-    var controlMaxClients: Int = 16
+    @Option(help: "Control clients connected at once; one more is refused with an error line (default 16).")
+    var controlMaxClients: Int?
 
-    @Option(help: "Seconds a control client may send nothing before it is closed.")
-    var controlIdleTimeout: Double = 30
+    @Option(help: "Seconds a control client may send nothing before it is closed (default 30).")
+    var controlIdleTimeout: Double?
 
-    func validate() throws {
-        guard RelayLoopMode(rawValue: relayLoop) != nil else {
-            throw ValidationError("unknown --relay-loop '\(relayLoop)'; use event, poll or hybrid")
+    /// The daemon's options after the configuration file: the command line's where given, else
+    /// the file's, else the defaults.
+    struct Resolved {
+        var control = "/run/vdpad/control.sock"
+        var logLevel = "info"
+        var logFormat = "text"
+        var relayLoop = "hybrid"
+        var socketGroup: String?
+        var socketMode: String?
+        var controlMode = "0600"
+        var controlGroup: String?
+        var controlMaxClients = 16
+        var controlIdleTimeout = 30.0
+    }
+
+    func resolve(_ file: ConfigFile?) throws -> Resolved {
+        var r = Resolved()
+        let f = file?.options ?? [:]
+        func number<T: LosslessStringConvertible>(_ key: String, _ type: T.Type) throws -> T? {
+            guard let v = f[key] else { return nil }
+            guard let n = T(v) else { throw ValidationError("\(config ?? ""): \(key): '\(v)' is not a number") }
+            return n
         }
-        guard controlMaxClients >= 1 else { throw ValidationError("--control-max-clients must be at least 1") }
-        guard controlIdleTimeout > 0, controlIdleTimeout <= 365 * 86400 else {
+        r.control = control ?? f["control"] ?? r.control
+        r.logLevel = logLevel ?? f["log-level"] ?? r.logLevel
+        r.logFormat = logFormat ?? f["log-format"] ?? r.logFormat
+        r.relayLoop = relayLoop ?? f["relay-loop"] ?? r.relayLoop
+        r.socketGroup = socketGroup ?? f["socket-group"]
+        r.socketMode = socketMode ?? f["socket-mode"]
+        r.controlMode = controlMode ?? f["control-mode"] ?? r.controlMode
+        r.controlGroup = controlGroup ?? f["control-group"]
+        r.controlMaxClients = try controlMaxClients ?? number("control-max-clients", Int.self) ?? r.controlMaxClients
+        r.controlIdleTimeout = try controlIdleTimeout ?? number("control-idle-timeout", Double.self) ?? r.controlIdleTimeout
+        guard RelayLoopMode(rawValue: r.relayLoop) != nil else {
+            throw ValidationError("unknown --relay-loop '\(r.relayLoop)'; use event, poll or hybrid")
+        }
+        guard r.controlMaxClients >= 1 else { throw ValidationError("--control-max-clients must be at least 1") }
+        guard r.controlIdleTimeout > 0, r.controlIdleTimeout <= 365 * 86400 else {
             throw ValidationError("--control-idle-timeout must be more than 0 seconds and at most a year")
         }
-        guard logFormat == "text" || logFormat == "json" else {
-            throw ValidationError("unknown --log-format '\(logFormat)'; use text or json")
+        guard r.logFormat == "text" || r.logFormat == "json" else {
+            throw ValidationError("unknown --log-format '\(r.logFormat)'; use text or json")
         }
-        guard Logger.Level(rawValue: logLevel) != nil else {
-            throw ValidationError("unknown --log-level '\(logLevel)'; use trace, debug, info, notice, warning, error or critical")
+        guard Logger.Level(rawValue: r.logLevel) != nil else {
+            throw ValidationError("unknown --log-level '\(r.logLevel)'; use trace, debug, info, notice, warning, error or critical")
         }
+        return r
     }
 
     func run() throws {
-        let level = Logger.Level(rawValue: logLevel) ?? .info
-        let json = logFormat == "json"
+        if let path = checkConfig {
+            do {
+                let file = try ConfigFile.load(path: path)
+                let r = try resolve(file)
+                for m in [r.socketMode, r.controlMode].compactMap({ $0 }) where UInt32(m, radix: 8).map({ $0 > 0o777 }) ?? true {
+                    throw ValidationError("\(path): '\(m)' is not an octal mode like 0660")
+                }
+                for p in file.ports where p.device == .softnic {
+                    do { _ = try LinkSpec.parse(p.link) } catch { throw ValidationError("\(path): port \(p.id): link: \(error)") }
+                }
+                print("\(path): ok")
+                for (k, v) in file.options.sorted(by: { $0.key < $1.key }) { print("  \(k) = \(v)") }
+                for p in file.ports {
+                    let extra = [p.featureLimitDescription, p.migration == MigrationOptions() ? nil : "\(p.migration)"].compactMap { $0 }
+                    print("  port \(p.id): socket=\(p.socketPath) \(p.client ? "client" : "server") device=\(p.device) link=\(p.link) queues=\(p.queuePairs)" + (extra.isEmpty ? "" : " " + extra.joined(separator: ",")))
+                }
+                return
+            } catch {
+                throw ValidationError("\(error)")
+            }
+        }
+        var file: ConfigFile?
+        if let path = config {
+            do { file = try ConfigFile.load(path: path) } catch { throw ValidationError("\(error)") }
+        }
+        let r = try resolve(file)
+        let level = Logger.Level(rawValue: r.logLevel) ?? .info
+        let json = r.logFormat == "json"
         LoggingSystem.bootstrap { label in
             if json {
                 var h = JSONLogHandler(label: label)
@@ -140,10 +205,10 @@ struct Vdpad: ParsableCommand {
         if let dup = Dictionary(grouping: vduseSpecs, by: \.name).first(where: { $0.value.count > 1 })?.key {
             throw ValidationError("two --vduse devices are named '\(dup)'")
         }
-        var specs: [PortSpec] = []
+        var specs: [PortSpec] = file?.ports ?? []
         do {
-            let texts = ports.isEmpty && vduse.isEmpty ? ["socket=/run/vdpad/vdpa0.sock"] : ports
-            for (i, t) in texts.enumerated() { specs.append(try PortSpec.parse(t, defaultID: "vdpa\(i)")) }
+            let texts = ports.isEmpty && vduse.isEmpty && specs.isEmpty ? ["socket=/run/vdpad/vdpa0.sock"] : ports
+            for t in texts { specs.append(try PortSpec.parse(t, defaultID: "vdpa\(specs.count)")) }
         } catch {
             throw ValidationError("\(error)")
         }
@@ -159,11 +224,11 @@ struct Vdpad: ParsableCommand {
             return v
         }
         var ownership = SocketOwnership()
-        if let g = socketGroup { ownership.group = try group(g, "--socket-group") }
-        if let m = socketMode { ownership.mode = try mode(m, "--socket-mode") }
-        var controlOptions = ControlOptions(maxClients: controlMaxClients, idleTimeoutSeconds: controlIdleTimeout)
-        controlOptions.ownership.mode = try mode(controlMode, "--control-mode")
-        if let g = controlGroup { controlOptions.ownership.group = try group(g, "--control-group") }
+        if let g = r.socketGroup { ownership.group = try group(g, "--socket-group") }
+        if let m = r.socketMode { ownership.mode = try mode(m, "--socket-mode") }
+        var controlOptions = ControlOptions(maxClients: r.controlMaxClients, idleTimeoutSeconds: r.controlIdleTimeout)
+        controlOptions.ownership.mode = try mode(r.controlMode, "--control-mode")
+        if let g = r.controlGroup { controlOptions.ownership.group = try group(g, "--control-group") }
 
         var switches = TestSwitches()
         let env = ProcessInfo.processInfo.environment
@@ -184,7 +249,7 @@ struct Vdpad: ParsableCommand {
             do { switches.journal = try JournalFile(path: path) } catch { throw ValidationError("\(error)") }
             logger.warning("TEST SWITCH VDPAD_TEST_JOURNAL=\(path): every device write the relay exposes (migration=relay) or the SoftNIC writes while dirty tracking (migration=iommu-dirty) is journaled (slow). For tests only.")
         }
-        let options = PortOptions(relayLoop: RelayLoopMode(rawValue: relayLoop) ?? .hybrid, testSwitches: switches)
+        let options = PortOptions(relayLoop: RelayLoopMode(rawValue: r.relayLoop) ?? .hybrid, testSwitches: switches)
         let signalFD = try SignalNotifier.installTermination()
         for s in specs where s.device == .softnic {
             do { _ = try LinkSpec.parse(s.link) } catch { throw ValidationError("--port \(s.id): \(error)") }
@@ -203,7 +268,7 @@ struct Vdpad: ParsableCommand {
         }
         let daemon: Daemon
         do {
-            daemon = try Daemon(specs: specs, controlPath: control, logger: logger, options: options,
+            daemon = try Daemon(specs: specs, controlPath: r.control, logger: logger, options: options,
                                 controlOptions: controlOptions) { spec in
                 switch spec.device {
                 case .softnic:
