@@ -42,8 +42,10 @@ let package = Package(
         ], swiftSettings: hotPath),
         .target(name: "VDPA", dependencies: [
             "Platform", "Virtio", "VhostUser", "DeviceFramework", "Relay", .product(name: "Logging", package: "swift-log"),
-            .product(name: "TOMLKit", package: "TOMLKit"),
         ], swiftSettings: strict),
+        // vdpad's configuration file (TOML): its own module, so that the daemon's library (and
+        // the fuzz targets built from it) does not depend on TOMLKit's C++.
+        .target(name: "VDPAConfig", dependencies: ["VDPA", .product(name: "TOMLKit", package: "TOMLKit")], swiftSettings: strict),
         .target(name: "SoftNIC", dependencies: [
             "Platform", "Virtio", "DeviceFramework", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
@@ -56,7 +58,7 @@ let package = Package(
             "SoftNIC", "DeviceFramework", "Virtio", "Platform", "CVDPAShims", .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpad", dependencies: [
-            "VDPA", "DeviceFramework", "SoftNIC", "VhostVDPA", "VDUSE", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "VDPA", "VDPAConfig", "DeviceFramework", "SoftNIC", "VhostVDPA", "VDUSE", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "vdpa-bench", dependencies: [
@@ -69,7 +71,7 @@ let package = Package(
         .testTarget(name: "PlatformTests", dependencies: ["Platform"], swiftSettings: strict),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VhostUser", "Platform"], swiftSettings: strict),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VhostUserFrontend", "Platform", "Virtio"], swiftSettings: strict),
-        .testTarget(name: "VDPATests", dependencies: ["VDPA", "DeviceFramework", "VhostUserFrontend", "VhostUser", "Platform"], swiftSettings: strict),
+        .testTarget(name: "VDPATests", dependencies: ["VDPA", "VDPAConfig", "DeviceFramework", "VhostUserFrontend", "VhostUser", "Platform"], swiftSettings: strict),
         .testTarget(name: "VhostVDPATests", dependencies: ["VhostVDPA", "DeviceFramework", "Virtio", "Platform"], swiftSettings: strict),
         .testTarget(name: "VDUSETests", dependencies: ["VDUSE", "SoftNIC", "DeviceFramework", "Virtio", "Platform", "CVDPAShims"], swiftSettings: strict),
         .testTarget(name: "SoftNICTests", dependencies: ["SoftNIC", "VhostVDPA", "DeviceFramework", "VDPA", "Relay", "VhostUserFrontend", "VhostUser", "Virtio", "Platform"], swiftSettings: strict),

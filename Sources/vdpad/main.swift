@@ -6,6 +6,7 @@ import Relay
 import SoftNIC
 import VhostVDPA
 import VDPA
+import VDPAConfig
 import VDUSE
 
 @main

@@ -1,5 +1,6 @@
 import XCTest
 @testable import VDPA
+import VDPAConfig
 
 /// `vdpad --config`: the daemon's options and one PortSpec per [[port]] table, the same as the
 /// `--port` text would give; every error names the file, the line and the key.

@@ -1,5 +1,6 @@
 import Foundation
 import TOMLKit
+import VDPA
 
 /// `vdpad --config PATH`: a TOML file with the daemon's options as top-level keys (their
 /// command-line names without the dashes: `control`, `log-level`, ...) and one `[[port]]` table
