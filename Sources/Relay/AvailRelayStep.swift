@@ -160,12 +160,7 @@ extension RelayEngine {
         if count > 0 {
             g.publishUsedIndex(gu)
             a.guestUsed = gu
-            if q.guestCallFD >= 0 && g.needsInterrupt(oldUsed: oldUsed, newUsed: gu, eventIdx: c.eventIdx) {
-                if !EventFD.signal(q.guestCallFD) { quarantineBlockingFDs() }
-                q.counters.interrupts.wrappingAdd(1, ordering: .relaxed)
-            }
-            q.counters.relayed.wrappingAdd(UInt64(n), ordering: .relaxed)
-            q.counters.pagesMarked.wrappingAdd(marker.pages, ordering: .relaxed)
+            notifyGuest(q, g, oldUsed: oldUsed, newUsed: gu, relayed: n, pages: marker.pages)
         }
         // Interrupts from the device: ask for one at its next completion (used_event; a kernel
         // device follows it, the SoftNIC interrupts every batch while relayed anyway).

@@ -59,12 +59,7 @@ extension RelayEngine {
         if n > 0 {
             g.publishUsedIndex(deviceIndex)
             q.lastRelayed = deviceIndex
-            if q.guestCallFD >= 0 && g.needsInterrupt(oldUsed: old, newUsed: deviceIndex, eventIdx: c.eventIdx) {
-                if !EventFD.signal(q.guestCallFD) { quarantineBlockingFDs() }
-                q.counters.interrupts.wrappingAdd(1, ordering: .relaxed)
-            }
-            q.counters.relayed.wrappingAdd(UInt64(n), ordering: .relaxed)
-            q.counters.pagesMarked.wrappingAdd(marker.pages, ordering: .relaxed)
+            notifyGuest(q, g, oldUsed: old, newUsed: deviceIndex, relayed: n, pages: marker.pages)
         }
         if notificationsEnabled, let kick = c.ring.kick {
             // The device asked for kicks (it is about to sleep), but the guest sees that request
@@ -77,6 +72,18 @@ extension RelayEngine {
         return Int(n)
     }
 
+
+    /// After a used index was published: the guest's interrupt if EVENT_IDX (or its flags) asks
+    /// for one, and the ring's counters.
+    @inline(__always)
+    func notifyGuest(_ q: RelayQueue, _ g: SplitQueue, oldUsed: UInt16, newUsed: UInt16, relayed: UInt16, pages: UInt64) {
+        if q.guestCallFD >= 0 && g.needsInterrupt(oldUsed: oldUsed, newUsed: newUsed, eventIdx: q.config.eventIdx) {
+            if !EventFD.signal(q.guestCallFD) { quarantineBlockingFDs() }
+            q.counters.interrupts.wrappingAdd(1, ordering: .relaxed)
+        }
+        q.counters.relayed.wrappingAdd(UInt64(relayed), ordering: .relaxed)
+        q.counters.pagesMarked.wrappingAdd(pages, ordering: .relaxed)
+    }
 
     /// Marks the used entries [from, from + count) of `ring` in its used ring in guest memory (at
     /// its log address): one or two contiguous slot ranges, as the ring wraps.

@@ -51,14 +51,7 @@ final class AvailRelayTests: SoftNICTestCase {
         XCTAssertEqual(d.queue("vm", 0).mode, "relay")
         XCTAssertEqual(d.queue("vm", 1).mode, "relay", "avail+used mediates TX rings too")
         log.clearLog()
-        g.postRX(count: 100, publish: false)
-        let ram = g.ram[0]
-        let before = try ram.read(at: ram.baseGPA, count: Int(ram.size))
-        g.ring(0).publish()
-        g.kick(0)
-        XCTAssertEqual(g.receive(100).count, 100)
-        let after = try ram.read(at: ram.baseGPA, count: Int(ram.size))
-        let changed = changedPages(before, after, base: ram.baseGPA)
+        let changed = try pagesChangedByRX(g, frames: 100)
         let dirty = Set(log.dirtyPages())
         let p0 = g.placed[0]!
         let usedPages = pages(p0.usedGPA, RingPlacement.usedRingBytes(size: p0.size))

@@ -53,17 +53,10 @@ final class DirtyTrackingTests: SoftNICTestCase {
         log.clearLog()
         // TX first (its guest-side writes must not count as the device's): the device writes the TX used ring.
         g.sendAndComplete((0..<20).map { TestFrames.make(length: 100, seed: $0) })
-        g.postRX(count: 100, publish: false)
-        let ram = g.ram[0]
-        let before = try ram.read(at: ram.baseGPA, count: Int(ram.size))
-        g.ring(0).publish()
-        g.kick(0)
-        XCTAssertEqual(g.receive(100).count, 100)
-        let after = try ram.read(at: ram.baseGPA, count: Int(ram.size))
+        let changed = try pagesChangedByRX(g, frames: 100)
         XCTAssertTrue(log.dirtyPages().isEmpty, "no background folds (period 0): nothing in the log before the fold a reply needs")
         try g.frontend.disableLogging()
         XCTAssertEqual(dirtyStats(d)?.enabled, false)
-        let changed = changedPages(before, after, base: ram.baseGPA)
         let dirty = Set(log.dirtyPages())
         let p0 = g.placed[0]!
         let availPages = pages(p0.availGPA, RingPlacement.availRingBytes(size: p0.size))
@@ -135,17 +128,11 @@ final class DirtyTrackingTests: SoftNICTestCase {
         let (_, g) = try startDirty()
         let log = try g.frontend.enableLogging(requireU64Reply: true)
         log.clearLog()
-        g.postRX(count: 40, publish: false)
-        let ram = g.ram[0]
-        let before = try ram.read(at: ram.baseGPA, count: Int(ram.size))
-        g.ring(0).publish()
-        g.kick(0)
-        XCTAssertEqual(g.receive(40).count, 40)
-        let after = try ram.read(at: ram.baseGPA, count: Int(ram.size))
+        let changed = try pagesChangedByRX(g, frames: 40)
         XCTAssertTrue(log.dirtyPages().isEmpty)
         XCTAssertEqual(try g.stopRing(0), 40)
         let p0 = g.placed[0]!
-        let buffers = changedPages(before, after, base: ram.baseGPA)
+        let buffers = changed
             .subtracting(pages(p0.availGPA, RingPlacement.availRingBytes(size: p0.size))).subtracting(usedPages(g, 0))
         XCTAssertGreaterThan(buffers.count, 10)
         let missing = buffers.filter { !log.isDirty(page: $0) }

@@ -46,15 +46,7 @@ class MigrationTests: SoftNICTestCase {
         XCTAssertEqual(d.queue("vm", 1).mode, "direct", "TX stays direct: the device writes only its used ring there")
         log.clearLog()
 
-        // Post buffers without publishing, snapshot RAM, then let the device write.
-        g.postRX(count: 100, publish: false)
-        let ram = g.ram[0]
-        let before = try ram.read(at: ram.baseGPA, count: Int(ram.size))
-        g.ring(0).publish()
-        g.kick(0)
-        XCTAssertEqual(g.receive(100).count, 100)
-        let after = try ram.read(at: ram.baseGPA, count: Int(ram.size))
-        let changed = changedPages(before, after, base: ram.baseGPA)
+        let changed = try pagesChangedByRX(g, frames: 100)
         let dirty = Set(log.dirtyPages())
         let p0 = g.placed[0]!
         let usedPages = pages(p0.usedGPA, RingPlacement.usedRingBytes(size: p0.size))
@@ -246,4 +238,17 @@ extension SoftNICTestCase {
     }
 
     func pages(_ gpa: UInt64, _ length: UInt64) -> Set<UInt64> { Set((gpa >> 12)...((gpa + length - 1) >> 12)) }
+
+    /// Posts `frames` RX buffers on ring 0 without publishing them, snapshots the guest's RAM, lets
+    /// the device fill them (publish, kick, receive all), and returns the pages whose bytes changed.
+    func pagesChangedByRX(_ g: TestGuest, frames: Int, file: StaticString = #filePath, line: UInt = #line) throws -> Set<UInt64> {
+        g.postRX(count: frames, publish: false)
+        let ram = g.ram[0]
+        let before = try ram.read(at: ram.baseGPA, count: Int(ram.size))
+        g.ring(0).publish()
+        g.kick(0)
+        XCTAssertEqual(g.receive(frames).count, frames, file: file, line: line)
+        let after = try ram.read(at: ram.baseGPA, count: Int(ram.size))
+        return changedPages(before, after, base: ram.baseGPA)
+    }
 }
